@@ -1,0 +1,180 @@
+"""Command line: validate | once | run | spool | demo (exit codes as in the README)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import structlog
+
+from agent import __version__
+from agent.config import AgentConfig, load_config, parse_duration
+from agent.errors import ConfigError, SpoolError
+
+EXIT_OK, EXIT_UNDELIVERED, EXIT_CONFIG = 0, 1, 2
+
+log = structlog.get_logger("agent.cli")
+
+
+def parse_time(value: str) -> datetime:
+    """ISO 8601 / RFC 3339; a time without an offset is taken as UTC."""
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time such as 2026-11-21T10:00:00Z, got {value!r}") from None
+    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+
+
+def _duration_seconds(value: str) -> float:
+    try:
+        return parse_duration(value).total_seconds()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="usage-agent", description="Billing-grade infrastructure usage agent.")
+    parser.add_argument("--version", action="version", version=f"usage-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("-c", "--config", required=True, metavar="FILE", help="the YAML configuration")
+        return sub
+
+    with_config(commands.add_parser("validate", help="check the configuration; exit 2 when invalid"))
+    once = with_config(commands.add_parser("once", help="sample one tick of every measurement, spool, forward until drained"))
+    once.add_argument("--at", type=parse_time, metavar="TIME", help="a time inside the tick to sample (default: now)")
+    once.add_argument("--dry-run", action="store_true", help="print the backend bodies to stdout; write and send nothing")
+    once.add_argument("--timeout", type=_duration_seconds, default=60.0, metavar="DURATION",
+                      help="how long to keep retrying delivery before giving up (default 60s)")
+    with_config(commands.add_parser("run", help="the daemon: sample on schedule and forward until SIGTERM"))
+
+    spool = commands.add_parser("spool", help="inspect the spool")
+    spool_commands = spool.add_subparsers(dest="spool_command", required=True, metavar="SPOOL_COMMAND")
+    with_config(spool_commands.add_parser("stats", help="counts per state, oldest unsent age, file size"))
+    listing = with_config(spool_commands.add_parser("list", help="records in one state, oldest first"))
+    listing.add_argument("--state", choices=("pending", "leased", "delivered", "dead"), default="pending")
+    listing.add_argument("--limit", type=int, default=100)
+
+    commands.add_parser("demo", help="the whole pipeline on an embedded AWS (moto) and a local Paigo backend")
+    return parser
+
+
+def _load(path: str) -> AgentConfig:
+    return load_config(path, dict(os.environ))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    print(f"{args.config}: ok ({len(cfg.measurements)} measurement(s), backend {cfg.backend.type})")
+    return EXIT_OK
+
+
+def _wire(cfg: AgentConfig, with_spool: bool) -> tuple[Any, Any, Any]:
+    from agent.credentials import SessionFactory
+    from agent.runtime import Agent
+    from agent.sinks import build_sink
+    from agent.spool import Spool
+
+    spool = None
+    if with_spool:
+        spool = Spool(cfg.spool.path, cfg.spool.max_records)
+        spool.claim()
+    return Agent(cfg, SessionFactory(), spool), build_sink(cfg), spool
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    from agent.forwarder import Forwarder
+
+    cfg = _load(args.config)
+    at = args.at or datetime.now(timezone.utc)
+    if args.dry_run:
+        agent, sink, _ = _wire(cfg, with_spool=False)
+        failed = False
+        try:
+            for m in cfg.measurements:
+                result = agent.collect(m, at)
+                failed |= not result.ok
+                for record in result.records:
+                    print(json.dumps(sink.render(record), separators=(",", ":")), flush=True)
+        finally:
+            sink.close()
+        return EXIT_UNDELIVERED if failed else EXIT_OK
+
+    agent, sink, spool = _wire(cfg, with_spool=True)
+    try:
+        results = agent.sample_all(at)
+        forwarder = Forwarder(spool, sink, batch_size=getattr(sink, "batch_size", 128))
+        sent = forwarder.drain_until(time.time() + args.timeout)
+        counts = spool.counts()
+    finally:
+        sink.close()
+        spool.close()
+    failed = [r.measurement for r in results if not r.ok]
+    unsent = counts["pending"] + counts["leased"]
+    log.info("once finished", delivered=sent.delivered, dead_lettered=sent.dead, unsent=unsent, failed_measurements=failed)
+    return EXIT_OK if not failed and unsent == 0 and sent.dead == 0 else EXIT_UNDELIVERED
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.forwarder import Forwarder
+    from agent.runtime import Daemon
+
+    cfg = _load(args.config)
+    agent, sink, spool = _wire(cfg, with_spool=True)
+    try:
+        Daemon(agent, Forwarder(spool, sink, batch_size=getattr(sink, "batch_size", 128)), sink).run()
+    finally:
+        sink.close()
+        spool.close()
+    return EXIT_OK
+
+
+def cmd_spool(args: argparse.Namespace) -> int:
+    from agent.spool import Spool
+
+    cfg = _load(args.config)
+    spool = Spool(cfg.spool.path, cfg.spool.max_records)
+    try:
+        if args.spool_command == "stats":
+            print(json.dumps(spool.stats(), indent=2))
+        else:
+            for row in spool.rows(args.state, args.limit):
+                print(json.dumps(row, separators=(",", ":")))
+    finally:
+        spool.close()
+    return EXIT_OK
+
+
+def cmd_demo(_args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    return run_demo()
+
+
+COMMANDS = {"validate": cmd_validate, "once": cmd_once, "run": cmd_run, "spool": cmd_spool, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from agent.telemetry import configure_logging
+
+    args = build_parser().parse_args(argv)
+    # the demo prints a report; its logs only say what went wrong unless asked for more
+    configure_logging(os.environ.get("LOG_LEVEL", "warning") if args.command == "demo" else None)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    except SpoolError as exc:
+        log.error("spool unusable", error=str(exc))
+        return EXIT_UNDELIVERED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""The YAML configuration as pydantic models.
+
+Loading goes: read file -> YAML -> ``${VAR}`` expansion -> pydantic (``extra="forbid"``)
+-> cross-field checks against the sampler registry. Every problem found on the way is
+collected with its YAML path (``measurements[1].interval``) into one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from agent.errors import ConfigError
+
+_DURATION_PART = re.compile(r"(\d+)([smhd])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+$")
+
+PER_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """``30s``, ``5m``, ``1h``, ``1d``, ``1h30m`` or a number of seconds."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 5m or 1h")
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str) and value and _DURATION_PART.sub("", value) == "":
+        seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(value))
+    else:
+        raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {value!r}")
+    if seconds <= 0:
+        raise ValueError("a duration must be longer than 0s")
+    return timedelta(seconds=seconds)
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+def _stringify(value: Any) -> Any:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+MetadataValue = Annotated[str, BeforeValidator(_stringify)]
+
+
+def _read_secret_file(value: str | None, info: ValidationInfo) -> SecretStr | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_absolute() and info.context and info.context.get("base_dir"):
+        path = Path(info.context["base_dir"]) / path
+    try:
+        content = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {str(path)!r}: {exc.strerror}") from None
+    if not content:
+        raise ValueError(f"secret file {str(path)!r} is empty")
+    return SecretStr(content)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _http_url(value: str) -> str:
+    if not re.match(r"^https?://[^\s/]+", value):
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return value.rstrip("/")
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+
+
+class PaigoBackend(_Model):
+    type: Literal["paigo"]
+    url: HttpUrl = "https://api.prod.paigo.tech"
+    token_url: HttpUrl = "https://auth.paigo.tech/oauth/token"
+    audience: str = "https://qnonyh1pc7.execute-api.us-east-1.amazonaws.com"
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None
+    client_secret_file: SecretStr | None = None
+    timeout: Duration = timedelta(seconds=10)
+    max_in_flight: int = Field(default=8, ge=1, le=256)
+
+    @field_validator("client_secret_file", mode="before")
+    @classmethod
+    def _read_file(cls, value: str | None, info: ValidationInfo) -> SecretStr | None:
+        return _read_secret_file(value, info)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> PaigoBackend:
+        if (self.client_secret is None) == (self.client_secret_file is None):
+            raise ValueError("set exactly one of client_secret or client_secret_file")
+        if self.client_secret is None:
+            object.__setattr__(self, "client_secret", self.client_secret_file)
+        return self
+
+    def secret(self) -> str:
+        assert self.client_secret is not None
+        return self.client_secret.get_secret_value()
+
+
+Backend = Annotated[PaigoBackend, Field(discriminator="type")]
+BACKEND_TYPES = ("paigo",)
+
+
+class Customer(_Model):
+    id: str | None = Field(default=None, min_length=1)
+    tag: str | None = Field(default=None, min_length=1)
+    untagged: str = Field(default="skip", min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Customer:
+        if (self.id is None) == (self.tag is None):
+            raise ValueError("set exactly one of customer.id or customer.tag")
+        if self.id is not None and "untagged" in self.model_fields_set:
+            raise ValueError("customer.untagged only applies with customer.tag")
+        return self
+
+    @property
+    def fallback_id(self) -> str | None:
+        """The customer for untagged resources, or None to skip them."""
+        return None if self.untagged == "skip" else self.untagged
+
+
+class Filters(_Model):
+    tags: dict[str, str | list[str]] = Field(default_factory=dict)
+    volume_types: list[str] = Field(default_factory=list)
+
+    def used(self) -> list[str]:
+        return [name for name in type(self).model_fields if getattr(self, name)]
+
+    def tag_filters(self) -> list[dict[str, Any]]:
+        """EC2-style ``Filters`` for the tag conditions."""
+        return [
+            {"Name": f"tag:{key}", "Values": [value] if isinstance(value, str) else list(value)}
+            for key, value in sorted(self.tags.items())
+        ]
+
+
+def _as_region_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+class Measurement(_Model):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=63)
+    dimension_id: str = Field(
+        min_length=1, validation_alias=AliasChoices("dimension_id", "dimensionId")
+    )
+    cloud_platform: Literal["aws"] = Field(
+        default="aws", validation_alias=AliasChoices("cloud_platform", "cloudPlatform")
+    )
+    resource_type: str = Field(validation_alias=AliasChoices("resource_type", "resourceType"))
+    metric: str | None = None
+    mode: Literal["gauge", "time_weighted"] = "gauge"
+    per: Literal["second", "minute", "hour", "day"] = "hour"
+    interval: Duration = timedelta(hours=1)
+    iam_role_arn: str | None = Field(
+        default=None,
+        pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$",
+        validation_alias=AliasChoices("iam_role_arn", "iamRoleArn"),
+    )
+    external_id: str | None = Field(
+        default=None,
+        min_length=2,
+        max_length=1224,
+        validation_alias=AliasChoices("external_id", "externalId"),
+    )
+    regions: Annotated[list[str], BeforeValidator(_as_region_list)] = Field(
+        min_length=1, validation_alias=AliasChoices("regions", "region")
+    )
+    customer: Customer
+    filters: Filters = Field(default_factory=Filters)
+    group_by: Literal["customer", "resource"] = "customer"
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    event_type: str | None = Field(default=None, min_length=1)
+    decimals: int = Field(default=9, ge=0, le=18)
+
+    @field_validator("regions")
+    @classmethod
+    def _regions_look_like_regions(cls, regions: list[str]) -> list[str]:
+        for region in regions:
+            if not _REGION.match(region):
+                raise ValueError(f"{region!r} is not an AWS region name such as us-east-1")
+        if len(set(regions)) != len(regions):
+            raise ValueError("regions are listed more than once")
+        return regions
+
+    @field_validator("interval")
+    @classmethod
+    def _whole_seconds(cls, interval: timedelta) -> timedelta:
+        if interval.total_seconds() % 1:
+            raise ValueError("interval must be a whole number of seconds")
+        return interval
+
+    @property
+    def interval_seconds(self) -> int:
+        return int(self.interval.total_seconds())
+
+    @property
+    def account_id(self) -> str | None:
+        """The account of the assumed role, when there is one."""
+        return self.iam_role_arn.split(":")[4] if self.iam_role_arn else None
+
+
+class Spool(_Model):
+    path: str = "/var/lib/usage-agent/spool.db"
+    max_records: int = Field(default=1_000_000, ge=1)
+
+
+class Server(_Model):
+    listen: str = Field(default="0.0.0.0:9464", pattern=r"^[^\s:]*:\d{1,5}$")
+
+
+class AgentConfig(_Model):
+    backend: Backend
+    spool: Spool = Field(default_factory=Spool)
+    server: Server = Field(default_factory=Server)
+    measurements: list[Measurement] = Field(min_length=1)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif i > 0 and loc[i - 1] == "backend" and part in BACKEND_TYPES:
+            continue  # the union tag pydantic inserts is not a YAML key
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def expand_env(node: Any, env: dict[str, str], path: str, problems: list[tuple[str, str]]) -> Any:
+    """Replace ``${VAR}`` in string scalars with the environment; ``$$`` is a literal ``$``."""
+    if isinstance(node, dict):
+        return {
+            key: expand_env(value, env, f"{path}.{key}" if path else str(key), problems)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [expand_env(value, env, f"{path}[{i}]", problems) for i, value in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1)
+        if name not in env:
+            problems.append((path, f"environment variable {name} is not set"))
+            return ""
+        return env[name]
+
+    return _ENV_REF.sub(substitute, node)
+
+
+def _raw_field(raw: dict[str, Any], *names: str) -> Any:
+    return next((raw[n] for n in names if n in raw), None)
+
+
+def _registry_problems(measurements: Any) -> list[tuple[str, str]]:
+    """Checks against the sampler registry, on the raw YAML so they add to pydantic's errors."""
+    from agent.samplers import REGISTRY
+
+    if not isinstance(measurements, list):
+        return []
+    problems: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(measurements):
+        if not isinstance(raw, dict):
+            continue
+        where = f"measurements[{i}]"
+        name = raw.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append((f"{where}.name", f"{name!r} is already used by measurements[{seen[name]}]"))
+            seen.setdefault(name, i)
+        resource_type = _raw_field(raw, "resource_type", "resourceType")
+        if not isinstance(resource_type, str):
+            continue
+        spec = REGISTRY.get(resource_type)
+        if spec is None:
+            known = ", ".join(sorted(REGISTRY))
+            problems.append((f"{where}.resource_type", f"unknown resource type {resource_type!r}; expected one of: {known}"))
+            continue
+        metric = raw.get("metric")
+        if isinstance(metric, str) and metric not in spec.metrics:
+            known = ", ".join(spec.metrics)
+            problems.append((f"{where}.metric", f"{resource_type} has no metric {metric!r}; expected one of: {known}"))
+        filters = raw.get("filters")
+        for key in filters if isinstance(filters, dict) else ():
+            if key in Filters.model_fields and key not in spec.filters:
+                supported = ", ".join(spec.filters) or "none"
+                problems.append((f"{where}.filters.{key}", f"{resource_type} does not support this filter; it supports: {supported}"))
+        if _raw_field(raw, "external_id", "externalId") is not None and _raw_field(raw, "iam_role_arn", "iamRoleArn") is None:
+            problems.append((f"{where}.external_id", "external_id needs iam_role_arn"))
+    return problems
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+}
+
+
+def _path_order(problem: tuple[str, str]) -> list[Any]:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[\[\].]+", problem[0]) if p]
+
+
+def parse_config(
+    raw: Any, source: str, env: dict[str, str], base_dir: Path | None = None
+) -> AgentConfig:
+    """Validate an already-loaded YAML document; raises ConfigError with every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [("", "expected a mapping with backend, spool, server and measurements")])
+    problems: list[tuple[str, str]] = []
+    expanded = expand_env(raw, env, "", problems)
+    cfg: AgentConfig | None = None
+    try:
+        cfg = AgentConfig.model_validate(
+            expanded, context={"base_dir": str(base_dir) if base_dir else None}
+        )
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            message = _MESSAGES.get(err["type"], err["msg"].removeprefix("Value error, "))
+            problems.append((_format_loc(err["loc"]), message))
+    problems += _registry_problems(expanded.get("measurements"))
+    if problems:
+        raise ConfigError(source, sorted(problems, key=_path_order))
+    assert cfg is not None
+    return cfg
+
+
+def load_config(path: str | Path, env: dict[str, str]) -> AgentConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [("", f"cannot read file: {exc.strerror}")]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(str(path), [("", f"invalid YAML at {where}: {problem}")]) from None
+    cfg = parse_config(raw, str(path), env, base_dir=path.parent)
+    spool_path = Path(cfg.spool.path)
+    if not spool_path.is_absolute():
+        spool_path = path.parent / spool_path
+    return cfg.model_copy(update={"spool": cfg.spool.model_copy(update={"path": str(spool_path)})})

@@ -1,0 +1,59 @@
+"""The agent's own exception tree; library exceptions are translated at the boundary."""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    """The configuration file is unreadable or invalid; carries every problem found."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.source}: {len(self.problems)} error(s)"]
+        lines += [f"  {path or '<root>'}: {message}" for path, message in self.problems]
+        return "\n".join(lines)
+
+
+class SamplingError(AgentError):
+    """Sampling one target failed; that target produces no records for the tick."""
+
+
+class AssumeRoleError(SamplingError):
+    """The configured role could not be assumed."""
+
+
+class SpoolError(AgentError):
+    """The spool file cannot be used."""
+
+
+class SpoolFullError(SpoolError):
+    """The spool holds max_records unsent records; new ticks are refused."""
+
+
+class SinkError(AgentError):
+    """Delivery to the backend failed."""
+
+
+class RetryableSinkError(SinkError):
+    """The backend may accept the same request later (timeouts, 429, 5xx, auth outages)."""
+
+    def __init__(self, message: str, retry_after: float | None = None, status: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.status = status
+
+
+class PermanentSinkError(SinkError):
+    """The backend rejected the record itself; retrying the same body cannot succeed."""
+
+    def __init__(self, message: str, status: int, body: str):
+        super().__init__(message)
+        self.status = status
+        self.body = body

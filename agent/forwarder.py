@@ -1,0 +1,127 @@
+"""Lease -> send -> settle. Records leave the spool only as delivered (2xx) or dead (rejected).
+
+Retryable failures (timeouts, connection errors, 408/429/5xx, refused credentials) go back
+to pending with a capped exponential backoff with jitter, or the backend's Retry-After.
+There is no retry limit: a record stays pending until the backend takes it or rejects it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from agent.sinks.base import Delivered, Rejected, RetryLater, Sink
+from agent.spool import Dead, Retry, Spool
+
+log = structlog.get_logger("agent.forwarder")
+
+
+@dataclass
+class Pumped:
+    leased: int = 0
+    delivered: int = 0
+    retried: int = 0
+    dead: int = 0
+
+    def add(self, other: Pumped) -> None:
+        self.leased += other.leased
+        self.delivered += other.delivered
+        self.retried += other.retried
+        self.dead += other.dead
+
+
+class Forwarder:
+    def __init__(
+        self,
+        spool: Spool,
+        sink: Sink,
+        batch_size: int = 128,
+        lease_seconds: float = 900.0,
+        base_backoff: float = 1.0,
+        max_backoff: float = 300.0,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ):
+        self._spool = spool
+        self._sink = sink
+        self._batch_size = batch_size
+        self._lease_seconds = lease_seconds
+        self._base_backoff = base_backoff
+        self._max_backoff = max_backoff
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self.stopping = threading.Event()
+
+    def backoff(self, attempts: int) -> float:
+        """Exponential in the attempts made, capped, with the upper half jittered."""
+        ceiling = min(self._max_backoff, self._base_backoff * 2 ** min(attempts, 32))
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    def pump(self) -> Pumped:
+        """One batch: lease what is due, send it, settle every outcome."""
+        leased = self._spool.lease_batch(self._batch_size, self._lease_seconds)
+        if not leased:
+            return Pumped()
+        outcomes = self._sink.deliver([item.record for item in leased])
+        now = self._clock()
+        delivered: list[str] = []
+        retries: list[Retry] = []
+        dead: list[Dead] = []
+        for item, outcome in zip(leased, outcomes, strict=True):
+            rid = item.record.record_id
+            if isinstance(outcome, Delivered):
+                delivered.append(rid)
+            elif isinstance(outcome, Rejected):
+                dead.append(Dead(rid, outcome.status, outcome.body))
+                log.error(
+                    "record dead-lettered",
+                    record_id=rid,
+                    measurement=item.record.measurement,
+                    status=outcome.status,
+                    response=outcome.body[:500],
+                )
+            else:
+                assert isinstance(outcome, RetryLater)
+                wait = outcome.retry_after if outcome.retry_after is not None else self.backoff(item.attempts)
+                retries.append(Retry(rid, now + wait, outcome.status, outcome.reason))
+        self._spool.settle(delivered, retries, dead)
+        if retries:
+            first = next(o for o in outcomes if isinstance(o, RetryLater))
+            level = log.error if first.auth else log.warning
+            level(
+                "delivery will be retried",
+                records=len(retries),
+                reason=first.reason,
+                status=first.status,
+                auth=first.auth,
+            )
+        return Pumped(leased=len(leased), delivered=len(delivered), retried=len(retries), dead=len(dead))
+
+    def drain(self) -> Pumped:
+        """Send until nothing is due (or stop is requested); the daemon's forwarder job."""
+        total = Pumped()
+        while not self.stopping.is_set():
+            step = self.pump()
+            total.add(step)
+            if step.leased == 0 or step.delivered + step.dead == 0:
+                break  # nothing due, or the backend is failing: wait for the next run
+        if total.leased:
+            log.info("forwarded", delivered=total.delivered, retried=total.retried, dead=total.dead)
+        return total
+
+    def drain_until(self, deadline: float, sleep: Callable[[float], None] = time.sleep) -> Pumped:
+        """Send, waiting out backoffs, until the spool holds nothing pending or ``deadline`` passes."""
+        total = Pumped()
+        while not self.stopping.is_set():
+            total.add(self.drain())
+            due = self._spool.next_due()
+            now = self._clock()
+            if due is None or due > deadline or now >= deadline:
+                return total
+            sleep(max(0.0, due - now))
+        return total

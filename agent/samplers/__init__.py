@@ -1,0 +1,10 @@
+"""Sampler registry: adding a resource type is one module with a ``SPEC`` and one line here."""
+
+from __future__ import annotations
+
+from agent.samplers import ebs
+from agent.samplers.base import MetricSpec, Sample, SamplerSpec, Target
+
+REGISTRY: dict[str, SamplerSpec] = {spec.resource_type: spec for spec in (ebs.SPEC,)}
+
+__all__ = ["REGISTRY", "MetricSpec", "Sample", "SamplerSpec", "Target"]

@@ -1,0 +1,61 @@
+"""EBS volumes: provisioned size, IOPS and throughput, one sample per volume."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+from agent.samplers.base import MetricSpec, Sample, SamplerSpec, Target, tags_of
+
+PAGE_SIZE = 500
+# Volumes in these states are no longer billed by AWS.
+_NOT_BILLED = frozenset({"deleting", "deleted", "error"})
+_ONE = Decimal(1)
+
+
+def sample_volumes(ec2: Any, target: Target) -> Iterator[Sample]:
+    filters = target.measurement.filters
+    aws_filters = filters.tag_filters()
+    if filters.volume_types:
+        aws_filters.append({"Name": "volume-type", "Values": list(filters.volume_types)})
+    pages = ec2.get_paginator("describe_volumes").paginate(
+        Filters=aws_filters, PaginationConfig={"PageSize": PAGE_SIZE}
+    )
+    for page in pages:
+        for volume in page["Volumes"]:
+            if volume.get("State") in _NOT_BILLED:
+                continue
+            values = {"size_gib": Decimal(volume["Size"]), "count": _ONE}
+            if volume.get("Iops") is not None:
+                values["iops"] = Decimal(volume["Iops"])
+            if volume.get("Throughput") is not None:
+                values["throughput_mibps"] = Decimal(volume["Throughput"])
+            yield Sample(
+                resource_id=volume["VolumeId"],
+                region=target.region,
+                account=target.account,
+                values=values,
+                tags=tags_of(volume),
+                facts={
+                    "volume_type": volume.get("VolumeType", ""),
+                    "availability_zone": volume.get("AvailabilityZone", ""),
+                },
+            )
+
+
+SPEC = SamplerSpec(
+    resource_type="ebs",
+    service="ec2",
+    metrics={
+        "size_gib": MetricSpec("GiB", "provisioned volume size"),
+        "iops": MetricSpec("IOPS", "provisioned IOPS (volumes that report it)"),
+        "throughput_mibps": MetricSpec("MiB/s", "provisioned throughput (gp3)"),
+        "count": MetricSpec("volumes", "number of volumes"),
+    },
+    default_metric="size_gib",
+    iam_actions=("ec2:DescribeVolumes",),
+    filters=("tags", "volume_types"),
+    sample=sample_volumes,
+    description="EBS volumes in every state AWS bills (not deleting, deleted or error)",
+)

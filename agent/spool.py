@@ -1,0 +1,263 @@
+"""Durable local spool: one SQLite file in WAL mode.
+
+Every record is a row with a unique id and a state: pending -> leased -> delivered | dead
+(or back to pending with a ``not_before`` time when a send must be retried). A tick's
+records and the sampler state that produced them commit in one transaction. A lease has
+an expiry, so records leased by a process that died are sent again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from agent.convert import UsageRecord, format_timestamp
+from agent.errors import SpoolError, SpoolFullError
+
+SCHEMA_VERSION = 1
+STATES = ("pending", "leased", "delivered", "dead")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    measurement TEXT NOT NULL,
+    tick TEXT NOT NULL,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending'
+        CHECK (state IN ('pending', 'leased', 'delivered', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    not_before REAL NOT NULL DEFAULT 0,
+    lease_until REAL,
+    last_status INTEGER,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS records_by_state ON records (state, seq);
+CREATE TABLE IF NOT EXISTS sampler_state (
+    measurement TEXT PRIMARY KEY,
+    last_tick TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+@dataclass(frozen=True)
+class Leased:
+    record: UsageRecord
+    attempts: int  # sends already tried before this lease
+
+
+@dataclass(frozen=True)
+class TickCommit:
+    inserted: int  # new ids; ids already spooled (a re-run tick) are ignored
+    previous_tick: str | None  # the measurement's last committed tick before this one
+
+
+@dataclass(frozen=True)
+class Retry:
+    record_id: str
+    not_before: float
+    status: int | None
+    error: str
+
+
+@dataclass(frozen=True)
+class Dead:
+    record_id: str
+    status: int | None
+    error: str
+
+
+class Spool:
+    def __init__(self, path: str | Path, max_records: int = 1_000_000, clock: Callable[[], float] = time.time):
+        self.path = Path(path)
+        self.max_records = max_records
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._lock_file: Any = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise SpoolError(
+                    f"spool {self.path} has schema version {version}; this agent understands up to {SCHEMA_VERSION}"
+                )
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise SpoolError(
+                f"cannot open spool {self.path}: {exc}. The file is left as it is; "
+                "move it aside to start with an empty spool, or copy it for inspection first."
+            ) from exc
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool directory for {self.path}: {exc}") from exc
+
+    # -- ownership ---------------------------------------------------------------------
+
+    def claim(self) -> None:
+        """Take the single-writer lock and release leases left by a previous process."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise SpoolError(f"spool {self.path} is in use by another usage-agent process ({lock_path} is locked)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock_file = handle
+        with self._write() as db:
+            db.execute("UPDATE records SET state = 'pending', lease_until = NULL WHERE state = 'leased'")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- sampling side -----------------------------------------------------------------
+
+    def commit_tick(
+        self, measurement: str, tick: datetime, records: Sequence[UsageRecord], state: dict[str, Any] | None = None
+    ) -> TickCommit:
+        """Spool a tick's records and advance the measurement's sampler state, atomically."""
+        now = self._clock()
+        tick_text = format_timestamp(tick)
+        with self._write() as db:
+            unsent = db.execute("SELECT COUNT(*) FROM records WHERE state IN ('pending', 'leased')").fetchone()[0]
+            if records and unsent + len(records) > self.max_records:
+                raise SpoolFullError(
+                    f"spool {self.path} holds {unsent} unsent records; adding {len(records)} would pass "
+                    f"spool.max_records={self.max_records}. Tick {tick_text} of {measurement} is refused."
+                )
+            row = db.execute("SELECT last_tick FROM sampler_state WHERE measurement = ?", (measurement,)).fetchone()
+            previous = row[0] if row else None
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO records (id, measurement, tick, body, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (r.record_id, measurement, tick_text, json.dumps(r.to_json(), separators=(",", ":")), now, now)
+                    for r in records
+                ],
+            )
+            inserted = db.total_changes - before
+            db.execute(
+                "INSERT INTO sampler_state (measurement, last_tick, state) VALUES (?, ?, ?) "
+                "ON CONFLICT (measurement) DO UPDATE SET last_tick = max(last_tick, excluded.last_tick), "
+                "state = excluded.state",
+                (measurement, tick_text, json.dumps(state or {})),
+            )
+        return TickCommit(inserted=inserted, previous_tick=previous)
+
+    def last_tick(self, measurement: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT last_tick FROM sampler_state WHERE measurement = ?", (measurement,)).fetchone()
+        return row[0] if row else None
+
+    # -- forwarding side ---------------------------------------------------------------
+
+    def lease_batch(self, limit: int, lease_seconds: float) -> list[Leased]:
+        """Lease up to ``limit`` records that are due, oldest first."""
+        now = self._clock()
+        with self._write() as db:
+            db.execute(
+                "UPDATE records SET state = 'pending', lease_until = NULL WHERE state = 'leased' AND lease_until <= ?",
+                (now,),
+            )
+            rows = db.execute(
+                "SELECT seq, body, attempts FROM records WHERE state = 'pending' AND not_before <= ? ORDER BY seq LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            if rows:
+                db.executemany(
+                    "UPDATE records SET state = 'leased', lease_until = ?, updated_at = ? WHERE seq = ?",
+                    [(now + lease_seconds, now, seq) for seq, _, _ in rows],
+                )
+        return [Leased(UsageRecord.from_json(json.loads(body)), attempts) for _, body, attempts in rows]
+
+    def settle(self, delivered: Iterable[str] = (), retries: Iterable[Retry] = (), dead: Iterable[Dead] = ()) -> None:
+        """Record the outcome of sends for leased records, in one transaction."""
+        now = self._clock()
+        with self._write() as db:
+            db.executemany(
+                "UPDATE records SET state = 'delivered', updated_at = ?, lease_until = NULL, "
+                "attempts = attempts + 1, last_status = NULL, last_error = NULL WHERE id = ? AND state = 'leased'",
+                [(now, rid) for rid in delivered],
+            )
+            db.executemany(
+                "UPDATE records SET state = 'pending', updated_at = ?, lease_until = NULL, attempts = attempts + 1, "
+                "not_before = ?, last_status = ?, last_error = ? WHERE id = ? AND state = 'leased'",
+                [(now, r.not_before, r.status, r.error, r.record_id) for r in retries],
+            )
+            db.executemany(
+                "UPDATE records SET state = 'dead', updated_at = ?, lease_until = NULL, attempts = attempts + 1, "
+                "last_status = ?, last_error = ? WHERE id = ? AND state = 'leased'",
+                [(now, d.status, d.error, d.record_id) for d in dead],
+            )
+
+    def next_due(self) -> float | None:
+        """When the earliest pending record may be sent, or None when nothing is pending."""
+        with self._lock:
+            row = self._db.execute("SELECT min(not_before) FROM records WHERE state = 'pending'").fetchone()
+        return row[0]
+
+    # -- inspection --------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM records GROUP BY state").fetchall()
+        return {state: 0 for state in STATES} | dict(rows)
+
+    def stats(self) -> dict[str, Any]:
+        now = self._clock()
+        with self._lock:
+            oldest = self._db.execute("SELECT min(created_at) FROM records WHERE state IN ('pending', 'leased')").fetchone()[0]
+        size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+        return {
+            "path": str(self.path),
+            "counts": self.counts(),
+            "oldest_unsent_age_seconds": round(now - oldest, 3) if oldest is not None else None,
+            "file_bytes": size,
+        }
+
+    def rows(self, state: str, limit: int = 100) -> list[dict[str, Any]]:
+        with self._lock:
+            cursor = self._db.execute(
+                "SELECT id, measurement, tick, attempts, last_status, last_error, body FROM records "
+                "WHERE state = ? ORDER BY seq LIMIT ?",
+                (state, limit),
+            )
+            names = [c[0] for c in cursor.description]
+            found = cursor.fetchall()
+        return [dict(zip(names, row)) | {"body": json.loads(row[-1])} for row in found]
