@@ -32,6 +32,7 @@ from agent.errors import ConfigError
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+$")
 
 PER_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -71,6 +72,8 @@ MetadataValue = Annotated[str, BeforeValidator(_stringify)]
 def _read_secret_file(value: str | None, info: ValidationInfo) -> SecretStr | None:
     if value is None:
         return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected the path of a file holding the secret")
     path = Path(value)
     if not path.is_absolute() and info.context and info.context.get("base_dir"):
         path = Path(info.context["base_dir"]) / path
@@ -180,11 +183,7 @@ class Measurement(_Model):
     mode: Literal["gauge", "time_weighted"] = "gauge"
     per: Literal["second", "minute", "hour", "day"] = "hour"
     interval: Duration = timedelta(hours=1)
-    iam_role_arn: str | None = Field(
-        default=None,
-        pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$",
-        validation_alias=AliasChoices("iam_role_arn", "iamRoleArn"),
-    )
+    iam_role_arn: str | None = Field(default=None, validation_alias=AliasChoices("iam_role_arn", "iamRoleArn"))
     external_id: str | None = Field(
         default=None,
         min_length=2,
@@ -210,6 +209,13 @@ class Measurement(_Model):
         if len(set(regions)) != len(regions):
             raise ValueError("regions are listed more than once")
         return regions
+
+    @field_validator("iam_role_arn")
+    @classmethod
+    def _role_arn(cls, arn: str | None) -> str | None:
+        if arn is not None and not _ROLE_ARN.match(arn):
+            raise ValueError(f"expected arn:aws:iam::<12-digit account>:role/<name>, got {arn!r}")
+        return arn
 
     @field_validator("interval")
     @classmethod
@@ -280,8 +286,9 @@ def expand_env(node: Any, env: dict[str, str], path: str, problems: list[tuple[s
     return _ENV_REF.sub(substitute, node)
 
 
-def _raw_field(raw: dict[str, Any], *names: str) -> Any:
-    return next((raw[n] for n in names if n in raw), None)
+def _raw_key(raw: dict[str, Any], *names: str) -> str | None:
+    """Which spelling of a field (snake_case or Paigo's camelCase) the YAML used."""
+    return next((n for n in names if n in raw), None)
 
 
 def _registry_problems(measurements: Any) -> list[tuple[str, str]]:
@@ -301,13 +308,14 @@ def _registry_problems(measurements: Any) -> list[tuple[str, str]]:
             if name in seen:
                 problems.append((f"{where}.name", f"{name!r} is already used by measurements[{seen[name]}]"))
             seen.setdefault(name, i)
-        resource_type = _raw_field(raw, "resource_type", "resourceType")
+        type_key = _raw_key(raw, "resource_type", "resourceType")
+        resource_type = raw.get(type_key) if type_key else None
         if not isinstance(resource_type, str):
             continue
         spec = REGISTRY.get(resource_type)
         if spec is None:
             known = ", ".join(sorted(REGISTRY))
-            problems.append((f"{where}.resource_type", f"unknown resource type {resource_type!r}; expected one of: {known}"))
+            problems.append((f"{where}.{type_key}", f"unknown resource type {resource_type!r}; expected one of: {known}"))
             continue
         metric = raw.get("metric")
         if isinstance(metric, str) and metric not in spec.metrics:
@@ -318,8 +326,9 @@ def _registry_problems(measurements: Any) -> list[tuple[str, str]]:
             if key in Filters.model_fields and key not in spec.filters:
                 supported = ", ".join(spec.filters) or "none"
                 problems.append((f"{where}.filters.{key}", f"{resource_type} does not support this filter; it supports: {supported}"))
-        if _raw_field(raw, "external_id", "externalId") is not None and _raw_field(raw, "iam_role_arn", "iamRoleArn") is None:
-            problems.append((f"{where}.external_id", "external_id needs iam_role_arn"))
+        external_key = _raw_key(raw, "external_id", "externalId")
+        if external_key and _raw_key(raw, "iam_role_arn", "iamRoleArn") is None:
+            problems.append((f"{where}.{external_key}", "an external id needs iam_role_arn"))
     return problems
 
 
@@ -347,14 +356,39 @@ def parse_config(
             expanded, context={"base_dir": str(base_dir) if base_dir else None}
         )
     except ValidationError as exc:
+        unset = {where for where, _ in problems}  # a missing ${VAR} is reported once, not twice
         for err in exc.errors(include_url=False):
+            where = _format_loc(err["loc"])
+            if where in unset:
+                continue
+            if err["type"] == "union_tag_not_found":
+                problems.append((f"{where}.type", f"required key is missing; expected one of: {', '.join(BACKEND_TYPES)}"))
+                continue
+            if err["type"] == "union_tag_invalid":
+                problems.append((f"{where}.type", f"unknown backend type; expected one of: {', '.join(BACKEND_TYPES)}"))
+                continue
             message = _MESSAGES.get(err["type"], err["msg"].removeprefix("Value error, "))
-            problems.append((_format_loc(err["loc"]), message))
+            problems.append((where, message))
     problems += _registry_problems(expanded.get("measurements"))
     if problems:
         raise ConfigError(source, sorted(problems, key=_path_order))
     assert cfg is not None
     return cfg
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: a second ``measurements:`` must not win silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path, env: dict[str, str]) -> AgentConfig:
@@ -363,13 +397,15 @@ def load_config(path: str | Path, env: dict[str, str]) -> AgentConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), [("", f"cannot read file: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [("", f"file is not valid UTF-8 (byte {exc.start})")]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(str(path), [("", f"invalid YAML at {where}: {problem}")]) from None
+        raise ConfigError(str(path), [("", f"invalid YAML{where}: {problem}")]) from None
     cfg = parse_config(raw, str(path), env, base_dir=path.parent)
     spool_path = Path(cfg.spool.path)
     if not spool_path.is_absolute():

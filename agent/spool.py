@@ -95,12 +95,14 @@ class Spool:
             self._db.execute("PRAGMA busy_timeout=30000")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
+                self._close_db()
                 raise SpoolError(
                     f"spool {self.path} has schema version {version}; this agent understands up to {SCHEMA_VERSION}"
                 )
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
+            self._close_db()
             raise SpoolError(
                 f"cannot open spool {self.path}: {exc}. The file is left as it is; "
                 "move it aside to start with an empty spool, or copy it for inspection first."
@@ -108,10 +110,17 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot create spool directory for {self.path}: {exc}") from exc
 
+    def _close_db(self) -> None:
+        db = getattr(self, "_db", None)  # absent when connect() itself failed
+        if db is not None:
+            db.close()
+
     # -- ownership ---------------------------------------------------------------------
 
     def claim(self) -> None:
         """Take the single-writer lock and release leases left by a previous process."""
+        if self._lock_file is not None:
+            return
         lock_path = self.path.with_name(self.path.name + ".lock")
         handle = open(lock_path, "a+")
         try:
@@ -155,11 +164,6 @@ class Spool:
         tick_text = format_timestamp(tick)
         with self._write() as db:
             unsent = db.execute("SELECT COUNT(*) FROM records WHERE state IN ('pending', 'leased')").fetchone()[0]
-            if records and unsent + len(records) > self.max_records:
-                raise SpoolFullError(
-                    f"spool {self.path} holds {unsent} unsent records; adding {len(records)} would pass "
-                    f"spool.max_records={self.max_records}. Tick {tick_text} of {measurement} is refused."
-                )
             row = db.execute("SELECT last_tick FROM sampler_state WHERE measurement = ?", (measurement,)).fetchone()
             previous = row[0] if row else None
             before = db.total_changes
@@ -172,10 +176,16 @@ class Spool:
                 ],
             )
             inserted = db.total_changes - before
+            if unsent + inserted > self.max_records:  # ids already spooled (a re-run tick) do not count
+                raise SpoolFullError(
+                    f"spool {self.path} holds {unsent} unsent records; adding {inserted} would pass "
+                    f"spool.max_records={self.max_records}. Tick {tick_text} of {measurement} is refused."
+                )
             db.execute(
                 "INSERT INTO sampler_state (measurement, last_tick, state) VALUES (?, ?, ?) "
-                "ON CONFLICT (measurement) DO UPDATE SET last_tick = max(last_tick, excluded.last_tick), "
-                "state = excluded.state",
+                "ON CONFLICT (measurement) DO UPDATE SET "
+                "state = CASE WHEN excluded.last_tick >= last_tick THEN excluded.state ELSE state END, "
+                "last_tick = max(last_tick, excluded.last_tick)",
                 (measurement, tick_text, json.dumps(state or {})),
             )
         return TickCommit(inserted=inserted, previous_tick=previous)
@@ -227,9 +237,12 @@ class Spool:
             )
 
     def next_due(self) -> float | None:
-        """When the earliest pending record may be sent, or None when nothing is pending."""
+        """When the earliest unsent record may be sent (a leased one: when its lease ends); None if none is unsent."""
         with self._lock:
-            row = self._db.execute("SELECT min(not_before) FROM records WHERE state = 'pending'").fetchone()
+            row = self._db.execute(
+                "SELECT min(CASE state WHEN 'pending' THEN not_before ELSE lease_until END) "
+                "FROM records WHERE state IN ('pending', 'leased')"
+            ).fetchone()
         return row[0]
 
     # -- inspection --------------------------------------------------------------------

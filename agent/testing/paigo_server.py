@@ -62,6 +62,8 @@ class PaigoContractServer:
         self.received_ids: Counter[str] = Counter()
         self.token_requests = 0
         self.usage_requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.rejected: list[tuple[int, Any]] = []
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
@@ -187,13 +189,28 @@ class PaigoContractServer:
                 if path == "/usage":
                     with server._lock:
                         server.usage_requests += 1
+                        server.in_flight += 1
+                        server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._serve(path, raw)
+                finally:
+                    if path == "/usage":
+                        with server._lock:
+                            server.in_flight -= 1
+
+            def _disrupt(self, fault: Fault) -> bool:
+                """Sleep and/or hang up as scripted; True when the connection is gone."""
+                if fault.delay:
+                    time.sleep(fault.delay)
+                if fault.drop:
+                    self.close_connection = True
+                    self.connection.close()
+                return fault.drop
+
+            def _serve(self, path: str, raw: bytes) -> None:
                 fault = server._next_fault(path)
                 if fault and not fault.after_commit:
-                    if fault.delay:
-                        time.sleep(fault.delay)
-                    if fault.drop:
-                        self.close_connection = True
-                        self.connection.close()
+                    if self._disrupt(fault):
                         return
                     if fault.status:
                         extra = {"Retry-After": fault.retry_after} if fault.retry_after else None
@@ -214,13 +231,8 @@ class PaigoContractServer:
                     self._answer(401, {"message": "Unauthorized"})
                     return
                 status, payload = server._usage(body)
-                if fault and fault.after_commit:
-                    if fault.delay:
-                        time.sleep(fault.delay)
-                    if fault.drop:
-                        self.close_connection = True
-                        self.connection.close()
-                        return
+                if fault and fault.after_commit and self._disrupt(fault):
+                    return
                 self._answer(status, payload)
 
         return Handler

@@ -1,0 +1,295 @@
+"""Tests for agent.config: loading, validation messages, env expansion, secrets, aliases, defaults."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent.config import load_config, parse_duration
+from agent.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent.parent / "config"
+SECRET = "s3cr3t-Value-9f2c"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def backend(**fields: Any) -> dict[str, Any]:
+    """A valid Paigo backend; a field set to None is removed."""
+    base = {"type": "paigo", "client_id": "client-1", "client_secret": SECRET}
+    return {k: v for k, v in {**base, **fields}.items() if v is not None}
+
+
+def measurement(**fields: Any) -> dict[str, Any]:
+    """A valid ebs measurement; a field set to None is removed."""
+    base = {
+        "name": "ebs-storage",
+        "dimension_id": "dim-1",
+        "resource_type": "ebs",
+        "regions": ["us-east-1"],
+        "customer": {"id": "cust-1"},
+    }
+    return {k: v for k, v in {**base, **fields}.items() if v is not None}
+
+
+def doc(backend_: dict[str, Any] | None = None, measurements: list[Any] | None = None, **top: Any) -> str:
+    """A whole config document as YAML text."""
+    data = {"backend": backend_ or backend(), "measurements": [measurement()] if measurements is None else measurements}
+    return yaml.safe_dump({**data, **top}, sort_keys=False)
+
+
+def write(tmp_path: Path, text: str, name: str = "agent.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems_of(path: Path, env: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env or {})
+    assert info.value.source == str(path)
+    return info.value.problems
+
+
+# --------------------------------------------------------------------------- 1. bad configs
+
+M0 = "measurements[0]"
+
+BAD_CONFIGS = [
+    ("unknown top-level key", doc(telemetry={"on": True}), [("telemetry", "unknown key")]),
+    ("unknown backend key", doc(backend(colour="red")), [("backend.colour", "unknown key")]),
+    ("unknown measurement key", doc(measurements=[measurement(colour="red")]), [(f"{M0}.colour", "unknown key")]),
+    ("missing client_id", doc(backend(client_id=None)), [("backend.client_id", "required key is missing")]),
+    ("both secret and secret file", doc(backend(client_secret_file="secret.txt")),
+     [("backend", "exactly one of client_secret or client_secret_file")]),
+    ("neither secret nor secret file", doc(backend(client_secret=None)),
+     [("backend", "exactly one of client_secret or client_secret_file")]),
+    ("secret file missing", doc(backend(client_secret=None, client_secret_file="no-such-secret.txt")),
+     [("backend.client_secret_file", "cannot read secret file")]),
+    ("env var unset in backend", doc(backend(client_id="${PAIGO_ID}")),
+     [("backend.client_id", "environment variable PAIGO_ID is not set")]),
+    ("env var unset in metadata", doc(measurements=[measurement(metadata={"team": "${TEAM}"})]),
+     [(f"{M0}.metadata.team", "environment variable TEAM is not set")]),
+    ("interval with bad unit", doc(measurements=[measurement(interval="5x")]),
+     [(f"{M0}.interval", "expected a duration such as 30s, 5m or 1h, got '5x'")]),
+    ("zero interval", doc(measurements=[measurement(interval="0s")]), [(f"{M0}.interval", "longer than 0s")]),
+    ("bad region name", doc(measurements=[measurement(regions=["us-east-1", "Mars-North"])]),
+     [(f"{M0}.regions", "'Mars-North' is not an AWS region name")]),
+    ("unknown resource_type", doc(measurements=[measurement(resource_type="s3")]),
+     [(f"{M0}.resource_type", "unknown resource type 's3'; expected one of: ebs")]),
+    ("unknown ebs metric", doc(measurements=[measurement(metric="bytes")]),
+     [(f"{M0}.metric", "ebs has no metric 'bytes'; expected one of: size_gib")]),
+    ("filter not supported", doc(measurements=[measurement(filters={"instance_types": ["t3.micro"]})]),
+     [(f"{M0}.filters.instance_types", "unknown key")]),
+    ("duplicate measurement names", doc(measurements=[measurement(), measurement(dimension_id="dim-2")]),
+     [("measurements[1].name", "'ebs-storage' is already used by measurements[0]")]),
+    ("customer with id and tag", doc(measurements=[measurement(customer={"id": "c", "tag": "customer-id"})]),
+     [(f"{M0}.customer", "exactly one of customer.id or customer.tag")]),
+    ("customer.untagged with id", doc(measurements=[measurement(customer={"id": "c", "untagged": "other"})]),
+     [(f"{M0}.customer", "customer.untagged only applies with customer.tag")]),
+    ("bad mode", doc(measurements=[measurement(mode="sum")]), [(f"{M0}.mode", "'gauge' or 'time_weighted'")]),
+    ("malformed iam_role_arn", doc(measurements=[measurement(iam_role_arn="arn:aws:iam::123:role/x")]),
+     [(f"{M0}.iam_role_arn", "expected arn:aws:iam::<12-digit account>:role/<name>")]),
+    ("external_id without iam_role_arn", doc(measurements=[measurement(external_id="ext-123")]),
+     [(f"{M0}.external_id", "an external id needs iam_role_arn")]),
+    ("invalid YAML", "backend:\n  type: paigo\n client_id: x\n", [("", "line 3")]),
+    ("list document", "- backend\n- measurements\n", [("", "expected a mapping")]),
+    ("empty measurements", doc(measurements=[]), [("measurements", "at least 1 item")]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_reports_path_and_message(tmp_path: Path, text: str, expected: list[tuple[str, str]]) -> None:
+    (tmp_path / "secret.txt").write_text("from-file\n", encoding="utf-8")  # for the "both secrets" case
+    problems = problems_of(write(tmp_path, text))
+    for path, fragment in expected:
+        assert any(p == path and fragment in m for p, m in problems), f"{(path, fragment)} not in {problems}"
+    # and nothing is reported anywhere else
+    assert {p for p, _ in problems} == {p for p, _ in expected}
+
+
+SEVERAL_ERROR_PATHS = [
+    "measurements[1].interval",
+    "measurements[1].mode",
+    "measurements[1].regions",
+    "measurements[2].metric",
+]
+
+
+def _several_errors_config() -> str:
+    return doc(measurements=[
+        measurement(name="ok-one"),
+        measurement(name="broken", interval="5x", mode="sum", regions=["Mars-North"]),
+        measurement(name="bad-metric", metric="bytes"),
+    ])
+
+
+def test_all_problems_are_reported_together_in_path_order(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, _several_errors_config()), {})
+    assert [path for path, _ in info.value.problems] == SEVERAL_ERROR_PATHS
+    assert "4 error(s)" in str(info.value)
+
+
+# --------------------------------------------------------------------------- 2. CLI
+
+
+def _validate(config: Path) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).parent / "usage-agent"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
+    return subprocess.run(
+        [*command, "validate", "-c", str(config)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "LOG_LEVEL": "warning"},
+    )
+
+
+def test_cli_validate_bad_config_exits_2_and_lists_every_problem(tmp_path: Path) -> None:
+    config = write(tmp_path, _several_errors_config())
+    result = _validate(config)
+    assert result.returncode == 2, result.stderr
+    assert str(config) in result.stderr
+    for path in SEVERAL_ERROR_PATHS:
+        assert f"{path}:" in result.stderr
+
+
+def test_cli_validate_good_config_exits_0(tmp_path: Path) -> None:
+    config = write(tmp_path, doc())
+    result = _validate(config)
+    assert result.returncode == 0, result.stderr
+    assert "ok (1 measurement(s), backend paigo)" in result.stdout
+
+
+# --------------------------------------------------------------------------- 3. env expansion and secrets
+
+
+def test_env_vars_are_substituted_and_double_dollar_is_literal(tmp_path: Path) -> None:
+    text = doc(
+        backend(client_id="${PAIGO_ID}", client_secret="pre-${PAIGO_SECRET}-post"),
+        [measurement(metadata={"price": "$$5 per ${UNIT}", "literal": "$${NOT_EXPANDED}"})],
+    )
+    env = {"PAIGO_ID": "id-from-env", "PAIGO_SECRET": "xyz", "UNIT": "GiB"}
+    cfg = load_config(write(tmp_path, text), env)
+    assert cfg.backend.client_id == "id-from-env"
+    assert cfg.backend.secret() == "pre-xyz-post"
+    assert cfg.measurements[0].metadata == {"price": "$5 per GiB", "literal": "${NOT_EXPANDED}"}
+
+
+def test_secret_file_is_read_stripped_and_resolved_against_config_dir(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "paigo").write_text(f"  {SECRET}\n\n", encoding="utf-8")
+    text = doc(backend(client_secret=None, client_secret_file="secrets/paigo"))
+    assert Path.cwd() != tmp_path  # the relative path must not work by accident
+    cfg = load_config(write(tmp_path, text), {})
+    assert cfg.backend.secret() == SECRET
+
+
+@pytest.mark.parametrize("source", ["inline", "env", "file"])
+def test_secret_never_appears_in_repr_or_str(tmp_path: Path, source: str) -> None:
+    (tmp_path / "secret.txt").write_text(SECRET, encoding="utf-8")
+    fields = {
+        "inline": {"client_secret": SECRET},
+        "env": {"client_secret": "${PAIGO_CLIENT_SECRET}"},
+        "file": {"client_secret": None, "client_secret_file": "secret.txt"},
+    }[source]
+    cfg = load_config(write(tmp_path, doc(backend(**fields))), {"PAIGO_CLIENT_SECRET": SECRET})
+    assert cfg.backend.secret() == SECRET
+    for text in (repr(cfg), str(cfg), repr(cfg.backend), str(cfg.backend)):
+        assert SECRET not in text
+
+
+# --------------------------------------------------------------------------- 4. Paigo camelCase aliases
+
+
+def test_paigo_camel_case_aliases_give_the_same_model(tmp_path: Path) -> None:
+    role = "arn:aws:iam::214826386939:role/paigo-scraper"
+    snake = measurement(
+        dimension_id="dim-9", iam_role_arn=role, external_id="123456789",
+        cloud_platform="aws", regions=["eu-west-1"], resource_type="ebs",
+    )
+    camel = {k: v for k, v in snake.items() if k not in {
+        "dimension_id", "iam_role_arn", "external_id", "cloud_platform", "regions", "resource_type"}}
+    camel.update(dimensionId="dim-9", iamRoleArn=role, externalId="123456789",
+                 cloudPlatform="aws", region="eu-west-1", resourceType="ebs")
+
+    from_snake = load_config(write(tmp_path, doc(measurements=[snake]), "snake.yaml"), {})
+    from_camel = load_config(write(tmp_path, doc(measurements=[camel]), "camel.yaml"), {})
+    assert from_camel == from_snake
+    m = from_camel.measurements[0]
+    assert (m.dimension_id, m.iam_role_arn, m.external_id) == ("dim-9", role, "123456789")
+    assert (m.regions, m.resource_type, m.account_id) == (["eu-west-1"], "ebs", "214826386939")
+
+
+# --------------------------------------------------------------------------- 5. durations
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("30s", timedelta(seconds=30)),
+    ("5m", timedelta(minutes=5)),
+    ("1h", timedelta(hours=1)),
+    ("1d", timedelta(days=1)),
+    ("1h30m", timedelta(hours=1, minutes=30)),
+    (90, timedelta(seconds=90)),
+])
+def test_duration_parses(tmp_path: Path, value: Any, expected: timedelta) -> None:
+    assert parse_duration(value) == expected
+    cfg = load_config(write(tmp_path, doc(measurements=[measurement(interval=value)])), {})
+    assert cfg.measurements[0].interval == expected
+
+
+@pytest.mark.parametrize("value", ["-5m", "1.5h", "abc", "0s", 0, -30, "", True])
+def test_duration_rejects(tmp_path: Path, value: Any) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(value)
+    problems = problems_of(write(tmp_path, doc(measurements=[measurement(interval=value)])))
+    assert [p for p, _ in problems] == [f"{M0}.interval"]
+
+
+# --------------------------------------------------------------------------- 6. defaults
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, doc()), {})
+    m = cfg.measurements[0]
+    assert m.metric is None  # the sampler's default metric is applied elsewhere
+    assert (m.mode, m.per, m.interval, m.group_by, m.decimals) == ("gauge", "hour", timedelta(hours=1), "customer", 9)
+    assert (m.cloud_platform, m.customer.untagged, m.customer.fallback_id) == ("aws", "skip", None)
+    assert cfg.spool.max_records == 1_000_000
+    assert cfg.spool.path == "/var/lib/usage-agent/spool.db"
+    assert cfg.backend.timeout == timedelta(seconds=10)
+
+
+def test_relative_spool_path_is_resolved_against_config_dir(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, doc(spool={"path": "data/spool.db"})), {})
+    assert cfg.spool.path == str(tmp_path / "data" / "spool.db")
+
+
+# --------------------------------------------------------------------------- 7. shipped examples
+
+EXAMPLES = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_example_configs_exist() -> None:
+    assert len(EXAMPLES) >= 2, f"no example configs found in {CONFIG_DIR}"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_config_validates(tmp_path: Path, example: Path) -> None:
+    secret_file = tmp_path / "paigo-client-secret"
+    secret_file.write_text("secret-from-file\n", encoding="utf-8")
+    env = {
+        "PAIGO_CLIENT_ID": "example-client",
+        "PAIGO_CLIENT_SECRET": "secret-from-env",
+        "PAIGO_CLIENT_SECRET_FILE": str(secret_file),
+    }
+    cfg = load_config(example, env)
+    assert cfg.backend.client_id == "example-client"
+    assert cfg.backend.secret() in {"secret-from-env", "secret-from-file"}
+    assert cfg.measurements and all(m.resource_type == "ebs" for m in cfg.measurements)

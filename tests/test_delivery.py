@@ -1,0 +1,224 @@
+"""Paigo sink and forwarder against the Paigo-contract server on 127.0.0.1, with faults."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from agent.config import PaigoBackend
+from agent.convert import UsageRecord, record_id
+from agent.forwarder import Forwarder
+from agent.sinks.base import parse_retry_after
+from agent.sinks.paigo import ClientCredentialsToken, PaigoSink
+from agent.spool import Spool
+from agent.testing.paigo_server import Fault, PaigoContractServer, usage_record_schema
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, DIMENSION
+
+TICK = datetime(2026, 11, 21, 10, 0, tzinfo=timezone.utc)
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_800_000_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_records(count: int, customer: str = "acme") -> list[UsageRecord]:
+    out = []
+    for i in range(count):
+        tick = TICK + timedelta(minutes=15 * i)
+        out.append(UsageRecord(
+            record_id=record_id("ebs-storage", DIMENSION, customer, "aggregate", tick),
+            measurement="ebs-storage",
+            event_type="ebs-storage",
+            dimension_id=DIMENSION,
+            customer_id=customer,
+            timestamp=tick,
+            value=Decimal("1.75") + i,
+            unit="GiB",
+            resource="aggregate",
+            metadata={"region": "us-east-1"},
+        ))
+    return out
+
+
+def backend(server: PaigoContractServer, **overrides: Any) -> PaigoBackend:
+    return PaigoBackend.model_validate({
+        "type": "paigo", "url": server.url, "token_url": server.token_url,
+        "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, **overrides,
+    })
+
+
+@dataclass
+class Pipeline:
+    spool: Spool
+    sink: PaigoSink
+    forwarder: Forwarder
+    clock: FakeClock
+
+    def enqueue(self, records: list[UsageRecord]) -> None:
+        self.spool.commit_tick("ebs-storage", TICK, records)
+
+    def run_until_drained(self, rounds: int = 50) -> None:
+        """Pump, jumping the fake clock over every backoff, until nothing is left to send."""
+        for _ in range(rounds):
+            self.forwarder.drain()
+            due = self.spool.next_due()
+            if due is None:
+                return
+            self.clock.now = max(self.clock.now, due)
+        raise AssertionError(f"not drained: {self.spool.counts()}")
+
+
+@pytest.fixture
+def pipeline(paigo: PaigoContractServer, tmp_path: Path) -> Iterator[Pipeline]:
+    clock = FakeClock()
+    spool = Spool(tmp_path / "spool.db", clock=clock)
+    spool.claim()
+    sink = PaigoSink(backend(paigo, timeout="1s"))
+    yield Pipeline(spool, sink, Forwarder(spool, sink, batch_size=32, clock=clock), clock)
+    sink.close()
+    spool.close()
+
+
+def test_bodies_match_the_documented_contract(pipeline: Pipeline, paigo: PaigoContractServer) -> None:
+    records = make_records(3)
+    pipeline.enqueue(records)
+    pipeline.run_until_drained()
+
+    validator = jsonschema.Draft7Validator(usage_record_schema())
+    bodies = sorted(paigo.accepted, key=lambda b: b["timestamp"])
+    for body in bodies:
+        validator.validate(body)
+    assert bodies[0] == {
+        "dimensionId": DIMENSION,
+        "customerId": "acme",
+        "timestamp": "2026-11-21T10:00:00Z",
+        "recordValue": "1.75",
+        "metadata": {"region": "us-east-1", "recordId": records[0].record_id},
+    }
+    assert [b["recordValue"] for b in bodies] == ["1.75", "2.75", "3.75"]
+    assert paigo.token_requests == 1  # one token for every request
+    assert pipeline.spool.counts()["delivered"] == 3
+
+
+def test_several_requests_in_flight_over_one_client(pipeline: Pipeline, paigo: PaigoContractServer) -> None:
+    paigo.script("/usage", *[Fault(delay=0.2) for _ in range(8)])
+    pipeline.enqueue(make_records(16))
+    pipeline.run_until_drained()
+    assert paigo.max_in_flight >= 4
+    assert len(paigo.accepted_ids()) == 16
+
+
+def test_token_is_cached_until_shortly_before_expiry(paigo: PaigoContractServer) -> None:
+    import httpx
+
+    paigo.expires_in = 3600
+    now = [100.0]
+    with httpx.Client() as client:
+        token = ClientCredentialsToken(backend(paigo), client, monotonic=lambda: now[0])
+        first = token.get()
+        now[0] += 3000
+        assert token.get() == first and paigo.token_requests == 1
+        now[0] += 301  # within five minutes of expires_in
+        assert token.get() != first and paigo.token_requests == 2
+
+
+def test_token_is_fetched_again_once_on_401(pipeline: Pipeline, paigo: PaigoContractServer) -> None:
+    pipeline.enqueue(make_records(1))
+    pipeline.run_until_drained()
+    paigo.revoke_tokens()
+    pipeline.enqueue(make_records(2)[1:])
+    pipeline.forwarder.drain()
+    assert paigo.token_requests == 2
+    assert pipeline.spool.counts() == {"pending": 0, "leased": 0, "delivered": 2, "dead": 0}
+
+
+def test_rejected_credentials_keep_records_pending(paigo: PaigoContractServer, tmp_path: Path) -> None:
+    clock = FakeClock()
+    spool = Spool(tmp_path / "spool.db", clock=clock)
+    sink = PaigoSink(backend(paigo, client_secret="wrong"))
+    forwarder = Forwarder(spool, sink, clock=clock)
+    spool.commit_tick("ebs-storage", TICK, make_records(2))
+    forwarder.drain()
+    assert spool.counts() == {"pending": 2, "leased": 0, "delivered": 0, "dead": 0}
+    (row, _) = spool.rows("pending")
+    assert row["attempts"] == 1 and row["last_status"] == 401
+    sink.close()
+    spool.close()
+
+
+def test_retry_after_is_honoured(pipeline: Pipeline, paigo: PaigoContractServer) -> None:
+    paigo.script("/usage", Fault(status=429, retry_after="7"))
+    pipeline.enqueue(make_records(1))
+    pipeline.forwarder.drain()
+    assert pipeline.spool.next_due() == pipeline.clock.now + 7
+    pipeline.clock.advance(6.9)
+    assert pipeline.forwarder.pump().leased == 0  # not before the backend said
+    pipeline.clock.advance(0.1)
+    assert pipeline.forwarder.pump().delivered == 1
+
+
+def test_retry_after_forms() -> None:
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480.0 - 30) == 30.0
+    assert parse_retry_after("999999") == 3600.0  # clamped
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480.0 + 30) == 0.0
+    assert parse_retry_after("soon") is None
+
+
+def test_transient_faults_are_retried_until_every_record_is_delivered_once(
+    pipeline: Pipeline, paigo: PaigoContractServer
+) -> None:
+    paigo.script(
+        "/usage",
+        Fault(status=500), Fault(status=502), Fault(status=503), Fault(status=504),
+        Fault(drop=True), Fault(delay=1.5),  # longer than the 1s client timeout
+        Fault(after_commit=True, drop=True),  # accepted, then the answer is lost
+    )
+    records = make_records(10)
+    pipeline.enqueue(records)
+    pipeline.run_until_drained()
+
+    assert paigo.accepted_ids() == {r.record_id for r in records}
+    assert paigo.duplicates() <= 2  # only re-sends of the same id whose answer was lost
+    assert pipeline.spool.counts() == {"pending": 0, "leased": 0, "delivered": 10, "dead": 0}
+
+
+def test_a_rejected_record_is_dead_lettered_and_holds_back_nothing(paigo: PaigoContractServer, pipeline: Pipeline) -> None:
+    paigo.reject = lambda body: body["customerId"] == "poison"
+    good = make_records(5)
+    poison = make_records(1, customer="poison")
+    pipeline.enqueue(good[:2] + poison + good[2:])
+    pipeline.run_until_drained()
+
+    assert paigo.accepted_ids() == {r.record_id for r in good}
+    (dead,) = pipeline.spool.rows("dead")
+    assert dead["id"] == poison[0].record_id
+    assert dead["last_status"] == 400
+    assert json.loads(dead["last_error"]) == {"message": "Customer not found"}
+
+
+def test_backoff_is_exponential_capped_and_jittered(tmp_path: Path, paigo: PaigoContractServer) -> None:
+    import random
+
+    spool = Spool(tmp_path / "spool.db")
+    forwarder = Forwarder(spool, PaigoSink(backend(paigo)), base_backoff=1.0, max_backoff=300.0, rng=random.Random(7))
+    for attempts, ceiling in [(0, 1), (1, 2), (4, 16), (8, 256), (9, 300), (60, 300)]:
+        waits = [forwarder.backoff(attempts) for _ in range(50)]
+        assert all(ceiling / 2 <= w <= ceiling for w in waits)
+        assert len(set(waits)) > 1  # jittered
+    spool.close()

@@ -1,0 +1,326 @@
+"""The durable spool: one SQLite file, atomic ticks, leases, retries and dead letters."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from agent.convert import UsageRecord, format_timestamp, record_id
+from agent.errors import SpoolError, SpoolFullError
+from agent.spool import Dead, Retry, Spool
+
+UTC = timezone.utc
+T1 = datetime(2024, 3, 1, 10, 0, tzinfo=UTC)
+T2 = T1 + timedelta(hours=1)
+T3 = T2 + timedelta(hours=1)
+START = 1_700_000_000.0
+
+
+class FakeClock:
+    def __init__(self, now: float = START):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_record(customer: str, tick: datetime = T1, value: str = "1.75") -> UsageRecord:
+    return UsageRecord(
+        record_id=record_id("ebs-storage", "dim-storage", customer, "aggregate", tick),
+        measurement="ebs-storage",
+        event_type="ebs-storage",
+        dimension_id="dim-storage",
+        customer_id=customer,
+        timestamp=tick,
+        value=Decimal(value),
+        unit="GiB-hours",
+        resource="aggregate",
+        metadata={"environment": "prod", "resource_count": "2"},
+    )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def open_spool(tmp_path, clock):
+    opened: list[Spool] = []
+
+    def _open(max_records: int = 1_000_000, path=None) -> Spool:
+        spool = Spool(path or tmp_path / "spool.db", max_records=max_records, clock=clock)
+        opened.append(spool)
+        return spool
+
+    yield _open
+    for spool in opened:
+        spool.close()
+
+
+@pytest.fixture
+def spool(open_spool) -> Spool:
+    return open_spool()
+
+
+def ids(leased) -> list[str]:
+    return [item.record.record_id for item in leased]
+
+
+# -- committing ticks ---------------------------------------------------------------------
+
+
+def test_commit_tick_stores_records_as_pending(spool):
+    records = [make_record(c) for c in ("acme", "globex", "initech")]
+    commit = spool.commit_tick("ebs-storage", T1, records)
+    assert (commit.inserted, commit.previous_tick) == (3, None)
+    assert spool.counts() == {"pending": 3, "leased": 0, "delivered": 0, "dead": 0}
+    assert spool.last_tick("ebs-storage") == "2024-03-01T10:00:00Z"
+    assert spool.last_tick("other-measurement") is None
+    assert [row["id"] for row in spool.rows("pending")] == [r.record_id for r in records]
+    assert spool.rows("pending")[0]["tick"] == "2024-03-01T10:00:00Z"
+
+
+def test_recommitting_a_tick_inserts_nothing_new(spool):
+    records = [make_record(c) for c in ("acme", "globex")]
+    spool.commit_tick("ebs-storage", T1, records)
+    again = spool.commit_tick("ebs-storage", T1, records)
+    assert (again.inserted, again.previous_tick) == (0, "2024-03-01T10:00:00Z")
+    partly_new = spool.commit_tick("ebs-storage", T1, [*records, make_record("initech")])
+    assert partly_new.inserted == 1
+    assert spool.counts()["pending"] == 3
+
+
+def test_last_tick_never_moves_backwards(spool):
+    spool.commit_tick("ebs-storage", T2, [make_record("acme", T2)])
+    older = spool.commit_tick("ebs-storage", T1, [make_record("acme", T1)])
+    assert older.previous_tick == format_timestamp(T2)
+    assert older.inserted == 1
+    assert spool.last_tick("ebs-storage") == format_timestamp(T2)
+    newer = spool.commit_tick("ebs-storage", T3, [])
+    assert newer.previous_tick == format_timestamp(T2)
+    assert spool.last_tick("ebs-storage") == format_timestamp(T3)
+
+
+def test_a_refused_tick_changes_neither_records_nor_sampler_state(open_spool):
+    spool = open_spool(max_records=3)
+    spool.commit_tick("ebs-storage", T1, [make_record("acme"), make_record("globex")])
+    with pytest.raises(SpoolFullError, match="max_records=3"):
+        spool.commit_tick("ebs-storage", T2, [make_record("acme", T2), make_record("globex", T2)])
+    assert spool.counts()["pending"] == 2
+    assert {row["tick"] for row in spool.rows("pending")} == {format_timestamp(T1)}
+    assert spool.last_tick("ebs-storage") == format_timestamp(T1)
+
+
+def test_a_tick_failing_after_its_inserts_is_rolled_back(spool):
+    spool.commit_tick("ebs-storage", T1, [make_record("acme")])
+    with pytest.raises(TypeError):  # the sampler state is not JSON: fails after the records went in
+        spool.commit_tick("ebs-storage", T2, [make_record("acme", T2)], state={"bad": object()})
+    assert spool.counts()["pending"] == 1
+    assert spool.last_tick("ebs-storage") == format_timestamp(T1)
+    # the spool is still usable: the same tick commits afterwards
+    assert spool.commit_tick("ebs-storage", T2, [make_record("acme", T2)]).inserted == 1
+
+
+def test_the_cap_counts_only_unsent_records(open_spool):
+    spool = open_spool(max_records=2)
+    spool.commit_tick("ebs-storage", T1, [make_record("acme"), make_record("globex")])
+    with pytest.raises(SpoolFullError):
+        spool.commit_tick("ebs-storage", T2, [make_record("acme", T2)])
+    leased = spool.lease_batch(10, 60)
+    spool.settle(delivered=ids(leased))
+    assert spool.commit_tick("ebs-storage", T2, [make_record("acme", T2)]).inserted == 1
+
+
+# -- leasing ------------------------------------------------------------------------------
+
+
+def test_lease_batch_is_oldest_first_and_respects_the_limit(spool, clock):
+    first = [make_record(c, T1) for c in ("acme", "globex", "initech")]
+    second = [make_record(c, T2) for c in ("acme", "globex")]
+    spool.commit_tick("ebs-storage", T1, first)
+    spool.commit_tick("ebs-storage", T2, second)
+    expected = [r.record_id for r in first + second]
+
+    batch = spool.lease_batch(2, lease_seconds=60)
+    assert ids(batch) == expected[:2]
+    assert [item.attempts for item in batch] == [0, 0]
+    assert spool.counts()["leased"] == 2
+    assert ids(spool.lease_batch(10, lease_seconds=60)) == expected[2:]
+    assert spool.lease_batch(10, lease_seconds=60) == []
+
+    clock.advance(59.9)
+    assert spool.lease_batch(10, lease_seconds=60) == []
+    clock.advance(0.1)  # the leases have expired: a crashed sender's records are sent again
+    assert ids(spool.lease_batch(10, lease_seconds=60)) == expected
+
+
+def test_leased_records_are_the_committed_records(spool):
+    records = [make_record("acme", value="0.583333333"), make_record("globex", value="100")]
+    spool.commit_tick("ebs-storage", T1, records)
+    assert [item.record for item in spool.lease_batch(10, 60)] == records
+
+
+# -- settling -----------------------------------------------------------------------------
+
+
+def test_settle_delivered(spool, clock):
+    spool.commit_tick("ebs-storage", T1, [make_record("acme"), make_record("globex")])
+    acme, globex = ids(spool.lease_batch(10, 60))
+    spool.settle(delivered=[acme])
+    assert spool.counts() == {"pending": 0, "leased": 1, "delivered": 1, "dead": 0}
+    assert spool.rows("delivered")[0]["attempts"] == 1
+    clock.advance(3600)
+    assert ids(spool.lease_batch(10, 60)) == [globex]
+
+
+def test_settle_ignores_records_that_are_not_leased(spool):
+    spool.commit_tick("ebs-storage", T1, [make_record("acme")])
+    spool.settle(delivered=[make_record("acme").record_id])
+    assert spool.counts()["pending"] == 1
+
+
+def test_settle_retry_waits_until_not_before(spool, clock):
+    spool.commit_tick("ebs-storage", T1, [make_record("acme")])
+    (rid,) = ids(spool.lease_batch(10, 60))
+    spool.settle(retries=[Retry(rid, not_before=clock.now + 30, status=503, error="service unavailable")])
+
+    assert spool.counts()["pending"] == 1
+    (row,) = spool.rows("pending")
+    assert (row["attempts"], row["last_status"], row["last_error"]) == (1, 503, "service unavailable")
+    assert spool.next_due() == clock.now + 30
+
+    clock.advance(29)
+    assert spool.lease_batch(10, 60) == []
+    clock.advance(1)
+    (again,) = spool.lease_batch(10, 60)
+    assert (again.record.record_id, again.attempts) == (rid, 1)
+
+
+def test_settle_dead_letters_with_status_and_reason(spool, clock):
+    record = make_record("acme")
+    spool.commit_tick("ebs-storage", T1, [record, make_record("globex")])
+    spool.lease_batch(1, 60)
+    spool.settle(dead=[Dead(record.record_id, status=400, error='{"message": "unknown dimensionId"}')])
+
+    assert spool.counts() == {"pending": 1, "leased": 0, "delivered": 0, "dead": 1}
+    (row,) = spool.rows("dead")
+    assert row["id"] == record.record_id
+    assert (row["last_status"], row["last_error"], row["attempts"]) == (400, '{"message": "unknown dimensionId"}', 1)
+    assert row["body"] == record.to_json()
+    clock.advance(3600)
+    assert ids(spool.lease_batch(10, 60)) == [make_record("globex").record_id]
+
+
+# -- ownership ----------------------------------------------------------------------------
+
+
+def test_only_one_spool_can_claim_a_file(open_spool, tmp_path):
+    first, second = open_spool(), open_spool()
+    first.claim()
+    with pytest.raises(SpoolError, match="in use") as caught:
+        second.claim()
+    assert str(tmp_path / "spool.db") in str(caught.value)
+    first.close()
+    second.claim()  # the lock went with the first process
+
+
+def test_claim_releases_leases_left_by_a_previous_process(open_spool, clock):
+    crashed = open_spool()
+    crashed.claim()
+    crashed.commit_tick("ebs-storage", T1, [make_record("acme"), make_record("globex")])
+    assert len(crashed.lease_batch(10, lease_seconds=600)) == 2
+    crashed.close()  # without settling
+
+    restarted = open_spool()
+    restarted.claim()
+    assert restarted.counts() == {"pending": 2, "leased": 0, "delivered": 0, "dead": 0}
+    assert len(restarted.lease_batch(10, 600)) == 2  # long before the old leases would expire
+
+
+# -- inspection ---------------------------------------------------------------------------
+
+
+def test_counts_and_stats(spool, clock, tmp_path):
+    empty = spool.stats()
+    assert empty["counts"] == {"pending": 0, "leased": 0, "delivered": 0, "dead": 0}
+    assert empty["oldest_unsent_age_seconds"] is None
+
+    records = [make_record(c) for c in ("acme", "globex", "initech", "umbrella")]
+    spool.commit_tick("ebs-storage", T1, records)
+    clock.advance(12.5)
+    spool.lease_batch(3, 60)
+    spool.settle(delivered=[records[0].record_id], dead=[Dead(records[1].record_id, 422, "rejected")])
+
+    counts = {"pending": 1, "leased": 1, "delivered": 1, "dead": 1}
+    assert spool.counts() == counts
+    stats = spool.stats()
+    assert stats["path"] == str(tmp_path / "spool.db")
+    assert stats["counts"] == counts
+    assert stats["oldest_unsent_age_seconds"] == 12.5
+    assert stats["file_bytes"] > 0
+
+
+def test_next_due(spool, clock):
+    assert spool.next_due() is None
+    spool.commit_tick("ebs-storage", T1, [make_record("acme")])
+    assert spool.next_due() == 0  # pending and never retried: due now
+    (rid,) = ids(spool.lease_batch(10, 60))
+    assert spool.next_due() == START + 60  # a leased record is due again when its lease ends
+    spool.settle(retries=[Retry(rid, not_before=START + 90, status=None, error="timeout")])
+    assert spool.next_due() == START + 90
+
+
+# -- durability and the file ----------------------------------------------------------------
+
+
+def test_records_survive_close_and_reopen(open_spool):
+    records = [make_record("acme", T1, "1.75"), make_record("globex", T1, "123456789012345678901.000000001")]
+    before = open_spool()
+    before.commit_tick("ebs-storage", T1, records)
+    counts, bodies = before.counts(), before.rows("pending")
+    before.close()
+
+    after = open_spool()
+    assert after.counts() == counts
+    assert after.rows("pending") == bodies
+    assert after.last_tick("ebs-storage") == format_timestamp(T1)
+    assert [item.record for item in after.lease_batch(10, 60)] == records
+
+
+def test_a_corrupt_file_is_a_clear_error_and_left_untouched(tmp_path, clock):
+    path = tmp_path / "spool.db"
+    garbage = random.Random(1234).randbytes(8192)
+    path.write_bytes(garbage)
+    with pytest.raises(SpoolError) as caught:
+        Spool(path, clock=clock)
+    assert str(path) in str(caught.value)
+    assert "move it aside" in str(caught.value)
+    assert path.read_bytes() == garbage
+
+
+def test_a_newer_schema_is_refused(tmp_path, clock):
+    path = tmp_path / "spool.db"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version=99")
+    db.close()
+    with pytest.raises(SpoolError, match="schema version 99") as caught:
+        Spool(path, clock=clock)
+    assert str(path) in str(caught.value)
+
+
+def test_wal_mode_and_full_sync(spool, tmp_path):
+    spool.commit_tick("ebs-storage", T1, [make_record("acme")])
+    other = sqlite3.connect(tmp_path / "spool.db")
+    try:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        other.close()
+    assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
