@@ -109,7 +109,7 @@ def cmd_once(args: argparse.Namespace) -> int:
     agent, sink, spool = _wire(cfg, with_spool=True)
     try:
         results = agent.sample_all(at)
-        forwarder = Forwarder(spool, sink, batch_size=getattr(sink, "batch_size", 128))
+        forwarder = Forwarder(spool, sink)
         sent = forwarder.drain_until(time.time() + args.timeout)
         counts = spool.counts()
     finally:
@@ -128,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     agent, sink, spool = _wire(cfg, with_spool=True)
     try:
-        Daemon(agent, Forwarder(spool, sink, batch_size=getattr(sink, "batch_size", 128)), sink).run()
+        Daemon(agent, Forwarder(spool, sink), sink).run()
     finally:
         sink.close()
         spool.close()

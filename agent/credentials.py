@@ -71,9 +71,14 @@ class SessionFactory:
         self._sessions: dict[RoleKey, boto3.Session] = {}
         self._clients: dict[tuple[RoleKey, str, str], Any] = {}
         self._accounts: dict[RoleKey, str] = {}
+        self._sts_client: Any = None
 
     def _sts(self) -> Any:
-        return self._base.client("sts", region_name=self._base.region_name or "us-east-1", config=CLIENT_CONFIG)
+        with self._lock:
+            if self._sts_client is None:
+                region = self._base.region_name or "us-east-1"
+                self._sts_client = self._base.client("sts", region_name=region, config=CLIENT_CONFIG)
+            return self._sts_client
 
     def _assume(self, role_arn: str, external_id: str | None) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -118,6 +123,8 @@ class SessionFactory:
                 time_fetcher=self._clock,
             )
             core = botocore.session.get_session()
+            # share the parsed service models: a loader per role costs ~20 MB
+            core.register_component("data_loader", self._base._session.get_component("data_loader"))
             core._credentials = credentials  # botocore has no public setter for this
             session = boto3.Session(botocore_session=core)
         with self._lock:

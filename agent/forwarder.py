@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from agent.sinks.base import Delivered, Rejected, RetryLater, Sink
+from agent.convert import UsageRecord
+from agent.sinks.base import Delivered, Outcome, Rejected, RetryLater, Sink
 from agent.spool import Dead, Retry, Spool
 
 log = structlog.get_logger("agent.forwarder")
@@ -40,7 +41,8 @@ class Forwarder:
         self,
         spool: Spool,
         sink: Sink,
-        batch_size: int = 128,
+        batch_size: int | None = None,
+        settle_every: int = 16,
         lease_seconds: float = 900.0,
         base_backoff: float = 1.0,
         max_backoff: float = 300.0,
@@ -49,7 +51,8 @@ class Forwarder:
     ):
         self._spool = spool
         self._sink = sink
-        self._batch_size = batch_size
+        self._batch_size = batch_size or sink.batch_size
+        self._settle_every = settle_every
         self._lease_seconds = lease_seconds
         self._base_backoff = base_backoff
         self._max_backoff = max_backoff
@@ -63,44 +66,53 @@ class Forwarder:
         return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
 
     def pump(self) -> Pumped:
-        """One batch: lease what is due, send it, settle every outcome."""
+        """One batch: lease what is due, send it, settle outcomes as they arrive.
+
+        Outcomes are written in groups of ``settle_every`` while the rest of the batch is
+        still in flight, so a crash re-sends only what was in flight or not yet written.
+        """
         leased = self._spool.lease_batch(self._batch_size, self._lease_seconds)
         if not leased:
             return Pumped()
-        outcomes = self._sink.deliver([item.record for item in leased])
+        attempts = {item.record.record_id: item.attempts for item in leased}
+        result = Pumped(leased=len(leased))
+        settled: list[tuple[UsageRecord, Outcome]] = []
+        for record, outcome in self._sink.deliver([item.record for item in leased], self.stopping):
+            settled.append((record, outcome))
+            if len(settled) >= self._settle_every:
+                self._settle(settled, attempts, result)
+                settled = []
+        self._settle(settled, attempts, result)
+        return result
+
+    def _settle(self, done: list[tuple[UsageRecord, Outcome]], attempts: dict[str, int], result: Pumped) -> None:
+        if not done:
+            return
         now = self._clock()
         delivered: list[str] = []
         retries: list[Retry] = []
         dead: list[Dead] = []
-        for item, outcome in zip(leased, outcomes, strict=True):
-            rid = item.record.record_id
+        first_retry: RetryLater | None = None
+        for record, outcome in done:
+            rid = record.record_id
             if isinstance(outcome, Delivered):
                 delivered.append(rid)
             elif isinstance(outcome, Rejected):
                 dead.append(Dead(rid, outcome.status, outcome.body))
-                log.error(
-                    "record dead-lettered",
-                    record_id=rid,
-                    measurement=item.record.measurement,
-                    status=outcome.status,
-                    response=outcome.body[:500],
-                )
+                log.error("record dead-lettered", record_id=rid, measurement=record.measurement,
+                          status=outcome.status, response=outcome.body[:500])
             else:
-                assert isinstance(outcome, RetryLater)
-                wait = outcome.retry_after if outcome.retry_after is not None else self.backoff(item.attempts)
+                wait = outcome.retry_after if outcome.retry_after is not None else self.backoff(attempts[rid])
                 retries.append(Retry(rid, now + wait, outcome.status, outcome.reason))
+                first_retry = first_retry or outcome
         self._spool.settle(delivered, retries, dead)
-        if retries:
-            first = next(o for o in outcomes if isinstance(o, RetryLater))
-            level = log.error if first.auth else log.warning
-            level(
-                "delivery will be retried",
-                records=len(retries),
-                reason=first.reason,
-                status=first.status,
-                auth=first.auth,
-            )
-        return Pumped(leased=len(leased), delivered=len(delivered), retried=len(retries), dead=len(dead))
+        result.delivered += len(delivered)
+        result.retried += len(retries)
+        result.dead += len(dead)
+        if first_retry is not None:
+            level = log.error if first_retry.alert else log.warning
+            level("delivery will be retried", records=len(retries), reason=first_retry.reason,
+                  status=first_retry.status, alert=first_retry.alert)
 
     def drain(self) -> Pumped:
         """Send until nothing is due (or stop is requested); the daemon's forwarder job."""

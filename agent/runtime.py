@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -128,6 +129,9 @@ class Daemon:
         self.forwarder = forwarder
         self.sink = sink
         self.clock = clock
+        self._stop_requested = threading.Event()
+        self._finished = threading.Event()
+        self._shutdown_thread: threading.Thread | None = None
         measurements = agent.cfg.measurements
         self.scheduler = BlockingScheduler(
             timezone=timezone.utc,
@@ -161,17 +165,33 @@ class Daemon:
         except Exception:  # a bug in one tick must not take the scheduler down
             log.exception("tick crashed", measurement=m.name)
 
-    def stop(self, signum: int | None = None, _frame: Any = None) -> None:
-        """Stop scheduling; running jobs (an in-flight send, a tick) finish first."""
+    def request_stop(self, signum: int | None = None, _frame: Any = None) -> None:
+        """Signal handler: only flags the stop; the shutdown itself runs on its own thread,
+        because APScheduler's shutdown takes locks the interrupted main thread may hold."""
+        if self._stop_requested.is_set():
+            return
         log.info("stopping", signal=signal.Signals(signum).name if signum else None)
+        self._stop_requested.set()
         self.forwarder.stopping.set()
+        self._shutdown_thread = threading.Thread(target=self._shutdown, name="shutdown", daemon=True)
+        self._shutdown_thread.start()
+
+    def _shutdown(self) -> None:
+        # a signal that arrives while the scheduler is still starting waits for it to run
+        while self.scheduler.state == STATE_STOPPED and not self._finished.is_set():
+            time.sleep(0.01)
         if self.scheduler.state != STATE_STOPPED:
-            self.scheduler.shutdown(wait=True)
+            self.scheduler.shutdown(wait=True)  # running jobs (a tick, an in-flight send) finish first
 
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
         log.info("agent started", measurements=[m.name for m in self.agent.cfg.measurements],
                  backend=self.sink.name, spool=str(self.agent.spool.path if self.agent.spool else None))
-        self.scheduler.start()
+        try:
+            self.scheduler.start()
+        finally:
+            self._finished.set()
+        if self._shutdown_thread is not None:
+            self._shutdown_thread.join()  # start() can return before running jobs are done
         log.info("agent stopped")

@@ -27,6 +27,7 @@ def redact_secrets(_logger: Any, _method: str, event: MutableMapping[str, Any]) 
 
 
 def configure_logging(level: str | None = None, json_output: bool | None = None) -> None:
+    """structlog for our own logs; the standard library's (APScheduler, botocore) rendered alike."""
     level_name = (level or os.environ.get("LOG_LEVEL") or "info").upper()
     numeric = logging.getLevelName(level_name)
     if not isinstance(numeric, int):
@@ -34,18 +35,25 @@ def configure_logging(level: str | None = None, json_output: bool | None = None)
     if json_output is None:
         json_output = not sys.stderr.isatty()
     renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(colors=False)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_secrets,  # after format_exc_info, so tracebacks are scrubbed too
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact_secrets,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # botocore and urllib3 chatter stays out unless asked for
-    logging.basicConfig(level=logging.WARNING if numeric < logging.WARNING else numeric, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # libraries speak up from WARNING on, unless we were asked for more
+    root.setLevel(max(numeric, logging.WARNING) if numeric > logging.DEBUG else logging.DEBUG)

@@ -152,11 +152,25 @@ def test_rejected_credentials_keep_records_pending(paigo: PaigoContractServer, t
     spool = Spool(tmp_path / "spool.db", clock=clock)
     sink = PaigoSink(backend(paigo, client_secret="wrong"))
     forwarder = Forwarder(spool, sink, clock=clock)
-    spool.commit_tick("ebs-storage", TICK, make_records(2))
+    spool.commit_tick("ebs-storage", TICK, make_records(40))
     forwarder.drain()
-    assert spool.counts() == {"pending": 2, "leased": 0, "delivered": 0, "dead": 0}
-    (row, _) = spool.rows("pending")
+    assert spool.counts() == {"pending": 40, "leased": 0, "delivered": 0, "dead": 0}
+    row = spool.rows("pending")[0]
     assert row["attempts"] == 1 and row["last_status"] == 401
+    assert paigo.token_requests == 1  # one refusal holds the whole batch, not one request per record
+    assert paigo.usage_requests == 0
+    sink.close()
+    spool.close()
+
+
+def test_a_wrong_endpoint_keeps_records_pending(paigo: PaigoContractServer, tmp_path: Path) -> None:
+    clock = FakeClock()
+    spool = Spool(tmp_path / "spool.db", clock=clock)
+    sink = PaigoSink(backend(paigo, url=f"{paigo.url}/v2"))  # answers 404: not the records' fault
+    spool.commit_tick("ebs-storage", TICK, make_records(3))
+    Forwarder(spool, sink, clock=clock).drain()
+    assert spool.counts() == {"pending": 3, "leased": 0, "delivered": 0, "dead": 0}
+    assert {row["last_status"] for row in spool.rows("pending")} == {404}
     sink.close()
     spool.close()
 

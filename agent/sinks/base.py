@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import email.utils
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,7 +26,7 @@ class RetryLater:
     reason: str
     status: int | None = None
     retry_after: float | None = None  # seconds, from the backend's Retry-After
-    auth: bool = False  # the backend refused our credentials: an operator must look
+    alert: bool = False  # not the record's fault (credentials, wrong endpoint): an operator must look
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,19 @@ Outcome = Delivered | RetryLater | Rejected
 
 class Sink(Protocol):
     name: str
+    batch_size: int  # records the forwarder leases at a time
 
     def render(self, record: UsageRecord) -> Any:
         """The JSON body (or the part of a batch body) the backend receives for a record."""
 
-    def deliver(self, records: Sequence[UsageRecord]) -> list[Outcome]:
-        """Send records; one outcome per record, in order. Never raises for I/O failures."""
+    def deliver(
+        self, records: Sequence[UsageRecord], stop: threading.Event | None = None
+    ) -> Iterator[tuple[UsageRecord, Outcome]]:
+        """Send records, yielding each outcome as it is known. Never raises for I/O failures.
+
+        Once ``stop`` is set, sends not yet started are skipped (no outcome is yielded for
+        them; they stay leased and go out again after the lease ends or the next start).
+        """
 
     def close(self) -> None: ...
 
@@ -67,16 +75,24 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return min(max(seconds, 0.0), RETRY_AFTER_MAX)
 
 
+# Statuses that say the request never reached a usage endpoint that could judge the record:
+# refused credentials, a wrong URL or method, a body type the endpoint does not take.
+_NOT_THE_RECORDS_FAULT = {401: "refused the credentials", 403: "refused the credentials",
+                          404: "has no such endpoint", 405: "does not allow this method",
+                          415: "does not accept JSON"}
+
+
 def classify(response: httpx.Response) -> Outcome:
-    """Map a backend response to an outcome: 2xx delivered, 408/429/5xx retry, 401/403 auth, other 4xx reject."""
+    """2xx delivered; 408/429/5xx retry; 401/403/404/405/415 retry and alert; other 4xx reject."""
     status = response.status_code
     if 200 <= status < 300:
         return Delivered(status)
     retry_after = parse_retry_after(response.headers.get("Retry-After"))
     if status in (408, 429) or status >= 500:
         return RetryLater(f"backend answered {status}", status=status, retry_after=retry_after)
-    if status in (401, 403):
-        return RetryLater(f"backend refused the credentials ({status})", status=status, retry_after=retry_after, auth=True)
+    if status in _NOT_THE_RECORDS_FAULT:
+        reason = f"backend {_NOT_THE_RECORDS_FAULT[status]} ({status} from {response.request.url})"
+        return RetryLater(reason, status=status, retry_after=retry_after, alert=True)
     return Rejected(status=status, body=response.text[:4000])
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import httpx
@@ -32,21 +32,40 @@ class TokenUnavailable(Exception):
 
 
 class ClientCredentialsToken:
-    """Caches the bearer token; one fetch at a time; refreshes before it expires."""
+    """Caches the bearer token; one fetch at a time; refreshes before it expires.
 
-    def __init__(self, cfg: PaigoBackend, client: httpx.Client, monotonic: Callable[[], float] = time.monotonic):
+    A failed fetch is remembered for ``failure_hold`` seconds, so a batch of records does
+    not turn into a burst of token requests against an identity provider that said no.
+    """
+
+    def __init__(
+        self,
+        cfg: PaigoBackend,
+        client: httpx.Client,
+        monotonic: Callable[[], float] = time.monotonic,
+        failure_hold: float = 5.0,
+    ):
         self._cfg = cfg
         self._client = client
         self._monotonic = monotonic
+        self._failure_hold = failure_hold
         self._lock = threading.Lock()
         self._token: str | None = None
         self._refresh_at = 0.0
+        self._failure: tuple[float, TokenUnavailable] | None = None
         self.fetches = 0
 
     def get(self) -> str:
         with self._lock:
             if self._token is None or self._monotonic() >= self._refresh_at:
-                self._fetch()
+                if self._failure is not None and self._monotonic() < self._failure[0]:
+                    raise self._failure[1]
+                try:
+                    self._fetch()
+                except TokenUnavailable as exc:
+                    self._failure = (self._monotonic() + self._failure_hold, exc)
+                    raise
+                self._failure = None
             assert self._token is not None
             return self._token
 
@@ -72,13 +91,13 @@ class ClientCredentialsToken:
             reason = f"token endpoint answered {response.status_code}"
             auth = 400 <= response.status_code < 500 and response.status_code not in (408, 429)
             retry_after = outcome.retry_after if isinstance(outcome, RetryLater) else None
-            raise TokenUnavailable(RetryLater(reason, status=response.status_code, retry_after=retry_after, auth=auth))
+            raise TokenUnavailable(RetryLater(reason, status=response.status_code, retry_after=retry_after, alert=auth))
         try:
             payload = response.json()
             token = payload["access_token"]
             lifetime = float(payload.get("expires_in", 3600))
         except (ValueError, KeyError, TypeError) as exc:
-            raise TokenUnavailable(RetryLater(f"token endpoint answered without access_token ({exc})", auth=True)) from exc
+            raise TokenUnavailable(RetryLater(f"token endpoint answered without access_token ({exc})", alert=True)) from exc
         self._token = token
         # renew a little before expiry: 10% of the lifetime, at most five minutes
         self._refresh_at = self._monotonic() + lifetime - min(300.0, lifetime / 10)
@@ -99,7 +118,7 @@ class PaigoSink:
         )
         self.token = ClientCredentialsToken(cfg, self._client, monotonic)
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_in_flight, thread_name_prefix="paigo-send")
-        self.batch_size = cfg.max_in_flight * 16
+        self.batch_size = cfg.max_in_flight * 16  # outcomes are settled as they arrive, not per batch
 
     def render(self, record: UsageRecord) -> dict[str, Any]:
         return {
@@ -110,8 +129,26 @@ class PaigoSink:
             "metadata": {**record.metadata, "recordId": record.record_id},
         }
 
-    def deliver(self, records: Sequence[UsageRecord]) -> list[Outcome]:
-        return list(self._pool.map(self._send, records))
+    def deliver(
+        self, records: Sequence[UsageRecord], stop: threading.Event | None = None
+    ) -> Iterator[tuple[UsageRecord, Outcome]]:
+        try:
+            self.token.get()
+        except TokenUnavailable as exc:  # no token, no point in sending any of them
+            for record in records:
+                yield record, exc.outcome
+            return
+        futures = {self._pool.submit(self._send, record): record for record in records}
+        try:
+            for future in as_completed(futures):
+                if stop is not None and stop.is_set():
+                    for waiting in futures:
+                        waiting.cancel()  # only those not started; running sends finish
+                if not future.cancelled():
+                    yield futures[future], future.result()
+        finally:
+            for waiting in futures:
+                waiting.cancel()
 
     def _post(self, token: str, body: dict[str, Any]) -> httpx.Response:
         return self._client.post(f"{self._cfg.url}/usage", json=body, headers={"Authorization": f"Bearer {token}"})
