@@ -5,20 +5,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from datetime import datetime, timezone
-from typing import Any
-
-import structlog
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.config import AgentConfig, load_config, parse_duration
 from agent.errors import ConfigError, SpoolError
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
 
 EXIT_OK, EXIT_UNDELIVERED, EXIT_CONFIG = 0, 1, 2
 
-log = structlog.get_logger("agent.cli")
+# Set by SIGTERM/SIGINT from the first moment of `run`, before the heavy imports: a stop
+# requested while the agent is still starting is honoured once it has started.
+STOP_REQUESTED = threading.Event()
+
+
+def _log() -> Any:
+    import structlog
+
+    return structlog.get_logger("agent.cli")
 
 
 def parse_time(value: str) -> datetime:
@@ -31,6 +41,8 @@ def parse_time(value: str) -> datetime:
 
 
 def _duration_seconds(value: str) -> float:
+    from agent.config import parse_duration
+
     try:
         return parse_duration(value).total_seconds()
     except ValueError as exc:
@@ -66,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(path: str) -> AgentConfig:
+    from agent.config import load_config
+
     return load_config(path, dict(os.environ))
 
 
@@ -117,7 +131,7 @@ def cmd_once(args: argparse.Namespace) -> int:
         spool.close()
     failed = [r.measurement for r in results if not r.ok]
     unsent = counts["pending"] + counts["leased"]
-    log.info("once finished", delivered=sent.delivered, dead_lettered=sent.dead, unsent=unsent, failed_measurements=failed)
+    _log().info("once finished", delivered=sent.delivered, dead_lettered=sent.dead, unsent=unsent, failed_measurements=failed)
     return EXIT_OK if not failed and unsent == 0 and sent.dead == 0 else EXIT_UNDELIVERED
 
 
@@ -128,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     agent, sink, spool = _wire(cfg, with_spool=True)
     try:
-        Daemon(agent, Forwarder(spool, sink), sink).run()
+        Daemon(agent, Forwarder(spool, sink), sink, stop_requested=STOP_REQUESTED).run()
     finally:
         sink.close()
         spool.close()
@@ -161,9 +175,12 @@ COMMANDS = {"validate": cmd_validate, "once": cmd_once, "run": cmd_run, "spool":
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: STOP_REQUESTED.set())
     from agent.telemetry import configure_logging
 
-    args = build_parser().parse_args(argv)
     # the demo prints a report; its logs only say what went wrong unless asked for more
     configure_logging(os.environ.get("LOG_LEVEL", "warning") if args.command == "demo" else None)
     try:
@@ -172,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
     except SpoolError as exc:
-        log.error("spool unusable", error=str(exc))
+        _log().error("spool unusable", error=str(exc))
         return EXIT_UNDELIVERED
 
 

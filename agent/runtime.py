@@ -124,11 +124,12 @@ class Daemon:
     """The long-running agent: aligned sampling jobs plus the forwarder job."""
 
     def __init__(self, agent: Agent, forwarder: Forwarder, sink: Sink, clock: Callable[[], datetime] = utc_now,
-                 forward_every: timedelta = timedelta(seconds=1)):
+                 forward_every: timedelta = timedelta(seconds=1), stop_requested: threading.Event | None = None):
         self.agent = agent
         self.forwarder = forwarder
         self.sink = sink
         self.clock = clock
+        self._early_stop = stop_requested or threading.Event()  # set by a signal caught before run()
         self._stop_requested = threading.Event()
         self._finished = threading.Event()
         self._shutdown_thread: threading.Thread | None = None
@@ -184,14 +185,17 @@ class Daemon:
             self.scheduler.shutdown(wait=True)  # running jobs (a tick, an in-flight send) finish first
 
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
+        previous = {signum: signal.signal(signum, self.request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+        if self._early_stop.is_set():
+            self.request_stop(signal.SIGTERM)
         log.info("agent started", measurements=[m.name for m in self.agent.cfg.measurements],
                  backend=self.sink.name, spool=str(self.agent.spool.path if self.agent.spool else None))
         try:
             self.scheduler.start()
         finally:
             self._finished.set()
-        if self._shutdown_thread is not None:
-            self._shutdown_thread.join()  # start() can return before running jobs are done
+            if self._shutdown_thread is not None:
+                self._shutdown_thread.join()  # start() can return before running jobs are done
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         log.info("agent stopped")
