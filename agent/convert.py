@@ -100,6 +100,12 @@ class Conversion:
     records: list[UsageRecord]
     untagged: list[str]  # resources skipped for lack of the customer tag
     sampled: int  # resources that carried the measured metric
+    invalid_customer: list[tuple[str, str]] = field(default_factory=list)  # (resource, tag value)
+
+
+def valid_customer_id(value: str) -> bool:
+    """Printable, no surrounding whitespace, at most 256 characters."""
+    return 0 < len(value) <= 256 and value == value.strip() and value.isprintable()
 
 
 def record_unit(measurement: Measurement, metric_unit: str) -> str:
@@ -119,6 +125,7 @@ def convert(
     customer = measurement.customer
     groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
     untagged: list[str] = []
+    invalid: list[tuple[str, str]] = []
     sampled = 0
     for sample in samples:
         if metric not in sample.values:
@@ -127,6 +134,9 @@ def convert(
         customer_id = customer.id or sample.tags.get(customer.tag or "") or customer.fallback_id
         if not customer_id:
             untagged.append(sample.resource_id)
+            continue
+        if not valid_customer_id(customer_id):
+            invalid.append((sample.resource_id, customer_id))
             continue
         resource = sample.resource_id if measurement.group_by == "resource" else AGGREGATE
         groups[(customer_id, resource)].append(sample)
@@ -173,4 +183,4 @@ def convert(
                 metadata={**base_metadata, **facts},
             )
         )
-    return Conversion(records=records, untagged=untagged, sampled=sampled)
+    return Conversion(records=records, untagged=untagged, sampled=sampled, invalid_customer=invalid)

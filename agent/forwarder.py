@@ -18,6 +18,7 @@ import structlog
 from agent.convert import UsageRecord
 from agent.sinks.base import Delivered, Outcome, Rejected, RetryLater, Sink
 from agent.spool import Dead, Retry, Spool
+from agent.telemetry import RECORDS_DEAD, RECORDS_DELIVERED
 
 log = structlog.get_logger("agent.forwarder")
 
@@ -106,6 +107,8 @@ class Forwarder:
                 retries.append(Retry(rid, now + wait, outcome.status, outcome.reason))
                 first_retry = first_retry or outcome
         self._spool.settle(delivered, retries, dead)
+        RECORDS_DELIVERED.inc(len(delivered))
+        RECORDS_DEAD.inc(len(dead))
         result.delivered += len(delivered)
         result.retried += len(retries)
         result.dead += len(dead)

@@ -25,11 +25,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 from agent.config import AgentConfig, Measurement
 from agent.convert import UsageRecord, convert, format_timestamp, tick_floor
 from agent.credentials import SessionFactory, describe_aws_error, utc_now
-from agent.errors import SamplingError, SpoolError
+from agent.errors import AssumeRoleError, SamplingError, SpoolError, SpoolFullError
 from agent.forwarder import Forwarder
-from agent.samplers import REGISTRY, Sample, Target
+from agent.samplers import REGISTRY, Sample, Skipped, Target
 from agent.sinks.base import Sink
 from agent.spool import Spool
+from agent.telemetry import RECORDS_SPOOLED, RESOURCES_SKIPPED, TICKS_FAILED, TICKS_MISSED
 
 log = structlog.get_logger("agent.runtime")
 
@@ -55,20 +56,29 @@ class Agent:
         self.cfg = cfg
         self.sessions = sessions
         self.spool = spool
-        self._untagged_seen: set[tuple[str, str]] = set()
+        self._reported: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def _samples(self, m: Measurement) -> list[Sample]:
+    def _samples(self, m: Measurement) -> tuple[list[Sample], list[Skipped]]:
         spec = REGISTRY[m.resource_type]
         samples: list[Sample] = []
+        skipped: list[Skipped] = []
         account = self.sessions.account_id(m.iam_role_arn, m.external_id)
         for region in m.regions:
             try:
                 client = self.sessions.client(spec.service, region, m.iam_role_arn, m.external_id)
-                samples.extend(spec.sample(client, Target(m, account, region)))
+                for item in spec.sample(client, Target(m, account, region)):
+                    (skipped if isinstance(item, Skipped) else samples).append(item)
             except (ClientError, BotoCoreError) as exc:
                 raise SamplingError(f"{m.resource_type} in {account}/{region}: {describe_aws_error(exc)}") from exc
-        return samples
+        return samples, skipped
+
+    def _first_time(self, m: Measurement, resources: list[str]) -> list[str]:
+        """The resources not yet reported for this measurement: each is logged once, not every tick."""
+        with self._lock:
+            fresh = [r for r in resources if (m.name, r) not in self._reported]
+            self._reported.update((m.name, r) for r in fresh)
+        return fresh
 
     def collect(self, m: Measurement, at: datetime) -> TickResult:
         """Sample and convert one measurement for the tick containing ``at``; writes nothing."""
@@ -76,9 +86,11 @@ class Agent:
         result = TickResult(m.name, tick)
         bound = log.bind(measurement=m.name, tick=format_timestamp(tick), account=m.account_id, regions=m.regions)
         try:
-            samples = self._samples(m)
+            samples, skipped = self._samples(m)
         except SamplingError as exc:
             result.error = str(exc)
+            reason = "assume_role" if isinstance(exc, AssumeRoleError) else "aws"
+            TICKS_FAILED.labels(m.name, reason).inc()
             bound.error("sampling failed; no records for this tick", error=result.error)
             return result
         spec = REGISTRY[m.resource_type]
@@ -86,11 +98,19 @@ class Agent:
         conversion = convert(m, metric, spec.metrics[metric].unit, samples, tick)
         result.sampled = conversion.sampled
         result.records = conversion.records
-        with self._lock:
-            fresh = [r for r in conversion.untagged if (m.name, r) not in self._untagged_seen]
-            self._untagged_seen.update((m.name, r) for r in fresh)
-        for resource in fresh:
+        reasons = {s.resource_id: s.reason for s in skipped}
+        for resource in self._first_time(m, list(reasons)):
+            bound.warning("resource skipped", resource_id=resource, reason=reasons[resource])
+        for resource in self._first_time(m, conversion.untagged):
             bound.warning("resource has no customer tag; skipped", resource_id=resource, tag=m.customer.tag)
+        invalid = dict(conversion.invalid_customer)
+        for resource in self._first_time(m, list(invalid)):
+            bound.warning("resource skipped: its customer tag is not a usable customer id",
+                          resource_id=resource, tag=m.customer.tag, value=invalid[resource][:300])
+        for reason, count in (("unreadable", len(skipped)), ("untagged", len(conversion.untagged)),
+                              ("invalid_customer", len(invalid))):
+            if count:
+                RESOURCES_SKIPPED.labels(m.name, reason).inc(count)
         return result
 
     def sample_tick(self, m: Measurement, at: datetime) -> TickResult:
@@ -104,13 +124,16 @@ class Agent:
             commit = self.spool.commit_tick(m.name, result.tick, result.records)
         except SpoolError as exc:
             result.error = str(exc)
-            bound.error("tick not spooled", error=result.error)
+            TICKS_FAILED.labels(m.name, "spool_full" if isinstance(exc, SpoolFullError) else "spool_write").inc()
+            bound.error("tick not spooled; the sampler state stays where it was", error=result.error)
             return result
         result.inserted = commit.inserted
+        RECORDS_SPOOLED.labels(m.name).inc(commit.inserted)
         if commit.previous_tick is not None:
             previous = datetime.strptime(commit.previous_tick, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
             missed = int((result.tick - previous) / m.interval) - 1
             if missed > 0:
+                TICKS_MISSED.labels(m.name).inc(missed)
                 bound.warning("ticks missed since the last sample; their windows are not invented",
                               missed_windows=missed, last_tick=commit.previous_tick)
         bound.info("tick spooled", sampled=result.sampled, records=len(result.records), new=result.inserted)

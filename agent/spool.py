@@ -23,6 +23,7 @@ from typing import Any
 
 from agent.convert import UsageRecord, format_timestamp
 from agent.errors import SpoolError, SpoolFullError
+from agent.telemetry import SPOOL_FULL, SPOOL_WRITE_ERRORS
 
 SCHEMA_VERSION = 1
 STATES = ("pending", "leased", "delivered", "dead")
@@ -80,6 +81,31 @@ class Dead:
     error: str
 
 
+def acquire_lock(path: Path) -> Any:
+    """The single-writer lock beside a spool (``<path>.lock``, flock); released when the process dies."""
+    lock_path = path.with_name(path.name + ".lock")
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SpoolError(f"spool {path} is in use by another usage-agent process ({lock_path} is locked)") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+@contextmanager
+def spool_lock(path: Path) -> Iterator[None]:
+    handle = acquire_lock(path)
+    try:
+        yield
+    finally:
+        handle.close()
+
+
 class Spool:
     def __init__(self, path: str | Path, max_records: int = 1_000_000, clock: Callable[[], float] = time.time):
         self.path = Path(path)
@@ -99,13 +125,17 @@ class Spool:
                 raise SpoolError(
                     f"spool {self.path} has schema version {version}; this agent understands up to {SCHEMA_VERSION}"
                 )
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems))
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             self._close_db()
             raise SpoolError(
-                f"cannot open spool {self.path}: {exc}. The file is left as it is; "
-                "move it aside to start with an empty spool, or copy it for inspection first."
+                f"spool {self.path} is damaged or not a spool ({exc}). It is left as it is. "
+                f"To recover, stop the agent and run `usage-agent spool salvage -c CONFIG`: it copies every "
+                f"readable record into a fresh spool and keeps the damaged file beside it."
             ) from exc
         except OSError as exc:
             raise SpoolError(f"cannot create spool directory for {self.path}: {exc}") from exc
@@ -121,18 +151,7 @@ class Spool:
         """Take the single-writer lock and release leases left by a previous process."""
         if self._lock_file is not None:
             return
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        handle = open(lock_path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise SpoolError(f"spool {self.path} is in use by another usage-agent process ({lock_path} is locked)") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._lock_file = handle
+        self._lock_file = acquire_lock(self.path)
         with self._write() as db:
             db.execute("UPDATE records SET state = 'pending', lease_until = NULL WHERE state = 'leased'")
 
@@ -156,6 +175,7 @@ class Spool:
                     raise
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
+                SPOOL_WRITE_ERRORS.inc()
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise SpoolError(f"spool {self.path}: write failed: {exc}") from exc
@@ -183,6 +203,7 @@ class Spool:
             )
             inserted = db.total_changes - before
             if unsent + inserted > self.max_records:  # ids already spooled (a re-run tick) do not count
+                SPOOL_FULL.set(1)
                 raise SpoolFullError(
                     f"spool {self.path} holds {unsent} unsent records; adding {inserted} would pass "
                     f"spool.max_records={self.max_records}. Tick {tick_text} of {measurement} is refused."
@@ -194,6 +215,7 @@ class Spool:
                 "last_tick = max(last_tick, excluded.last_tick)",
                 (measurement, tick_text, json.dumps(state or {})),
             )
+        SPOOL_FULL.set(0)
         return TickCommit(inserted=inserted, previous_tick=previous)
 
     def last_tick(self, measurement: str) -> str | None:
@@ -259,16 +281,46 @@ class Spool:
         return {state: 0 for state in STATES} | dict(rows)
 
     def stats(self) -> dict[str, Any]:
-        now = self._clock()
-        with self._lock:
-            oldest = self._db.execute("SELECT min(created_at) FROM records WHERE state IN ('pending', 'leased')").fetchone()[0]
+        age = self.oldest_unsent_age()
         size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
         return {
             "path": str(self.path),
             "counts": self.counts(),
-            "oldest_unsent_age_seconds": round(now - oldest, 3) if oldest is not None else None,
+            "oldest_unsent_age_seconds": round(age, 3) if age is not None else None,
             "file_bytes": size,
         }
+
+    def oldest_unsent_age(self) -> float | None:
+        """Seconds since the oldest pending or leased record was spooled (index lookups only)."""
+        with self._lock:
+            created = [
+                row[0]
+                for state in ("pending", "leased")
+                for row in self._db.execute(
+                    "SELECT created_at FROM records WHERE state = ? ORDER BY seq LIMIT 1", (state,)
+                )
+            ]
+        return self._clock() - min(created) if created else None
+
+    # -- repair ------------------------------------------------------------------------
+
+    def replay(self, ids: Sequence[str] = (), status: int | None = None) -> int:
+        """Dead-lettered records back to pending (all, or those with the given ids / last status)."""
+        query = "UPDATE records SET state = 'pending', not_before = 0, updated_at = ? WHERE state = 'dead'"
+        params: list[Any] = [self._clock()]
+        if ids:
+            query += f" AND id IN ({','.join('?' * len(ids))})"
+            params += list(ids)
+        if status is not None:
+            query += " AND last_status = ?"
+            params.append(status)
+        with self._write() as db:
+            return db.execute(query, params).rowcount
+
+    def purge_delivered(self, before: float) -> int:
+        """Delete delivered records whose delivery was recorded before ``before`` (epoch seconds)."""
+        with self._write() as db:
+            return db.execute("DELETE FROM records WHERE state = 'delivered' AND updated_at < ?", (before,)).rowcount
 
     def rows(self, state: str, limit: int = 100) -> list[dict[str, Any]]:
         with self._lock:

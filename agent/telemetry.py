@@ -10,6 +10,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 _SECRET_KEYS = re.compile(r"(secret|token|password|authorization|credential|api_key)", re.IGNORECASE)
 _BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+")
@@ -57,3 +58,28 @@ def configure_logging(level: str | None = None, json_output: bool | None = None)
     root.handlers[:] = [handler]
     # libraries speak up from WARNING on, unless we were asked for more
     root.setLevel(max(numeric, logging.WARNING) if numeric > logging.DEBUG else logging.DEBUG)
+
+
+# -- metrics -------------------------------------------------------------------------------
+# One registry for the process. Counters only ever go up.
+
+REGISTRY = CollectorRegistry()
+
+RECORDS_SPOOLED = Counter("usage_agent_records_spooled", "Records newly written to the spool.",
+                          ["measurement"], registry=REGISTRY)
+RECORDS_DELIVERED = Counter("usage_agent_records_delivered", "Records the backend accepted.", registry=REGISTRY)
+RECORDS_DEAD = Counter("usage_agent_records_dead_lettered", "Records the backend rejected.", registry=REGISTRY)
+RECORDS_DROPPED = Counter("usage_agent_records_dropped",
+                          "Records lost without delivery or dead-letter. Nothing increments this: it stays 0.",
+                          registry=REGISTRY)
+RESOURCES_SKIPPED = Counter("usage_agent_resources_skipped", "Resources left out of a tick, by reason.",
+                            ["measurement", "reason"], registry=REGISTRY)
+TICKS_FAILED = Counter("usage_agent_ticks_failed", "Measurement ticks that produced no records, by reason.",
+                       ["measurement", "reason"], registry=REGISTRY)
+TICKS_MISSED = Counter("usage_agent_ticks_missed", "Tick windows not sampled (downtime); never invented.",
+                       ["measurement"], registry=REGISTRY)
+SPOOL_WRITE_ERRORS = Counter("usage_agent_spool_write_errors", "Spool transactions that failed.", registry=REGISTRY)
+OLDEST_UNSENT_AGE = Gauge("usage_agent_oldest_unsent_age_seconds", "Age of the oldest record not yet delivered.",
+                          registry=REGISTRY)
+SPOOL_FULL = Gauge("usage_agent_spool_full", "1 while the spool refuses new ticks (spool.max_records).",
+                   registry=REGISTRY)

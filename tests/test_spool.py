@@ -302,7 +302,7 @@ def test_a_corrupt_file_is_a_clear_error_and_left_untouched(tmp_path, clock):
     with pytest.raises(SpoolError) as caught:
         Spool(path, clock=clock)
     assert str(path) in str(caught.value)
-    assert "move it aside" in str(caught.value)
+    assert "usage-agent spool salvage" in str(caught.value)
     assert path.read_bytes() == garbage
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from agent.samplers import ebs
-from agent.samplers.base import MetricSpec, Sample, SamplerSpec, Target
+from agent.samplers.base import MetricSpec, Sample, SamplerSpec, Skipped, Target
 
 REGISTRY: dict[str, SamplerSpec] = {spec.resource_type: spec for spec in (ebs.SPEC,)}
 
-__all__ = ["REGISTRY", "MetricSpec", "Sample", "SamplerSpec", "Target"]
+__all__ = ["REGISTRY", "MetricSpec", "Sample", "SamplerSpec", "Skipped", "Target"]

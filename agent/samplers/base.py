@@ -23,6 +23,29 @@ class Sample:
 
 
 @dataclass(frozen=True, slots=True)
+class Skipped:
+    """A resource the sampler could not read sensibly; logged and counted, never fatal to a tick."""
+
+    resource_id: str
+    reason: str
+
+
+def quantity(raw: Any) -> Decimal:
+    """An AWS-reported amount as a Decimal; ValueError for missing, non-numeric or negative values."""
+    if raw is None:
+        raise ValueError("missing")
+    if isinstance(raw, bool):
+        raise ValueError(f"not a number: {raw!r}")
+    try:
+        value = Decimal(str(raw))
+    except ArithmeticError:
+        raise ValueError(f"not a number: {raw!r}") from None
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"absurd value: {raw!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
 class Target:
     """One (measurement, account, region) to sample."""
 
@@ -37,7 +60,7 @@ class MetricSpec:
     description: str
 
 
-SampleFn = Callable[[Any, Target], Iterable[Sample]]
+SampleFn = Callable[[Any, Target], Iterable[Sample | Skipped]]
 
 
 @dataclass(frozen=True)

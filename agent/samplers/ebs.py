@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
-from agent.samplers.base import MetricSpec, Sample, SamplerSpec, Target, tags_of
+from agent.samplers.base import MetricSpec, Sample, SamplerSpec, Skipped, Target, quantity, tags_of
 
 PAGE_SIZE = 500
 # Volumes in these states are no longer billed by AWS.
@@ -14,7 +14,15 @@ _NOT_BILLED = frozenset({"deleting", "deleted", "error"})
 _ONE = Decimal(1)
 
 
-def sample_volumes(ec2: Any, target: Target) -> Iterator[Sample]:
+def _values(volume: dict[str, Any]) -> dict[str, Decimal]:
+    values = {"size_gib": quantity(volume.get("Size")), "count": _ONE}
+    for field, metric in (("Iops", "iops"), ("Throughput", "throughput_mibps")):
+        if volume.get(field) is not None:  # absent: not provisioned for this volume type
+            values[metric] = quantity(volume[field])
+    return values
+
+
+def sample_volumes(ec2: Any, target: Target) -> Iterator[Sample | Skipped]:
     filters = target.measurement.filters
     aws_filters = filters.tag_filters()
     if filters.volume_types:
@@ -26,13 +34,14 @@ def sample_volumes(ec2: Any, target: Target) -> Iterator[Sample]:
         for volume in page["Volumes"]:
             if volume.get("State") in _NOT_BILLED:
                 continue
-            values = {"size_gib": Decimal(volume["Size"]), "count": _ONE}
-            if volume.get("Iops") is not None:
-                values["iops"] = Decimal(volume["Iops"])
-            if volume.get("Throughput") is not None:
-                values["throughput_mibps"] = Decimal(volume["Throughput"])
+            volume_id = volume.get("VolumeId") or "<no VolumeId>"
+            try:
+                values = _values(volume)
+            except ValueError as exc:
+                yield Skipped(volume_id, f"volume size, IOPS or throughput {exc}")
+                continue
             yield Sample(
-                resource_id=volume["VolumeId"],
+                resource_id=volume_id,
                 region=target.region,
                 account=target.account,
                 values=values,
