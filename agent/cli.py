@@ -8,11 +8,11 @@ import os
 import signal
 import sys
 import threading
-import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.clock import SteadyClock
 from agent.errors import ConfigError, SpoolError
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ EXIT_OK, EXIT_UNDELIVERED, EXIT_CONFIG = 0, 1, 2
 # Set by SIGTERM/SIGINT from the first moment of `run`, before the heavy imports: a stop
 # requested while the agent is still starting is honoured once it has started.
 STOP_REQUESTED = threading.Event()
+CLOCK = SteadyClock()  # spool and forwarder times: epoch seconds that never jump
 
 
 def _log() -> Any:
@@ -66,12 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how long to keep retrying delivery before giving up (default 60s)")
     with_config(commands.add_parser("run", help="the daemon: sample on schedule and forward until SIGTERM"))
 
-    spool = commands.add_parser("spool", help="inspect the spool")
+    spool = commands.add_parser("spool", help="inspect and repair the spool")
     spool_commands = spool.add_subparsers(dest="spool_command", required=True, metavar="SPOOL_COMMAND")
     with_config(spool_commands.add_parser("stats", help="counts per state, oldest unsent age, file size"))
     listing = with_config(spool_commands.add_parser("list", help="records in one state, oldest first"))
     listing.add_argument("--state", choices=("pending", "leased", "delivered", "dead"), default="pending")
     listing.add_argument("--limit", type=int, default=100)
+    replay = with_config(spool_commands.add_parser("replay", help="dead-lettered records back to pending"))
+    replay.add_argument("--id", action="append", default=[], metavar="ID", help="only this record (repeatable)")
+    replay.add_argument("--status", type=int, metavar="N", help="only records the backend rejected with status N")
+    purge = with_config(spool_commands.add_parser("purge", help="delete delivered records"))
+    purge.add_argument("--delivered-before", type=parse_time, required=True, metavar="TIME")
+    with_config(spool_commands.add_parser(
+        "salvage", help="copy every readable record of a damaged spool into a fresh one (agent stopped)"))
 
     commands.add_parser("demo", help="the whole pipeline on an embedded AWS (moto) and a local Paigo backend")
     return parser
@@ -97,7 +105,7 @@ def _wire(cfg: AgentConfig, with_spool: bool) -> tuple[Any, Any, Any]:
 
     spool = None
     if with_spool:
-        spool = Spool(cfg.spool.path, cfg.spool.max_records)
+        spool = Spool(cfg.spool.path, cfg.spool.max_records, clock=CLOCK)
         spool.claim()
     return Agent(cfg, SessionFactory(), spool), build_sink(cfg), spool
 
@@ -123,8 +131,8 @@ def cmd_once(args: argparse.Namespace) -> int:
     agent, sink, spool = _wire(cfg, with_spool=True)
     try:
         results = agent.sample_all(at)
-        forwarder = Forwarder(spool, sink)
-        sent = forwarder.drain_until(time.time() + args.timeout)
+        forwarder = Forwarder(spool, sink, clock=CLOCK)
+        sent = forwarder.drain_until(CLOCK() + args.timeout)
         counts = spool.counts()
     finally:
         sink.close()
@@ -142,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     agent, sink, spool = _wire(cfg, with_spool=True)
     try:
-        Daemon(agent, Forwarder(spool, sink), sink, stop_requested=STOP_REQUESTED).run()
+        Daemon(agent, Forwarder(spool, sink, clock=CLOCK), sink, stop_requested=STOP_REQUESTED).run()
     finally:
         sink.close()
         spool.close()
@@ -150,16 +158,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_spool(args: argparse.Namespace) -> int:
+    from agent.salvage import salvage
     from agent.spool import Spool
 
     cfg = _load(args.config)
+    if args.spool_command == "salvage":
+        report = salvage(cfg.spool.path)
+        print(json.dumps(report.as_dict(), indent=2))
+        return EXIT_OK
     spool = Spool(cfg.spool.path, cfg.spool.max_records)
     try:
         if args.spool_command == "stats":
             print(json.dumps(spool.stats(), indent=2))
-        else:
+        elif args.spool_command == "list":
             for row in spool.rows(args.state, args.limit):
                 print(json.dumps(row, separators=(",", ":")))
+        elif args.spool_command == "replay":
+            print(json.dumps({"replayed": spool.replay(args.id, args.status)}))
+        else:
+            print(json.dumps({"purged": spool.purge_delivered(args.delivered_before.timestamp())}))
     finally:
         spool.close()
     return EXIT_OK

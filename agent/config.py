@@ -237,6 +237,8 @@ class Measurement(_Model):
 class Spool(_Model):
     path: str = "/var/lib/usage-agent/spool.db"
     max_records: int = Field(default=1_000_000, ge=1)
+    retention: Duration = timedelta(days=7)  # delivered records are kept this long, then deleted
+    alert_after: Duration = timedelta(hours=1)  # an error is logged while a record waits longer
 
 
 class Server(_Model):

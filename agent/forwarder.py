@@ -17,6 +17,7 @@ import structlog
 
 from agent.convert import UsageRecord
 from agent.sinks.base import Delivered, Outcome, Rejected, RetryLater, Sink
+from agent.errors import SpoolError
 from agent.spool import Dead, Retry, Spool
 from agent.telemetry import RECORDS_DEAD, RECORDS_DELIVERED
 
@@ -60,6 +61,8 @@ class Forwarder:
         self._clock = clock
         self._rng = rng or random.Random()
         self.stopping = threading.Event()
+        self._attempts: dict[str, int] = {}  # leased record id -> sends tried before this lease
+        self._unwritten: list[tuple[UsageRecord, Outcome]] = []
 
     def backoff(self, attempts: int) -> float:
         """Exponential in the attempts made, capped, with the upper half jittered."""
@@ -72,21 +75,28 @@ class Forwarder:
         Outcomes are written in groups of ``settle_every`` while the rest of the batch is
         still in flight, so a crash re-sends only what was in flight or not yet written.
         """
+        result = Pumped()
+        if self._unwritten:  # outcomes a failed spool write could not record: record them first
+            self._settle([], result)
         leased = self._spool.lease_batch(self._batch_size, self._lease_seconds)
         if not leased:
-            return Pumped()
-        attempts = {item.record.record_id: item.attempts for item in leased}
-        result = Pumped(leased=len(leased))
+            return result
+        self._attempts.update({item.record.record_id: item.attempts for item in leased})
+        result.leased = len(leased)
         settled: list[tuple[UsageRecord, Outcome]] = []
         for record, outcome in self._sink.deliver([item.record for item in leased], self.stopping):
             settled.append((record, outcome))
             if len(settled) >= self._settle_every:
-                self._settle(settled, attempts, result)
+                self._settle(settled, result)
                 settled = []
-        self._settle(settled, attempts, result)
+        self._settle(settled, result)
         return result
 
-    def _settle(self, done: list[tuple[UsageRecord, Outcome]], attempts: dict[str, int], result: Pumped) -> None:
+    def _settle(self, done: list[tuple[UsageRecord, Outcome]], result: Pumped) -> None:
+        """Write outcomes; if the spool cannot take the write (disk full), keep them in memory and
+        write them before anything else is sent, so an accepted record is not sent again."""
+        done = self._unwritten + done
+        self._unwritten = []
         if not done:
             return
         now = self._clock()
@@ -103,10 +113,16 @@ class Forwarder:
                 log.error("record dead-lettered", record_id=rid, measurement=record.measurement,
                           status=outcome.status, response=outcome.body[:500])
             else:
-                wait = outcome.retry_after if outcome.retry_after is not None else self.backoff(attempts[rid])
+                wait = outcome.retry_after if outcome.retry_after is not None else self.backoff(self._attempts[rid])
                 retries.append(Retry(rid, now + wait, outcome.status, outcome.reason))
                 first_retry = first_retry or outcome
-        self._spool.settle(delivered, retries, dead)
+        try:
+            self._spool.settle(delivered, retries, dead)
+        except SpoolError:
+            self._unwritten = done
+            raise
+        for record, _ in done:
+            self._attempts.pop(record.record_id, None)
         RECORDS_DELIVERED.inc(len(delivered))
         RECORDS_DEAD.inc(len(dead))
         result.delivered += len(delivered)
@@ -121,7 +137,12 @@ class Forwarder:
         """Send until nothing is due (or stop is requested); the daemon's forwarder job."""
         total = Pumped()
         while not self.stopping.is_set():
-            step = self.pump()
+            try:
+                step = self.pump()
+            except SpoolError as exc:
+                log.error("spool unavailable; delivery paused until it can be written again",
+                          error=str(exc), outcomes_held=len(self._unwritten))
+                break
             total.add(step)
             if step.leased == 0 or step.delivered + step.dead == 0:
                 break  # nothing due, or the backend is failing: wait for the next run

@@ -30,7 +30,7 @@ from agent.forwarder import Forwarder
 from agent.samplers import REGISTRY, Sample, Skipped, Target
 from agent.sinks.base import Sink
 from agent.spool import Spool
-from agent.telemetry import RECORDS_SPOOLED, RESOURCES_SKIPPED, TICKS_FAILED, TICKS_MISSED
+from agent.telemetry import OLDEST_UNSENT_AGE, RECORDS_SPOOLED, RESOURCES_SKIPPED, TICKS_FAILED, TICKS_MISSED
 
 log = structlog.get_logger("agent.runtime")
 
@@ -171,6 +171,10 @@ class Daemon:
                 coalesce=True,
                 misfire_grace_time=max(1, m.interval_seconds // 2),
             )
+        self.scheduler.add_job(self.watch_backlog, IntervalTrigger(seconds=60, timezone=timezone.utc),
+                               id="watch-backlog", max_instances=1, coalesce=True)
+        self.scheduler.add_job(self.prune, IntervalTrigger(hours=1, timezone=timezone.utc), id="prune",
+                               max_instances=1, coalesce=True, next_run_time=clock())
         self.scheduler.add_job(
             self.forwarder.drain,
             IntervalTrigger(seconds=forward_every.total_seconds(), timezone=timezone.utc),
@@ -179,6 +183,29 @@ class Daemon:
             coalesce=True,
             next_run_time=clock(),
         )
+
+    def watch_backlog(self) -> None:
+        """Publish the oldest unsent record's age; alert when it passes spool.alert_after."""
+        assert self.agent.spool is not None
+        age = self.agent.spool.oldest_unsent_age() or 0.0
+        OLDEST_UNSENT_AGE.set(age)
+        limit = self.agent.cfg.spool.alert_after.total_seconds()
+        if age > limit:
+            log.error("records are waiting for delivery longer than spool.alert_after; they are kept and retried",
+                      oldest_unsent_age_seconds=round(age), alert_after_seconds=limit,
+                      unsent=sum(v for k, v in self.agent.spool.counts().items() if k in ("pending", "leased")))
+
+    def prune(self) -> None:
+        """Delete delivered records older than spool.retention, so the file does not grow forever."""
+        assert self.agent.spool is not None
+        cutoff = self.clock().timestamp() - self.agent.cfg.spool.retention.total_seconds()
+        try:
+            purged = self.agent.spool.purge_delivered(cutoff)
+        except SpoolError as exc:
+            log.error("pruning delivered records failed", error=str(exc))
+            return
+        if purged:
+            log.info("pruned delivered records", purged=purged)
 
     def _sample_job(self, m: Measurement) -> None:
         # the job runs at (or just after) its aligned time: take the nearest tick, so a

@@ -37,7 +37,7 @@ def test_one_aligned_job_per_measurement_plus_the_forwarder(daemon_parts) -> Non
     agent, forwarder, sink = daemon_parts
     daemon = Daemon(agent, forwarder, sink)
     jobs = {job.id: job for job in daemon.scheduler.get_jobs()}
-    assert set(jobs) == {"sample:five", "sample:hourly", "forwarder"}
+    assert set(jobs) == {"sample:five", "sample:hourly", "forwarder", "watch-backlog", "prune"}
 
     now = datetime(2026, 11, 21, 10, 7, 13, tzinfo=UTC)
     assert jobs["sample:five"].trigger.get_next_fire_time(None, now) == datetime(2026, 11, 21, 10, 10, tzinfo=UTC)

@@ -48,6 +48,7 @@ class PaigoContractServer:
         audience: str = AUDIENCE,
         expires_in: int = 86400,
         reject: Callable[[dict[str, Any]], bool] | None = None,
+        port: int = 0,
     ):
         self.client_id = client_id
         self.client_secret = client_secret
@@ -65,7 +66,7 @@ class PaigoContractServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.rejected: list[tuple[int, Any]] = []
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
