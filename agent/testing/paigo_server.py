@@ -101,6 +101,11 @@ class PaigoContractServer:
         with self._lock:
             self._faults[path].extend(faults)
 
+    def clear_faults(self) -> None:
+        with self._lock:
+            for queue in self._faults.values():
+                queue.clear()
+
     def revoke_tokens(self) -> None:
         with self._lock:
             self._tokens.clear()

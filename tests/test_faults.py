@@ -1,0 +1,288 @@
+"""Nothing lost: backend faults, poison input, a full disk and AWS throttling.
+
+The equation every scenario must satisfy: the ids the backend accepted equal the ids
+committed to the spool minus the dead-lettered ones; re-sends reuse the id (counted as
+duplicates); the dropped-records counter stays 0.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+from botocore.stub import Stubber
+
+from agent.config import Measurement
+from agent.credentials import SessionFactory
+from agent.forwarder import Forwarder
+from agent.runtime import Agent
+from agent.samplers.base import Sample, Skipped, Target
+from agent.samplers.ebs import sample_volumes
+from agent.sinks.paigo import PaigoSink
+from agent.spool import Spool
+from agent.telemetry import REGISTRY
+from agent.testing.paigo_server import Fault, PaigoContractServer
+from tests.conftest import ACCOUNT, CLIENT_ID, CLIENT_SECRET, Aws, make_config, measurement
+from tests.test_delivery import FakeClock, backend, make_records
+
+REPORT: list[tuple[str, int, int, int, int, int]] = []
+
+
+def dropped() -> float:
+    return REGISTRY.get_sample_value("usage_agent_records_dropped_total") or 0.0
+
+
+@dataclass
+class Run:
+    spool: Spool
+    forwarder: Forwarder
+    clock: FakeClock
+
+    def drain(self, rounds: int = 200) -> None:
+        for _ in range(rounds):
+            self.forwarder.drain()
+            due = self.spool.next_due()
+            if due is None:
+                return
+            self.clock.now = max(self.clock.now, due)
+        raise AssertionError(f"not drained: {self.spool.counts()}")
+
+
+def run_with(url: str, token_url: str, tmp_path: Path, **sink: Any) -> tuple[Run, PaigoSink]:
+    clock = FakeClock()
+    spool = Spool(tmp_path / "spool.db", clock=clock)
+    spool.claim()
+    cfg = backend_for(url, token_url, **sink)
+    paigo_sink = PaigoSink(cfg, monotonic=clock)  # token expiry and refusal hold on the same fake time
+    return Run(spool, Forwarder(spool, paigo_sink, clock=clock, batch_size=64), clock), paigo_sink
+
+
+def backend_for(url: str, token_url: str, **overrides: Any):
+    from agent.config import PaigoBackend
+
+    return PaigoBackend.model_validate({"type": "paigo", "url": url, "token_url": token_url, "client_id": CLIENT_ID,
+                                        "client_secret": CLIENT_SECRET, "timeout": "1s", **overrides})
+
+
+def check_nothing_lost(name: str, run: Run, server: PaigoContractServer, generated: set[str]) -> None:
+    dead = {row["id"] for row in run.spool.rows("dead", 10**6)}
+    accepted = server.accepted_ids()
+    assert accepted == generated - dead, name
+    assert run.spool.counts()["pending"] == run.spool.counts()["leased"] == 0
+    assert dropped() == 0
+    REPORT.append((name, len(generated), len(accepted), server.duplicates(), len(dead),
+                   len(generated - accepted - dead)))
+
+
+SCENARIOS: dict[str, list[Fault]] = {
+    "5xx bursts": [Fault(status=code) for code in (500, 502, 503, 504) for _ in range(5)],
+    "429 Retry-After seconds": [Fault(status=429, retry_after="3") for _ in range(6)],
+    "429 Retry-After date": [Fault(status=429, retry_after=format_datetime(
+        datetime(2030, 1, 1, tzinfo=timezone.utc), usegmt=True)) for _ in range(3)],
+    "timeouts": [Fault(delay=1.3) for _ in range(4)],
+    "commits then hangs": [Fault(after_commit=True, delay=1.3) for _ in range(4)],
+    "dropped mid-response": [Fault(drop=True) for _ in range(3)] + [Fault(after_commit=True, drop=True) for _ in range(3)],
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_backend_faults_lose_nothing(name: str, paigo: PaigoContractServer, tmp_path: Path) -> None:
+    run, sink = run_with(paigo.url, paigo.token_url, tmp_path)
+    records = make_records(60)
+    run.spool.commit_tick("ebs-storage", records[0].timestamp, records)
+    paigo.script("/usage", *SCENARIOS[name])
+    run.drain()
+    check_nothing_lost(name, run, paigo, {r.record_id for r in records})
+    if "hangs" not in name and "mid-response" not in name:
+        assert paigo.duplicates() == 0  # nothing was accepted twice when no answer was lost
+    sink.close()
+
+
+def test_401_after_token_revocation_inside_a_stream(paigo: PaigoContractServer, tmp_path: Path) -> None:
+    run, sink = run_with(paigo.url, paigo.token_url, tmp_path)
+    records = make_records(200)
+    run.spool.commit_tick("ebs-storage", records[0].timestamp, records)
+    for _ in range(2):  # the token is revoked between batches of 64, while records are streaming
+        assert run.forwarder.pump().delivered == 64
+        paigo.revoke_tokens()
+    run.drain()
+    check_nothing_lost("401 after token revocation", run, paigo, {r.record_id for r in records})
+    assert paigo.token_requests == 3  # refreshed once per revocation, not once per record
+    sink.close()
+
+
+def test_one_poison_record_in_a_busy_stream(paigo: PaigoContractServer, tmp_path: Path) -> None:
+    run, sink = run_with(paigo.url, paigo.token_url, tmp_path, max_in_flight=8)
+    records = make_records(150) + make_records(1, customer="poison") + make_records(150, customer="beta")
+    paigo.reject = lambda body: body["customerId"] == "poison"
+    run.spool.commit_tick("ebs-storage", records[0].timestamp, records)
+    run.drain()
+    check_nothing_lost("400 for one record in a busy stream", run, paigo, {r.record_id for r in records})
+    (dead,) = run.spool.rows("dead")
+    assert dead["last_status"] == 400 and "Customer not found" in dead["last_error"]
+    sink.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_connection_refused_until_the_backend_comes_up(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    run, sink = run_with(url, f"{url}/oauth/token", tmp_path)
+    records = make_records(40)
+    run.spool.commit_tick("ebs-storage", records[0].timestamp, records)
+    for _ in range(3):  # nobody listens: every attempt is refused
+        run.forwarder.drain()
+        run.clock.advance(400)
+    assert run.spool.counts()["pending"] == 40
+    with PaigoContractServer(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, port=port) as server:
+        run.drain()
+        check_nothing_lost("connection refused", run, server, {r.record_id for r in records})
+    sink.close()
+
+
+def test_report(capsys: pytest.CaptureFixture[str]) -> None:
+    """Prints the table of the scenarios above (run with -s to see it)."""
+    with capsys.disabled():
+        print("\nscenario                               generated delivered duplicates dead lost")
+        for row in REPORT:
+            print(f"{row[0]:<38} {row[1]:>9} {row[2]:>9} {row[3]:>10} {row[4]:>4} {row[5]:>4}")
+    assert all(row[5] == 0 for row in REPORT)
+
+
+# -- poison input from AWS ------------------------------------------------------------------
+
+
+def test_absurd_volumes_are_skipped_with_a_reason_and_the_rest_sampled() -> None:
+    # moto will not store a negative or missing size; the Stubber answers as AWS would if it did
+    ec2 = boto3.client("ec2", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    volumes = [
+        {"VolumeId": "vol-good", "Size": 10, "VolumeType": "gp3", "State": "available", "Tags": []},
+        {"VolumeId": "vol-negative", "Size": -5, "VolumeType": "gp3", "State": "available"},
+        {"VolumeId": "vol-nosize", "VolumeType": "gp3", "State": "available"},
+        {"VolumeId": "vol-badiops", "Size": 1, "Iops": -1, "VolumeType": "io1", "State": "available"},
+    ]
+    stubber = Stubber(ec2)
+    stubber.add_response("describe_volumes", {"Volumes": volumes})
+    target = Target(Measurement.model_validate(measurement()), ACCOUNT, "us-east-1")
+    with stubber:
+        out = list(sample_volumes(ec2, target))
+    assert [s.resource_id for s in out if isinstance(s, Sample)] == ["vol-good"]
+    reasons = {s.resource_id: s.reason for s in out if isinstance(s, Skipped)}
+    assert set(reasons) == {"vol-negative", "vol-nosize", "vol-badiops"}
+    assert "absurd value: -5" in reasons["vol-negative"] and "missing" in reasons["vol-nosize"]
+
+
+def test_an_unusable_customer_tag_is_skipped_and_counted(aws: Aws, paigo: PaigoContractServer, tmp_path: Path) -> None:
+    aws.volume("us-east-1", 10, tags={"customer-id": "acme"})
+    bad = aws.volume("us-east-1", 20, tags={"customer-id": " acme "})
+    cfg = make_config(paigo, tmp_path, measurement(name="poison-tags"))
+    spool = Spool(cfg.spool.path)
+    before = REGISTRY.get_sample_value("usage_agent_resources_skipped_total",
+                                       {"measurement": "poison-tags", "reason": "invalid_customer"}) or 0
+    (result,) = Agent(cfg, SessionFactory(), spool).sample_all(datetime(2026, 11, 21, 10, tzinfo=timezone.utc))
+    assert result.ok and [(r.customer_id, r.value) for r in result.records] == [("acme", 10)]
+    after = REGISTRY.get_sample_value("usage_agent_resources_skipped_total",
+                                      {"measurement": "poison-tags", "reason": "invalid_customer"})
+    assert after == before + 1 and bad
+    spool.close()
+
+
+# -- a full disk ---------------------------------------------------------------------------
+
+
+def test_a_full_disk_fails_the_tick_keeps_the_state_and_recovers(aws: Aws, paigo: PaigoContractServer, tmp_path: Path) -> None:
+    aws.volume("us-east-1", 5, tags={"customer-id": "acme"})
+    cfg = make_config(paigo, tmp_path)
+    spool = Spool(cfg.spool.path)
+    agent = Agent(cfg, SessionFactory(), spool)
+    t0 = datetime(2026, 11, 21, 10, tzinfo=timezone.utc)
+    assert agent.sample_all(t0)[0].ok
+
+    pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+    spool._db.execute(f"PRAGMA max_page_count={pages}")  # as if the disk had no room left
+    fat = measurement(metadata={f"k{i}": "x" * 200 for i in range(40)})  # records that need new pages
+    agent_full = Agent(make_config(paigo, tmp_path, fat), SessionFactory(), spool)
+    failed = agent_full.sample_all(t0 + timedelta(minutes=15))[0]
+    assert not failed.ok and "full" in (failed.error or "")
+    assert spool.last_tick("ebs-storage") == "2026-11-21T10:00:00Z"  # state did not advance
+    assert spool.counts()["pending"] == 1
+
+    spool._db.execute("PRAGMA max_page_count=1073741823")  # space is back
+    assert agent_full.sample_all(t0 + timedelta(minutes=30))[0].ok
+    assert spool.last_tick("ebs-storage") == "2026-11-21T10:30:00Z"
+    assert spool.counts()["pending"] == 2
+    spool.close()
+
+
+# -- AWS throttling ------------------------------------------------------------------------
+
+THROTTLED = (b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>RequestLimitExceeded'
+             b'</Code><Message>Request limit exceeded.</Message></Error></Errors><RequestID>t-1</RequestID></Response>')
+
+
+@pytest.fixture
+def throttling_proxy(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """A proxy in front of moto that answers the first DescribeVolumes calls as EC2 does when throttling."""
+    state = {"throttle": 3, "throttled": 0}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            return
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            with lock:
+                throttle = b"Action=DescribeVolumes" in body and state["throttle"] > 0
+                if throttle:
+                    state["throttle"] -= 1
+                    state["throttled"] += 1
+            if throttle:
+                status, headers, payload = 503, {"Content-Type": "text/xml"}, THROTTLED
+            else:
+                headers_in = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                answer = httpx.post(f"{aws.endpoint}{self.path}", content=body, headers=headers_in)
+                status, payload = answer.status_code, answer.content
+                headers = {"Content-Type": answer.headers.get("Content-Type", "text/xml")}
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def test_throttling_is_retried_and_the_tick_completes(aws: Aws, throttling_proxy: dict[str, int],
+                                                     paigo: PaigoContractServer, tmp_path: Path) -> None:
+    aws.volume("us-east-1", 33, tags={"customer-id": "acme"})
+    cfg = make_config(paigo, tmp_path)
+    spool = Spool(cfg.spool.path)
+    (result,) = Agent(cfg, SessionFactory(), spool).sample_all(datetime(2026, 11, 21, 10, tzinfo=timezone.utc))
+    assert throttling_proxy["throttled"] == 3
+    assert result.ok and [r.value for r in result.records] == [33]
+    spool.close()

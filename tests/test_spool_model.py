@@ -1,0 +1,385 @@
+"""A model-based (stateful Hypothesis) test of the durable spool.
+
+A real ``Spool`` on a file in a temp dir, driven by a fake clock, is run side by side with a
+plain Python model of every record (state, attempts, not_before, lease_until, timestamps, last
+outcome, body) and of the sampler state per measurement. After every step the two must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from agent.convert import UsageRecord, format_timestamp, record_id
+from agent.errors import SpoolFullError
+from agent.spool import STATES, Dead, Retry, Spool
+
+UTC = timezone.utc
+START = 1_700_000_000.0
+MEASUREMENTS = ("ebs-storage", "ebs-iops")
+CUSTOMERS = ("acme", "globex", "initech", "umbrella")
+TICKS = tuple(datetime(2024, 3, 1, 10, 0, tzinfo=UTC) + timedelta(hours=h) for h in range(3))
+VALUES = ("1.75", "0", "100", "0.583333333", "123456789012345678901.000000001")
+STATUSES = (None, 400, 422, 429, 500, 503)
+
+# Small, integral time steps so that boundaries (lease_until == now, not_before == now,
+# updated_at == before) are hit often; a few fractional values for good measure.
+SECONDS = st.integers(0, 120).map(float) | st.sampled_from([0.5, 59.9, 60.1])
+
+
+class FakeClock:
+    def __init__(self, now: float = START):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_record(measurement: str, customer: str, tick: datetime, value: str) -> UsageRecord:
+    return UsageRecord(
+        record_id=record_id(measurement, f"dim-{measurement}", customer, "aggregate", tick),
+        measurement=measurement,
+        event_type=measurement,
+        dimension_id=f"dim-{measurement}",
+        customer_id=customer,
+        timestamp=tick,
+        value=Decimal(value),
+        unit="GiB-hours",
+        resource="aggregate",
+        metadata={"environment": "prod", "customer": customer},
+    )
+
+
+# Every id the machine can ever produce: 2 measurements x 4 customers x 3 ticks = 24.
+ID_POOL = sorted(make_record(m, c, t, "0").record_id for m in MEASUREMENTS for c in CUSTOMERS for t in TICKS)
+
+
+@dataclass
+class ModelRecord:
+    seq: int  # insertion order (the spool's seq may be reused after a purge; the order is what counts)
+    record: UsageRecord
+    measurement: str
+    tick: str
+    state: str = "pending"
+    attempts: int = 0
+    not_before: float = 0.0
+    lease_until: float | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    last_status: int | None = None
+    last_error: str | None = None
+
+
+class SpoolMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="spool-model-"))
+        self.path = self.dir / "spool.db"
+        self.clock = FakeClock()
+        self.spool: Spool | None = None
+        self.max_records = 0
+        # the model
+        self.records: dict[str, ModelRecord] = {}
+        self.sampler: dict[str, tuple[str, Any]] = {}  # measurement -> (last_tick, state json value)
+        self.next_seq = 0
+        self.state_counter = 0
+        self.purged: set[str] = set()  # ids removed by purge_delivered (and not re-spooled since)
+
+    # -- setup / teardown -----------------------------------------------------------------
+
+    @initialize(max_records=st.integers(2, 14))
+    def open_spool(self, max_records: int) -> None:
+        self.max_records = max_records
+        self.spool = Spool(self.path, max_records=max_records, clock=self.clock)
+        self.spool.claim()
+
+    def teardown(self) -> None:
+        try:
+            if self.spool is not None:
+                self.spool.close()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- model helpers --------------------------------------------------------------------
+
+    def ids_in(self, state: str) -> list[str]:
+        found = [(r.seq, rid) for rid, r in self.records.items() if r.state == state]
+        return [rid for _, rid in sorted(found)]
+
+    def unsent(self) -> int:
+        return sum(1 for r in self.records.values() if r.state in ("pending", "leased"))
+
+    # -- sampling side --------------------------------------------------------------------
+
+    @rule(
+        measurement=st.sampled_from(MEASUREMENTS),
+        tick=st.sampled_from(TICKS),
+        picks=st.lists(st.tuples(st.sampled_from(CUSTOMERS), st.sampled_from(VALUES)), max_size=5),
+        with_state=st.booleans(),
+    )
+    def enqueue_tick(self, measurement: str, tick: datetime, picks: list[tuple[str, str]], with_state: bool) -> None:
+        records = [make_record(measurement, customer, tick, value) for customer, value in picks]
+        tick_text = format_timestamp(tick)
+        self.state_counter += 1
+        state = {"tick": tick_text, "n": self.state_counter} if with_state else None
+
+        # model: INSERT OR IGNORE, first occurrence of an id wins (also within one tick)
+        new: dict[str, UsageRecord] = {}
+        for r in records:
+            if r.record_id not in self.records and r.record_id not in new:
+                new[r.record_id] = r
+        previous = self.sampler.get(measurement, (None, None))[0]
+
+        if self.unsent() + len(new) > self.max_records:
+            with pytest.raises(SpoolFullError):
+                self.spool.commit_tick(measurement, tick, records, state)
+            event("commit_tick refused: spool full")
+            return  # refused: records and sampler state unchanged (the invariants check it)
+
+        commit = self.spool.commit_tick(measurement, tick, records, state)
+        assert commit.inserted == len(new)
+        if len(new) < len(records):
+            event("commit_tick re-spooled an existing id")
+        assert commit.previous_tick == previous
+
+        now = self.clock()
+        for rid, r in new.items():
+            self.records[rid] = ModelRecord(
+                seq=self.next_seq, record=r, measurement=measurement, tick=tick_text, created_at=now, updated_at=now
+            )
+            self.next_seq += 1
+            self.purged.discard(rid)
+        state_value = state or {}
+        if previous is None:
+            self.sampler[measurement] = (tick_text, state_value)
+        else:
+            old_tick, old_state = self.sampler[measurement]
+            self.sampler[measurement] = (
+                max(old_tick, tick_text),
+                state_value if tick_text >= old_tick else old_state,
+            )
+
+    # -- forwarding side ------------------------------------------------------------------
+
+    @rule(limit=st.integers(1, 10), lease_seconds=st.integers(1, 120).map(float) | st.just(0.5))
+    def lease(self, limit: int, lease_seconds: float) -> None:
+        now = self.clock()
+        got = self.spool.lease_batch(limit, lease_seconds)
+
+        for r in self.records.values():  # expired leases first go back to pending
+            if r.state == "leased" and r.lease_until <= now:
+                r.state, r.lease_until = "pending", None
+        due = [rid for rid in self.ids_in("pending") if self.records[rid].not_before <= now][:limit]
+        expected = []
+        for rid in due:
+            r = self.records[rid]
+            expected.append((r.record, r.attempts))
+            r.state, r.lease_until, r.updated_at = "leased", now + lease_seconds, now
+
+        assert [(item.record, item.attempts) for item in got] == expected
+        if any(attempts for _, attempts in expected):
+            event("lease_batch re-leased a record sent before")
+
+    def _settle_targets(self, data: st.DataObject, label: str) -> list[str]:
+        """A subset of the leased ids, sometimes with ids that are not leased (settle must ignore them)."""
+        leased = self.ids_in("leased")
+        chosen = data.draw(st.lists(st.sampled_from(leased), min_size=1, unique=True), label=label) if leased else []
+        strays = data.draw(st.lists(st.sampled_from(ID_POOL), max_size=2), label=f"{label} (not leased?)")
+        return data.draw(st.permutations(chosen + strays), label=f"{label} order")
+
+    def _settle_one(self, rid: str, new_state: str, now: float, **fields: Any) -> None:
+        r = self.records.get(rid)
+        if r is None or r.state != "leased":
+            return  # settle only touches leased records
+        r.state, r.lease_until, r.updated_at = new_state, None, now
+        r.attempts += 1
+        for name, value in fields.items():
+            setattr(r, name, value)
+
+    @precondition(lambda self: self.ids_in("leased"))
+    @rule(data=st.data())
+    def ack(self, data: st.DataObject) -> None:
+        targets = self._settle_targets(data, "delivered")
+        now = self.clock()
+        self.spool.settle(delivered=targets)
+        for rid in targets:
+            self._settle_one(rid, "delivered", now, last_status=None, last_error=None)
+
+    @precondition(lambda self: self.ids_in("leased"))
+    @rule(data=st.data())
+    def nack(self, data: st.DataObject) -> None:
+        targets = self._settle_targets(data, "retry")
+        now = self.clock()
+        retries = [
+            Retry(
+                rid,
+                not_before=now + data.draw(SECONDS, label="delay"),
+                status=data.draw(st.sampled_from(STATUSES), label="status"),
+                error=data.draw(st.sampled_from(["timeout", "service unavailable", ""]), label="error"),
+            )
+            for rid in targets
+        ]
+        self.spool.settle(retries=retries)
+        for r in retries:
+            self._settle_one(
+                r.record_id, "pending", now, not_before=r.not_before, last_status=r.status, last_error=r.error
+            )
+
+    @precondition(lambda self: self.ids_in("leased"))
+    @rule(data=st.data())
+    def dead_letter(self, data: st.DataObject) -> None:
+        targets = self._settle_targets(data, "dead")
+        now = self.clock()
+        dead = [
+            Dead(
+                rid,
+                status=data.draw(st.sampled_from(STATUSES), label="status"),
+                error=data.draw(st.sampled_from(['{"message": "unknown dimensionId"}', "rejected", ""]), label="body"),
+            )
+            for rid in targets
+        ]
+        self.spool.settle(dead=dead)
+        for d in dead:
+            self._settle_one(d.record_id, "dead", now, last_status=d.status, last_error=d.error)
+
+    @precondition(lambda self: self.ids_in("leased"))
+    @rule(data=st.data())
+    def settle_mixed(self, data: st.DataObject) -> None:
+        """One settle call with all three outcomes; an id may appear in several lists (first list wins)."""
+        now = self.clock()
+        delivered = self._settle_targets(data, "delivered")
+        retry_ids = self._settle_targets(data, "retry")
+        dead_ids = self._settle_targets(data, "dead")
+        retries = [Retry(rid, now + data.draw(SECONDS, label="delay"), 503, "busy") for rid in retry_ids]
+        dead = [Dead(rid, 400, "bad") for rid in dead_ids]
+        self.spool.settle(delivered=delivered, retries=retries, dead=dead)
+        for rid in delivered:
+            self._settle_one(rid, "delivered", now, last_status=None, last_error=None)
+        for r in retries:
+            self._settle_one(r.record_id, "pending", now, not_before=r.not_before, last_status=503, last_error="busy")
+        for d in dead:
+            self._settle_one(d.record_id, "dead", now, last_status=400, last_error="bad")
+
+    # -- time, crashes, repair ------------------------------------------------------------
+
+    @rule(seconds=SECONDS)
+    def advance_clock(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    @rule()
+    def crash_and_reopen(self) -> None:
+        if self.ids_in("leased"):
+            event("crash_and_reopen with leases outstanding")
+        self.spool.close()  # no settle: the leases are left behind, as by a killed process
+        self.spool = Spool(self.path, max_records=self.max_records, clock=self.clock)
+        self.spool.claim()
+        for r in self.records.values():
+            if r.state == "leased":  # claim() does not touch updated_at
+                r.state, r.lease_until = "pending", None
+
+    @precondition(lambda self: self.ids_in("dead"))
+    @rule(data=st.data())
+    def replay(self, data: st.DataObject) -> None:
+        dead_ids = self.ids_in("dead")
+        ids = data.draw(st.lists(st.sampled_from(dead_ids + ID_POOL), max_size=3), label="ids (empty: all)")
+        status = data.draw(st.sampled_from(STATUSES), label="status filter")
+        now = self.clock()
+        replayed = self.spool.replay(ids, status)
+        expected = 0
+        for rid in dead_ids:
+            r = self.records[rid]
+            if (not ids or rid in ids) and (status is None or r.last_status == status):
+                r.state, r.not_before, r.updated_at = "pending", 0.0, now
+                expected += 1
+        assert replayed == expected
+        if expected:
+            event("replay moved dead records back")
+
+    @precondition(lambda self: self.ids_in("delivered"))
+    @rule(offset=st.integers(-150, 150).map(float))
+    def purge_delivered(self, offset: float) -> None:
+        before = self.clock() + offset
+        purged = self.spool.purge_delivered(before)
+        gone = [rid for rid, r in self.records.items() if r.state == "delivered" and r.updated_at < before]
+        for rid in gone:
+            del self.records[rid]
+        self.purged.update(gone)
+        assert purged == len(gone)
+        if gone:
+            event("purge_delivered deleted records")
+
+    # -- invariants -----------------------------------------------------------------------
+
+    @invariant()
+    def counts_match(self) -> None:
+        expected = {state: len(self.ids_in(state)) for state in STATES}
+        assert self.spool.counts() == expected
+
+    @invariant()
+    def ids_per_state_match_in_seq_order(self) -> None:
+        for state in STATES:
+            rows = self.spool.rows(state, limit=10**6)
+            assert [row["id"] for row in rows] == self.ids_in(state), state
+            for row in rows:
+                r = self.records[row["id"]]
+                assert row["measurement"] == r.measurement
+                assert row["tick"] == r.tick
+                assert row["attempts"] == r.attempts
+                assert (row["last_status"], row["last_error"]) == (r.last_status, r.last_error)
+                assert row["body"] == r.record.to_json()  # the first spooled body wins
+
+    @invariant()
+    def timestamps_match(self) -> None:
+        """not_before, lease_until, created_at, updated_at per record (not exposed by rows())."""
+        got = {
+            rid: (not_before, lease_until, created_at, updated_at)
+            for rid, not_before, lease_until, created_at, updated_at in self.spool._db.execute(
+                "SELECT id, not_before, lease_until, created_at, updated_at FROM records"
+            )
+        }
+        expected = {
+            rid: (r.not_before, r.lease_until, r.created_at, r.updated_at) for rid, r in self.records.items()
+        }
+        assert got == expected
+
+    @invariant()
+    def next_due_matches(self) -> None:
+        due = [r.not_before for r in self.records.values() if r.state == "pending"]
+        due += [r.lease_until for r in self.records.values() if r.state == "leased"]
+        assert self.spool.next_due() == (min(due) if due else None)
+
+    @invariant()
+    def nothing_disappears_except_purged_deliveries(self) -> None:
+        present = {row[0] for row in self.spool._db.execute("SELECT id FROM records")}
+        assert present == set(self.records)
+        assert not (present & self.purged)
+
+    @invariant()
+    def sampler_state_matches(self) -> None:
+        for measurement in MEASUREMENTS:
+            last_tick, state = self.sampler.get(measurement, (None, None))
+            assert self.spool.last_tick(measurement) == last_tick
+            row = self.spool._db.execute(
+                "SELECT state FROM sampler_state WHERE measurement = ?", (measurement,)
+            ).fetchone()
+            assert (json.loads(row[0]) if row else None) == state
+
+
+SpoolMachine.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestSpoolModel = SpoolMachine.TestCase

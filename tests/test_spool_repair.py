@@ -1,0 +1,366 @@
+"""Spool inspection and repair as an operator runs it: `usage-agent spool stats|list|replay|purge|salvage`
+as real processes against a spool of a few thousand records, including damaged and WAL-less files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from agent import salvage as salvage_module
+from agent.convert import UsageRecord, record_id
+from agent.spool import Dead, Spool
+from agent.testing.paigo_server import PaigoContractServer
+from tests.conftest import agent_command, write_config
+
+UTC = timezone.utc
+T0 = datetime(2024, 3, 1, tzinfo=UTC)
+START = 1_700_000_000.0  # the spool's clock while it is built: created_at / updated_at are known
+TICKS, CUSTOMERS = 30, 100  # 3000 records, 900 s of clock per tick
+FIRST_SETTLE, SECOND_SETTLE = START + 30_000, START + 40_000
+SEED = 4711  # its 20 flips hit page structure too, so the open check sees them (cf. the xfail below)
+
+
+class Clock:
+    def __init__(self, now: float = START):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_record(customer: int, tick: datetime) -> UsageRecord:
+    return UsageRecord(
+        record_id=record_id("ebs-storage", "dim-storage", f"cust-{customer:03d}", "aggregate", tick),
+        measurement="ebs-storage", event_type="ebs-storage", dimension_id="dim-storage",
+        customer_id=f"cust-{customer:03d}", timestamp=tick, value=Decimal(f"{customer}.75"), unit="GiB",
+        resource="aggregate", metadata={"environment": "prod", "resource_count": "2"},
+    )
+
+
+def tick_at(n: int) -> datetime:
+    return T0 + timedelta(minutes=15 * n)
+
+
+def build_spool(path: Path) -> None:
+    """1300 delivered (800 early, 500 late), 200 dead (400/422 alternating), 100 leased, 1400 pending."""
+    clock = Clock()
+    spool = Spool(path, clock=clock)
+    for n in range(TICKS):
+        clock.now = START + 900 * n
+        spool.commit_tick("ebs-storage", tick_at(n), [make_record(c, tick_at(n)) for c in range(CUSTOMERS)])
+    clock.now = FIRST_SETTLE
+    batch = [item.record.record_id for item in spool.lease_batch(1000, 60)]
+    spool.settle(delivered=batch[:800], dead=[Dead(rid, 400 if i % 2 else 422, f"rejected #{i}") for i, rid in
+                                              enumerate(batch[800:])])
+    clock.now = SECOND_SETTLE
+    spool.settle(delivered=[item.record.record_id for item in spool.lease_batch(500, 60)])
+    spool.lease_batch(100, 60)  # left leased, as by an agent that died
+    spool.close()
+
+
+def snapshot(path: Path) -> dict[str, tuple[int, str, str]]:
+    """id -> (seq, state, body), read with plain sqlite3."""
+    db = sqlite3.connect(path)
+    try:
+        return {rid: (seq, state, body) for rid, seq, state, body in db.execute("SELECT id, seq, state, body FROM records")}
+    finally:
+        db.close()
+
+
+def ids_in(rows: dict[str, tuple[int, str, str]], *states: str) -> set[str]:
+    return {rid for rid, (_, state, _) in rows.items() if state in states}
+
+
+def usage_agent(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*agent_command(), *args], capture_output=True, text=True, timeout=120, env=dict(os.environ))
+
+
+@dataclass
+class Setup:
+    db: Path
+    config: Path
+
+    def spool(self, *command: str) -> subprocess.CompletedProcess[str]:
+        return usage_agent("spool", *command, "-c", str(self.config))
+
+
+@pytest.fixture
+def setup(paigo: PaigoContractServer, tmp_path: Path) -> Setup:
+    config = write_config(paigo, tmp_path)
+    build_spool(tmp_path / "spool.db")
+    return Setup(tmp_path / "spool.db", config)
+
+
+# -- stats and list -------------------------------------------------------------------------
+
+
+def test_stats_prints_counts_age_and_size(setup: Setup) -> None:
+    done = setup.spool("stats")
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(done.stdout)
+    assert stats["path"] == str(setup.db)
+    assert stats["counts"] == {"pending": 1400, "leased": 100, "delivered": 1300, "dead": 200}
+    oldest = START + 900 * 15  # the leased records (seq 1501-1600) came with tick 15
+    assert abs(stats["oldest_unsent_age_seconds"] - (time.time() - oldest)) < 60
+    assert stats["file_bytes"] >= setup.db.stat().st_size > 1_000_000
+
+
+def test_list_dead_prints_json_lines_oldest_first(setup: Setup) -> None:
+    done = setup.spool("list", "--state", "dead", "--limit", "25")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    truth = snapshot(setup.db)
+    dead = sorted(ids_in(truth, "dead"), key=lambda rid: truth[rid][0])
+    assert [row["id"] for row in rows] == dead[:25]
+    for i, row in enumerate(rows):
+        assert (row["last_status"], row["last_error"]) == (400 if i % 2 else 422, f"rejected #{i}")
+        assert row["body"] == json.loads(truth[row["id"]][2]) and row["body"]["id"] == row["id"]
+
+
+# -- replay and purge -----------------------------------------------------------------------
+
+
+def test_replay_by_id_then_by_status_then_all(setup: Setup) -> None:
+    truth = snapshot(setup.db)
+    dead = sorted(ids_in(truth, "dead"), key=lambda rid: truth[rid][0])
+    one = dead[0]  # status 422
+
+    def replay(*args: str) -> int:
+        done = setup.spool("replay", *args)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)["replayed"]
+
+    assert replay("--id", one) == 1
+    assert ids_in(snapshot(setup.db), "dead") == set(dead) - {one}
+    assert replay("--id", one) == 0  # no longer dead
+    assert replay("--status", "400") == 100
+    left = setup.spool("list", "--state", "dead", "--limit", "1000").stdout.splitlines()
+    assert {json.loads(line)["last_status"] for line in left} == {422} and len(left) == 99
+    assert replay() == 99
+    after = snapshot(setup.db)
+    assert ids_in(after, "dead") == set()
+    assert ids_in(after, "delivered") == ids_in(truth, "delivered")
+
+    spool = Spool(setup.db)  # the real clock: every lease from the build has long expired
+    try:
+        leased = {item.record.record_id for item in spool.lease_batch(10_000, 60)}
+    finally:
+        spool.close()
+    assert leased == ids_in(truth, "pending", "leased", "dead")
+
+
+def test_purge_deletes_only_delivered_rows_settled_before_the_time(setup: Setup) -> None:
+    truth = snapshot(setup.db)
+    cut = datetime.fromtimestamp((FIRST_SETTLE + SECOND_SETTLE) / 2, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    done = setup.spool("purge", "--delivered-before", cut)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"purged": 800}
+    after = snapshot(setup.db)
+    assert len(after) == 2200
+    for state in ("pending", "leased", "dead"):
+        assert ids_in(after, state) == ids_in(truth, state)
+    assert all(truth[rid][0] > 1000 for rid in ids_in(after, "delivered"))  # only the late 500 are left
+    assert len(ids_in(after, "delivered")) == 500
+
+
+# -- damaged files --------------------------------------------------------------------------
+
+
+def flip_bytes(data: bytes, rnd: random.Random) -> bytes:
+    damaged = bytearray(data)
+    for _ in range(20):
+        damaged[rnd.randrange(4096, len(data))] ^= rnd.randrange(1, 256)
+    return bytes(damaged)
+
+
+DAMAGE: dict[str, Callable[[bytes, random.Random], bytes]] = {
+    "truncated": lambda data, _rnd: data[: len(data) * 2 // 3],
+    "flipped": flip_bytes,
+    "random": lambda data, rnd: rnd.randbytes(len(data)),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_spool_is_refused_then_salvaged(setup: Setup, case: str) -> None:
+    original = snapshot(setup.db)
+    assert not Path(f"{setup.db}-wal").exists()  # closed cleanly: everything is in the main file
+    damaged = DAMAGE[case](setup.db.read_bytes(), random.Random(SEED))
+    setup.db.write_bytes(damaged)
+
+    refused = setup.spool("stats")
+    assert refused.returncode == 1, refused.stdout
+    assert str(setup.db) in refused.stderr and "spool salvage" in refused.stderr
+
+    done = setup.spool("salvage")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    (quarantined,) = [p for p in setup.db.parent.glob("spool.db.corrupt-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert report["quarantined"] == str(quarantined)
+    assert quarantined.read_bytes() == damaged  # kept exactly as it was found
+    assert not list(setup.db.parent.glob("spool.db.reading-*")) + list(setup.db.parent.glob("spool.db.salvage-*"))
+
+    recovered = snapshot(setup.db)
+    assert set(recovered) <= set(original)  # nothing invented
+    for rid, (seq, state, body) in recovered.items():
+        assert seq == original[rid][0]
+        assert state == {"leased": "pending"}.get(original[rid][1], original[rid][1])
+    after_seq = report["unreadable_after_seq"]
+    beyond = {rid for rid, (seq, _, _) in original.items() if after_seq is not None and seq > after_seq}
+    lost = set(original) - set(recovered)
+    assert report["recovered_total"] == len(recovered)
+    assert len(lost - beyond) <= report["lost_at_most"]
+    assert report["recovered_total"] + report["lost_at_most"] + len(beyond) == len(original)
+    altered = [rid for rid in recovered if recovered[rid][2] != original[rid][2]]  # no checksums: undetectable
+    print(f"\n[{case}] original={len(original)} recovered={len(recovered)} lost={len(lost)} "
+          f"lost_at_most={report['lost_at_most']} unreadable_after_seq={after_seq} beyond={len(beyond)} "
+          f"bodies_altered={len(altered)} unsendable={sum(not sendable(recovered[rid][2]) for rid in altered)}")
+
+    restarted = Spool(setup.db)  # as `usage-agent run` opens it
+    try:
+        restarted.claim()
+        assert restarted.counts() == {"pending": 0, "leased": 0, "delivered": 0, "dead": 0} | report["recovered"]
+        assert restarted.commit_tick("ebs-storage", tick_at(TICKS), [make_record(1, tick_at(TICKS))]).inserted == 1
+    finally:
+        restarted.close()
+    assert setup.spool("stats").returncode == 0
+
+
+def sendable(body: str) -> bool:
+    try:
+        UsageRecord.from_json(json.loads(body))
+    except (ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def damage_body(db: Path, rid: str, old: bytes, new: bytes) -> None:
+    """Overwrite bytes inside one record's body in place: no page structure is touched."""
+    data = bytearray(db.read_bytes())
+    at = data.index(old, data.index(b'{"id":"' + rid.encode()))
+    data[at : at + len(old)] = new
+    db.write_bytes(bytes(data))
+
+
+def first_pending(db: Path) -> str:
+    rows = snapshot(db)
+    return min(ids_in(rows, "pending"), key=lambda rid: rows[rid][0])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Spool opens with PRAGMA quick_check only, which never reads cell contents")
+def test_a_record_damaged_inside_is_found_when_the_spool_opens(setup: Setup) -> None:
+    damage_body(setup.db, first_pending(setup.db), b'"value":"', b'"value":\xff')  # no longer UTF-8
+    with pytest.raises(sqlite3.OperationalError, match="UTF-8"):
+        snapshot(setup.db)  # the live row is damaged, not a stale copy
+    refused = setup.spool("stats")
+    assert refused.returncode == 1 and "spool salvage" in refused.stderr
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError,
+                   reason="salvage checks only json.loads(body), not that the body is a record")
+def test_salvage_does_not_keep_a_body_that_is_no_longer_a_record(setup: Setup) -> None:
+    poisoned = first_pending(setup.db)
+    damage_body(setup.db, poisoned, b'"customer_id"', b'"customer_iX"')  # still JSON
+    done = setup.spool("salvage")
+    assert done.returncode == 0, done.stderr
+    spool = Spool(setup.db)
+    try:
+        leased = spool.lease_batch(10_000, 60)  # today: KeyError 'customer_id', on every attempt
+    finally:
+        spool.close()
+    assert poisoned not in {item.record.record_id for item in leased}
+    assert json.loads(done.stdout)["lost_at_most"] == 1
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the quarantine name has one-second resolution and rename() overwrites")
+def test_a_second_salvage_in_the_same_second_keeps_the_first_damaged_file(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def, override]
+            return datetime(2026, 1, 2, 3, 4, 5, tzinfo=tz)
+
+    monkeypatch.setattr(salvage_module, "datetime", Frozen)
+    damaged = setup.db.read_bytes()[: setup.db.stat().st_size // 2]
+    setup.db.write_bytes(damaged)
+    salvage_module.salvage(setup.db)
+    salvage_module.salvage(setup.db)  # e.g. an operator re-running the command
+    kept = [p.read_bytes() for p in setup.db.parent.glob("spool.db.corrupt-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert damaged in kept
+
+
+# -- lost -wal / -shm -----------------------------------------------------------------------
+
+
+def test_deleting_wal_and_shm_after_a_clean_close_loses_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "spool.db"
+    build_spool(db)  # its last writes (settle, lease) are not followed by a checkpointing commit_tick
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    spool = Spool(db)
+    try:
+        assert spool.counts() == {"pending": 1400, "leased": 100, "delivered": 1300, "dead": 200}
+    finally:
+        spool.close()
+
+
+def test_committed_ticks_survive_a_crash_that_loses_the_wal(tmp_path: Path) -> None:
+    clock = Clock()
+    live = Spool(tmp_path / "live" / "spool.db", clock=clock)
+    try:
+        for n in range(5):
+            live.commit_tick("ebs-storage", tick_at(n), [make_record(c, tick_at(n)) for c in range(CUSTOMERS)])
+        live.settle(delivered=[item.record.record_id for item in live.lease_batch(200, 60)])
+        live.commit_tick("ebs-storage", tick_at(5), [make_record(c, tick_at(5)) for c in range(CUSTOMERS)])
+        live.settle(delivered=[item.record.record_id for item in live.lease_batch(100, 60)])  # in the WAL only
+        before = live.counts()
+        # the crash: the process is gone (never closed) and only the main file is left
+        (tmp_path / "after").mkdir()
+        shutil.copyfile(live.path, tmp_path / "after" / "spool.db")
+    finally:
+        live.close()
+
+    reopened = Spool(tmp_path / "after" / "spool.db")
+    try:
+        reopened.claim()
+        after = reopened.counts()
+        assert sum(after.values()) == 6 * CUSTOMERS  # every committed tick survived
+        assert reopened.last_tick("ebs-storage") == "2024-03-01T01:15:00Z"
+        # the first 200 were settled before the last tick and checkpointed with it; the last settle
+        # lived only in the WAL: those 100 are pending again and will be sent again (same ids)
+        assert after == {"pending": 400, "leased": 0, "delivered": 200, "dead": 0}
+    finally:
+        reopened.close()
+    print(f"\n[crash, -wal lost] before={before} after={after}")
+
+
+# -- locking --------------------------------------------------------------------------------
+
+
+def test_salvage_refuses_while_another_process_holds_the_spool(setup: Setup) -> None:
+    holder = Spool(setup.db)
+    holder.claim()  # releases the build's leases
+    truth = snapshot(setup.db)
+    try:
+        done = setup.spool("salvage")
+    finally:
+        holder.close()
+    assert done.returncode == 1, done.stdout
+    assert "in use by another usage-agent process" in done.stderr and str(setup.db) in done.stderr
+    assert done.stdout == ""
+    assert not list(setup.db.parent.glob("spool.db.*-*"))  # nothing quarantined, copied or rebuilt
+    assert snapshot(setup.db) == truth
