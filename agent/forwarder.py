@@ -147,6 +147,7 @@ class Forwarder:
             if step.leased == 0 or step.delivered + step.dead == 0:
                 break  # nothing due, or the backend is failing: wait for the next run
         if total.leased:
+            self._spool.checkpoint()  # outcomes into the main file: a lost -wal would re-send them
             log.info("forwarded", delivered=total.delivered, retried=total.retried, dead=total.dead)
         return total
 

@@ -7,7 +7,6 @@ single rows, so one damaged page costs only the rows on it. The damaged file (wi
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import SpoolError
-from agent.spool import Spool, spool_lock
+from agent.spool import Spool, parse_body, spool_lock
 
 _COLUMNS = (
     "seq, id, measurement, tick, body, state, attempts, created_at, updated_at, not_before, last_status, last_error"
@@ -64,11 +63,22 @@ def _read_range(db: sqlite3.Connection, low: int, high: int, report: SalvageRepo
         return
     for row in rows:
         try:
-            json.loads(row[4])  # a body that is not JSON cannot be sent: count it lost
-        except (TypeError, ValueError):
+            parse_body(row[1], row[4])  # a body that is no longer its record cannot be sent: lost
+        except ValueError:
             report.unreadable_rows += 1
+            report.unreadable_ranges.append((row[0], row[0]))
             continue
         out.append(row)
+
+
+def _unused_stamp(path: Path) -> str:
+    """A UTC time stamp no earlier salvage of this spool has used: nothing is ever overwritten."""
+    base = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    for n in range(1000):
+        stamp = base if n == 0 else f"{base}-{n}"
+        if not any(path.parent.glob(f"{path.name}.*-{stamp}*")):
+            return stamp
+    raise SpoolError(f"too many salvage files beside {path}")
 
 
 def _working_copy(path: Path, work: Path) -> Path:
@@ -109,7 +119,7 @@ def salvage(path: Path) -> SalvageReport:
 
 
 def _salvage(path: Path) -> SalvageReport:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = _unused_stamp(path)
     quarantine = path.with_name(f"{path.name}.corrupt-{stamp}")
     report = SalvageReport(path=str(path), quarantined=str(quarantine))
     fresh_path = path.with_name(f"{path.name}.salvage-{stamp}")

@@ -21,9 +21,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from agent.convert import UsageRecord, format_timestamp
 from agent.errors import SpoolError, SpoolFullError
 from agent.telemetry import SPOOL_FULL, SPOOL_WRITE_ERRORS
+
+log = structlog.get_logger("agent.spool")
 
 SCHEMA_VERSION = 1
 STATES = ("pending", "leased", "delivered", "dead")
@@ -52,6 +56,18 @@ CREATE TABLE IF NOT EXISTS sampler_state (
     state TEXT NOT NULL DEFAULT '{}'
 );
 """
+
+
+def parse_body(record_id: str, body: bytes | str) -> UsageRecord:
+    """A spooled body back into a record; ValueError if it is not (or no longer) one."""
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+        record = UsageRecord.from_json(json.loads(text))
+    except (UnicodeDecodeError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    if record.record_id != record_id:
+        raise ValueError(f"body holds id {record.record_id!r}, row is {record_id!r}")
+    return record
 
 
 @dataclass(frozen=True)
@@ -216,9 +232,16 @@ class Spool:
                 (measurement, tick_text, json.dumps(state or {})),
             )
         SPOOL_FULL.set(0)
-        with self._lock:  # move the tick into the main file now: a lost -wal then loses nothing sampled
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self.checkpoint()  # a lost -wal must not lose what was sampled
         return TickCommit(inserted=inserted, previous_tick=previous)
+
+    def checkpoint(self) -> None:
+        """Copy committed transactions from the -wal into the main file (without waiting on readers)."""
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:  # the data is safe in the -wal; the next checkpoint retries
+                log.warning("spool checkpoint failed", error=str(exc))
 
     def last_tick(self, measurement: str) -> str | None:
         with self._lock:
@@ -236,15 +259,31 @@ class Spool:
                 (now,),
             )
             rows = db.execute(
-                "SELECT seq, body, attempts FROM records WHERE state = 'pending' AND not_before <= ? ORDER BY seq LIMIT ?",
+                "SELECT seq, CAST(id AS BLOB), CAST(body AS BLOB), attempts FROM records "
+                "WHERE state = 'pending' AND not_before <= ? ORDER BY seq LIMIT ?",
                 (now, limit),
             ).fetchall()
-            if rows:
-                db.executemany(
-                    "UPDATE records SET state = 'leased', lease_until = ?, updated_at = ? WHERE seq = ?",
-                    [(now + lease_seconds, now, seq) for seq, _, _ in rows],
-                )
-        return [Leased(UsageRecord.from_json(json.loads(body)), attempts) for _, body, attempts in rows]
+            leased: list[Leased] = []
+            leased_seqs: list[int] = []
+            damaged: list[tuple[str, float, int]] = []
+            for seq, rid, body, attempts in rows:
+                try:
+                    record = parse_body(rid.decode("utf-8", "replace"), body)
+                except ValueError as exc:
+                    damaged.append((f"damaged in spool: {exc}", now, seq))
+                    continue
+                leased.append(Leased(record, attempts))
+                leased_seqs.append(seq)
+            # a row the disk garbled cannot be sent: dead-letter it with the reason instead of
+            # failing every lease after it
+            db.executemany("UPDATE records SET state = 'dead', last_error = ?, updated_at = ? WHERE seq = ?", damaged)
+            db.executemany(
+                "UPDATE records SET state = 'leased', lease_until = ?, updated_at = ? WHERE seq = ?",
+                [(now + lease_seconds, now, seq) for seq in leased_seqs],
+            )
+        for error, _, seq in damaged:
+            log.error("spooled record is damaged; dead-lettered", seq=seq, error=error)
+        return leased
 
     def settle(self, delivered: Iterable[str] = (), retries: Iterable[Retry] = (), dead: Iterable[Dead] = ()) -> None:
         """Record the outcome of sends for leased records, in one transaction."""
@@ -327,10 +366,19 @@ class Spool:
     def rows(self, state: str, limit: int = 100) -> list[dict[str, Any]]:
         with self._lock:
             cursor = self._db.execute(
-                "SELECT id, measurement, tick, attempts, last_status, last_error, body FROM records "
-                "WHERE state = ? ORDER BY seq LIMIT ?",
+                "SELECT id, measurement, tick, attempts, last_status, last_error, CAST(body AS BLOB) AS body "
+                "FROM records WHERE state = ? ORDER BY seq LIMIT ?",
                 (state, limit),
             )
             names = [c[0] for c in cursor.description]
             found = cursor.fetchall()
-        return [dict(zip(names, row)) | {"body": json.loads(row[-1])} for row in found]
+        return [dict(zip(names, row)) | {"body": _readable_body(row[-1])} for row in found]
+
+
+def _readable_body(raw: bytes) -> Any:
+    """The stored body for people to read: JSON when it parses, else the text as far as it decodes."""
+    text = raw.decode("utf-8", "replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
