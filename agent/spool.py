@@ -276,7 +276,10 @@ class Spool:
                 leased_seqs.append(seq)
             # a row the disk garbled cannot be sent: dead-letter it with the reason instead of
             # failing every lease after it
-            db.executemany("UPDATE records SET state = 'dead', last_error = ?, updated_at = ? WHERE seq = ?", damaged)
+            db.executemany(
+                "UPDATE records SET state = 'dead', last_status = NULL, last_error = ?, updated_at = ? WHERE seq = ?",
+                damaged,
+            )
             db.executemany(
                 "UPDATE records SET state = 'leased', lease_until = ?, updated_at = ? WHERE seq = ?",
                 [(now + lease_seconds, now, seq) for seq in leased_seqs],

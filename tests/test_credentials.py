@@ -15,6 +15,7 @@ from agent.credentials import SessionFactory
 from agent.errors import AssumeRoleError
 from agent.runtime import Agent
 from agent.spool import Spool
+from agent.telemetry import REGISTRY
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, EXTERNAL_ID, ROLE_ARN, Aws, make_config, measurement
 
@@ -116,6 +117,8 @@ def test_a_role_that_cannot_be_assumed_fails_only_its_measurement(
     )
     spool = Spool(cfg.spool.path)
     agent = Agent(cfg, SessionFactory(), spool)
+    failures = {"measurement": "denied", "reason": "assume_role"}
+    before = REGISTRY.get_sample_value("usage_agent_ticks_failed_total", failures) or 0
 
     good, denied = agent.sample_all(datetime(2026, 11, 21, 10, 7, tzinfo=timezone.utc))
 
@@ -125,4 +128,5 @@ def test_a_role_that_cannot_be_assumed_fails_only_its_measurement(
     assert spool.counts()["pending"] == 1
     assert spool.last_tick("good") == "2026-11-21T10:00:00Z"
     assert spool.last_tick("denied") is None
+    assert REGISTRY.get_sample_value("usage_agent_ticks_failed_total", failures) == before + 1
     spool.close()
