@@ -10,7 +10,6 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,7 +32,7 @@ from agent.spool import Spool
 from agent.telemetry import REGISTRY
 from agent.testing.paigo_server import Fault, PaigoContractServer
 from tests.conftest import ACCOUNT, CLIENT_ID, CLIENT_SECRET, Aws, make_config, measurement
-from tests.test_delivery import FakeClock, backend, make_records
+from tests.test_delivery import FakeClock, Pipeline, make_records
 
 REPORT: list[tuple[str, int, int, int, int, int]] = []
 
@@ -42,29 +41,13 @@ def dropped() -> float:
     return REGISTRY.get_sample_value("usage_agent_records_dropped_total") or 0.0
 
 
-@dataclass
-class Run:
-    spool: Spool
-    forwarder: Forwarder
-    clock: FakeClock
-
-    def drain(self, rounds: int = 200) -> None:
-        for _ in range(rounds):
-            self.forwarder.drain()
-            due = self.spool.next_due()
-            if due is None:
-                return
-            self.clock.now = max(self.clock.now, due)
-        raise AssertionError(f"not drained: {self.spool.counts()}")
-
-
-def run_with(url: str, token_url: str, tmp_path: Path, **sink: Any) -> tuple[Run, PaigoSink]:
+def run_with(url: str, token_url: str, tmp_path: Path, **sink: Any) -> tuple[Pipeline, PaigoSink]:
     clock = FakeClock()
     spool = Spool(tmp_path / "spool.db", clock=clock)
     spool.claim()
     cfg = backend_for(url, token_url, **sink)
     paigo_sink = PaigoSink(cfg, monotonic=clock)  # token expiry and refusal hold on the same fake time
-    return Run(spool, Forwarder(spool, paigo_sink, clock=clock, batch_size=64), clock), paigo_sink
+    return Pipeline(spool, paigo_sink, Forwarder(spool, paigo_sink, clock=clock, batch_size=64), clock), paigo_sink
 
 
 def backend_for(url: str, token_url: str, **overrides: Any):
@@ -74,7 +57,7 @@ def backend_for(url: str, token_url: str, **overrides: Any):
                                         "client_secret": CLIENT_SECRET, "timeout": "1s", **overrides})
 
 
-def check_nothing_lost(name: str, run: Run, server: PaigoContractServer, generated: set[str]) -> None:
+def check_nothing_lost(name: str, run: Pipeline, server: PaigoContractServer, generated: set[str]) -> None:
     dead = {row["id"] for row in run.spool.rows("dead", 10**6)}
     accepted = server.accepted_ids()
     assert accepted == generated - dead, name
@@ -101,7 +84,7 @@ def test_backend_faults_lose_nothing(name: str, paigo: PaigoContractServer, tmp_
     records = make_records(60)
     run.spool.commit_tick("ebs-storage", records[0].timestamp, records)
     paigo.script("/usage", *SCENARIOS[name])
-    run.drain()
+    run.run_until_drained(200)
     check_nothing_lost(name, run, paigo, {r.record_id for r in records})
     if "hangs" not in name and "mid-response" not in name:
         assert paigo.duplicates() == 0  # nothing was accepted twice when no answer was lost
@@ -115,7 +98,7 @@ def test_401_after_token_revocation_inside_a_stream(paigo: PaigoContractServer, 
     for _ in range(2):  # the token is revoked between batches of 64, while records are streaming
         assert run.forwarder.pump().delivered == 64
         paigo.revoke_tokens()
-    run.drain()
+    run.run_until_drained(200)
     check_nothing_lost("401 after token revocation", run, paigo, {r.record_id for r in records})
     assert paigo.token_requests == 3  # refreshed once per revocation, not once per record
     sink.close()
@@ -126,7 +109,7 @@ def test_one_poison_record_in_a_busy_stream(paigo: PaigoContractServer, tmp_path
     records = make_records(150) + make_records(1, customer="poison") + make_records(150, customer="beta")
     paigo.reject = lambda body: body["customerId"] == "poison"
     run.spool.commit_tick("ebs-storage", records[0].timestamp, records)
-    run.drain()
+    run.run_until_drained(200)
     check_nothing_lost("400 for one record in a busy stream", run, paigo, {r.record_id for r in records})
     (dead,) = run.spool.rows("dead")
     assert dead["last_status"] == 400 and "Customer not found" in dead["last_error"]
@@ -150,7 +133,7 @@ def test_connection_refused_until_the_backend_comes_up(tmp_path: Path) -> None:
         run.clock.advance(400)
     assert run.spool.counts()["pending"] == 40
     with PaigoContractServer(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, port=port) as server:
-        run.drain()
+        run.run_until_drained(200)
         check_nothing_lost("connection refused", run, server, {r.record_id for r in records})
     sink.close()
 
