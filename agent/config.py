@@ -155,9 +155,6 @@ class Filters(_Model):
     tags: dict[str, str | list[str]] = Field(default_factory=dict)
     volume_types: list[str] = Field(default_factory=list)
 
-    def used(self) -> list[str]:
-        return [name for name in type(self).model_fields if getattr(self, name)]
-
     def tag_filters(self) -> list[dict[str, Any]]:
         """EC2-style ``Filters`` for the tag conditions."""
         return [
