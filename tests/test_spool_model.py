@@ -40,7 +40,10 @@ DAMAGED = "damaged in spool: "  # last_error prefix of a record dead-lettered be
 # Durations mostly from a few round values so that boundaries (lease_until == now,
 # not_before == now, updated_at == before) are hit often; some arbitrary ones for good measure.
 SECONDS = st.sampled_from([0.0, 1.0, 5.0, 30.0, 60.0]) | st.integers(0, 120).map(float) | st.just(0.5)
-LEASE_SECONDS = st.sampled_from([1.0, 5.0, 30.0, 60.0]) | st.just(0.5)
+# A 0 s lease has lease_until == now: it is expired at once, by the very next lease_batch.
+LEASE_SECONDS = st.sampled_from([0.0, 1.0, 5.0, 30.0, 60.0]) | st.just(0.5)
+# Retry delays; a retry time already in the past (a backoff computed on another clock) is due at once.
+DELAYS = SECONDS | st.just(-5.0)
 
 
 class FakeClock:
@@ -254,7 +257,7 @@ class SpoolMachine(RuleBasedStateMachine):
         retries = [
             Retry(
                 rid,
-                not_before=now + data.draw(SECONDS, label="delay"),
+                not_before=now + data.draw(DELAYS, label="delay"),
                 status=data.draw(st.sampled_from(STATUSES), label="status"),
                 error=data.draw(st.sampled_from(["timeout", "service unavailable", ""]), label="error"),
             )
@@ -291,7 +294,7 @@ class SpoolMachine(RuleBasedStateMachine):
         delivered = self._settle_targets(data, "delivered")
         retry_ids = self._settle_targets(data, "retry")
         dead_ids = self._settle_targets(data, "dead")
-        retries = [Retry(rid, now + data.draw(SECONDS, label="delay"), 503, "busy") for rid in retry_ids]
+        retries = [Retry(rid, now + data.draw(DELAYS, label="delay"), 503, "busy") for rid in retry_ids]
         dead = [Dead(rid, 400, "bad") for rid in dead_ids]
         self.spool.settle(delivered=delivered, retries=retries, dead=dead)
         for rid in delivered:
