@@ -33,9 +33,17 @@ def tick_floor(at: datetime, interval_seconds: int) -> datetime:
     return _EPOCH + timedelta(seconds=elapsed - elapsed % interval_seconds)
 
 
+_TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
+
+
 def format_timestamp(at: datetime) -> str:
     """RFC 3339, UTC, ``Z`` suffix, whole seconds."""
-    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return at.astimezone(timezone.utc).strftime(_TIMESTAMP)
+
+
+def parse_timestamp(text: str) -> datetime:
+    """The inverse of ``format_timestamp``."""
+    return datetime.strptime(text, _TIMESTAMP).replace(tzinfo=timezone.utc)
 
 
 def format_decimal(value: Decimal) -> str:
@@ -87,7 +95,7 @@ class UsageRecord:
             event_type=data["event_type"],
             dimension_id=data["dimension_id"],
             customer_id=data["customer_id"],
-            timestamp=datetime.strptime(data["timestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc),
+            timestamp=parse_timestamp(data["timestamp"]),
             value=Decimal(data["value"]),
             unit=data["unit"],
             resource=data["resource"],

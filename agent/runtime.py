@@ -23,7 +23,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from botocore.exceptions import BotoCoreError, ClientError
 
 from agent.config import AgentConfig, Measurement
-from agent.convert import UsageRecord, convert, format_timestamp, tick_floor
+from agent.convert import UsageRecord, convert, format_timestamp, parse_timestamp, tick_floor
 from agent.credentials import SessionFactory, describe_aws_error, utc_now
 from agent.errors import AssumeRoleError, SamplingError, SpoolError, SpoolFullError
 from agent.forwarder import Forwarder
@@ -130,7 +130,7 @@ class Agent:
         result.inserted = commit.inserted
         RECORDS_SPOOLED.labels(m.name).inc(commit.inserted)
         if commit.previous_tick is not None:
-            previous = datetime.strptime(commit.previous_tick, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+            previous = parse_timestamp(commit.previous_tick)
             missed = int((result.tick - previous) / m.interval) - 1
             if missed > 0:
                 TICKS_MISSED.labels(m.name).inc(missed)
