@@ -8,6 +8,7 @@ collected with its YAML path (``measurements[1].interval``) into one ``ConfigErr
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -152,8 +153,20 @@ class Customer(_Model):
 
 
 class Filters(_Model):
+    """Which resources a measurement counts; each sampler declares the keys it honours."""
+
     tags: dict[str, str | list[str]] = Field(default_factory=dict)
-    volume_types: list[str] = Field(default_factory=list)
+    volume_types: list[str] = Field(default_factory=list)  # ebs: gp3, io2, ...
+    instance_types: list[str] = Field(default_factory=list)  # ec2: m5.large; rds: db.m5.large
+    states: list[str] = Field(default_factory=list)  # ec2 instance states (default: running)
+    storage_types: list[str] = Field(default_factory=list)  # s3 StorageType (default: all)
+
+    def matches_tags(self, tags: Mapping[str, str]) -> bool:
+        """The tag condition, for APIs that cannot filter on tags server-side."""
+        return all(
+            tags.get(key) in ([value] if isinstance(value, str) else value)
+            for key, value in self.tags.items()
+        )
 
     def tag_filters(self) -> list[dict[str, Any]]:
         """EC2-style ``Filters`` for the tag conditions."""

@@ -59,15 +59,17 @@ class Agent:
         self._reported: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def _samples(self, m: Measurement) -> tuple[list[Sample], list[Skipped]]:
+    def _samples(self, m: Measurement, tick: datetime) -> tuple[list[Sample], list[Skipped]]:
         spec = REGISTRY[m.resource_type]
         samples: list[Sample] = []
         skipped: list[Skipped] = []
         account = self.sessions.account_id(m.iam_role_arn, m.external_id)
         for region in m.regions:
             try:
-                client = self.sessions.client(spec.service, region, m.iam_role_arn, m.external_id)
-                for item in spec.sample(client, Target(m, account, region)):
+                def clients(service: str, region: str = region) -> Any:
+                    return self.sessions.client(service, region, m.iam_role_arn, m.external_id)
+
+                for item in spec.sample(clients, Target(m, account, region, tick)):
                     (skipped if isinstance(item, Skipped) else samples).append(item)
             except (ClientError, BotoCoreError) as exc:
                 raise SamplingError(f"{m.resource_type} in {account}/{region}: {describe_aws_error(exc)}") from exc
@@ -86,7 +88,7 @@ class Agent:
         result = TickResult(m.name, tick)
         bound = log.bind(measurement=m.name, tick=format_timestamp(tick), account=m.account_id, regions=m.regions)
         try:
-            samples, skipped = self._samples(m)
+            samples, skipped = self._samples(m, tick)
         except SamplingError as exc:
             result.error = str(exc)
             reason = "assume_role" if isinstance(exc, AssumeRoleError) else "aws"

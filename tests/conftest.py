@@ -8,6 +8,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,12 @@ ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/usage-scraper"
 EXTERNAL_ID = "ext-4711"
 DIMENSION = "8a7b5f91-3b85-4cf4-8585-dcdf17f49004"
 CLIENT_ID, CLIENT_SECRET = "client-abc", "s3cr3t-value"
+TICK = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)  # a tick for samplers called directly
+
+
+def only(client: Any) -> Any:
+    """A sampler's ``clients`` argument that always hands out this one (stubbed) client."""
+    return lambda service: client
 
 
 @dataclass

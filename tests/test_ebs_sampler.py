@@ -11,11 +11,11 @@ from agent.config import Measurement
 from agent.samplers import REGISTRY
 from agent.samplers.base import Target
 from agent.samplers.ebs import PAGE_SIZE, sample_volumes
-from tests.conftest import ACCOUNT, Aws, measurement
+from tests.conftest import ACCOUNT, TICK, only, Aws, measurement
 
 
 def _target(**overrides: object) -> Target:
-    return Target(Measurement.model_validate(measurement(**overrides)), ACCOUNT, "us-east-1")
+    return Target(Measurement.model_validate(measurement(**overrides)), ACCOUNT, "us-east-1", TICK)
 
 
 def test_one_sample_per_volume_with_every_fact(aws: Aws) -> None:
@@ -23,7 +23,7 @@ def test_one_sample_per_volume_with_every_fact(aws: Aws) -> None:
     io1 = aws.volume("us-east-1", 40, "io1", {"customer-id": "globex"}, Iops=1200)
     aws.volume("eu-west-1", 999, "gp3", {"customer-id": "acme"})  # another region: not listed here
 
-    samples = {s.resource_id: s for s in sample_volumes(aws.ec2("us-east-1"), _target())}
+    samples = {s.resource_id: s for s in sample_volumes(only(aws.ec2("us-east-1")), _target())}
 
     assert set(samples) == {gp3, io1}
     first = samples[gp3]
@@ -47,17 +47,17 @@ def test_filters_by_tags_and_volume_type(aws: Aws) -> None:
     aws.volume("us-east-1", 40, "gp3", {"customer-id": "a"})
 
     target = _target(filters={"tags": {"env": "prod"}, "volume_types": ["gp3"]})
-    assert [s.resource_id for s in sample_volumes(aws.ec2(), target)] == [wanted]
+    assert [s.resource_id for s in sample_volumes(only(aws.ec2()), target)] == [wanted]
 
     any_of = _target(filters={"tags": {"env": ["prod", "dev"]}})
-    assert len(list(sample_volumes(aws.ec2(), any_of))) == 3
+    assert len(list(sample_volumes(only(aws.ec2()), any_of))) == 3
 
 
 def test_deleted_volumes_are_not_sampled(aws: Aws) -> None:
     kept = aws.volume("us-east-1", 10)
     gone = aws.volume("us-east-1", 20)
     aws.ec2().delete_volume(VolumeId=gone)
-    assert [s.resource_id for s in sample_volumes(aws.ec2(), _target())] == [kept]
+    assert [s.resource_id for s in sample_volumes(only(aws.ec2()), _target())] == [kept]
 
 
 def _volume(n: int) -> dict[str, object]:
@@ -90,7 +90,7 @@ def test_multi_page_listing_follows_next_token() -> None:
         stubber.add_response("describe_volumes", response, expected)
 
     with stubber:
-        samples = list(sample_volumes(ec2, _target()))
+        samples = list(sample_volumes(only(ec2), _target()))
     stubber.assert_no_pending_responses()
 
     assert len(samples) == 1001

@@ -31,7 +31,7 @@ from agent.sinks.paigo import PaigoSink
 from agent.spool import Spool
 from agent.telemetry import REGISTRY
 from agent.testing.paigo_server import Fault, PaigoContractServer
-from tests.conftest import ACCOUNT, CLIENT_ID, CLIENT_SECRET, Aws, make_config, measurement
+from tests.conftest import ACCOUNT, TICK, only, CLIENT_ID, CLIENT_SECRET, Aws, make_config, measurement
 from tests.test_delivery import FakeClock, Pipeline, make_records
 
 REPORT: list[tuple[str, int, int, int, int, int]] = []
@@ -161,9 +161,9 @@ def test_absurd_volumes_are_skipped_with_a_reason_and_the_rest_sampled() -> None
     ]
     stubber = Stubber(ec2)
     stubber.add_response("describe_volumes", {"Volumes": volumes})
-    target = Target(Measurement.model_validate(measurement()), ACCOUNT, "us-east-1")
+    target = Target(Measurement.model_validate(measurement()), ACCOUNT, "us-east-1", TICK)
     with stubber:
-        out = list(sample_volumes(ec2, target))
+        out = list(sample_volumes(only(ec2), target))
     assert [s.resource_id for s in out if isinstance(s, Sample)] == ["vol-good"]
     reasons = {s.resource_id: s.reason for s in out if isinstance(s, Skipped)}
     assert set(reasons) == {"vol-negative", "vol-nosize", "vol-badiops"}

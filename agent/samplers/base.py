@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -47,11 +48,12 @@ def quantity(raw: Any) -> Decimal:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One (measurement, account, region) to sample."""
+    """One (measurement, account, region) to sample for the tick ending at ``tick``."""
 
     measurement: Measurement
     account: str
     region: str
+    tick: datetime
 
 
 @dataclass(frozen=True)
@@ -60,13 +62,14 @@ class MetricSpec:
     description: str
 
 
-SampleFn = Callable[[Any, Target], Iterable[Sample | Skipped]]
+ClientFor = Callable[[str], Any]
+"""``clients("ec2")``: a boto3 client for the target's account (assumed role) and region."""
+SampleFn = Callable[[ClientFor, Target], Iterable[Sample | Skipped]]
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
     resource_type: str
-    service: str  # boto3 client name the sample function receives
     metrics: Mapping[str, MetricSpec]
     default_metric: str
     iam_actions: tuple[str, ...]

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
-from agent.samplers.base import MetricSpec, Sample, SamplerSpec, Skipped, Target, quantity, tags_of
+from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, quantity, tags_of
 
 PAGE_SIZE = 500
 # Volumes in these states are no longer billed by AWS.
@@ -22,12 +22,12 @@ def _values(volume: dict[str, Any]) -> dict[str, Decimal]:
     return values
 
 
-def sample_volumes(ec2: Any, target: Target) -> Iterator[Sample | Skipped]:
+def sample_volumes(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped]:
     filters = target.measurement.filters
     aws_filters = filters.tag_filters()
     if filters.volume_types:
         aws_filters.append({"Name": "volume-type", "Values": list(filters.volume_types)})
-    pages = ec2.get_paginator("describe_volumes").paginate(
+    pages = clients("ec2").get_paginator("describe_volumes").paginate(
         Filters=aws_filters, PaginationConfig={"PageSize": PAGE_SIZE}
     )
     for page in pages:
@@ -55,7 +55,6 @@ def sample_volumes(ec2: Any, target: Target) -> Iterator[Sample | Skipped]:
 
 SPEC = SamplerSpec(
     resource_type="ebs",
-    service="ec2",
     metrics={
         "size_gib": MetricSpec("GiB", "provisioned volume size"),
         "iops": MetricSpec("IOPS", "provisioned IOPS (volumes that report it)"),
