@@ -114,27 +114,28 @@ def cmd_once(args: argparse.Namespace) -> int:
     from agent.forwarder import Forwarder
 
     cfg = _load(args.config)
-    at = args.at or datetime.now(timezone.utc)
     if args.dry_run:
         agent, sink, _ = _wire(cfg, with_spool=False)
         failed = False
         try:
             for m in cfg.measurements:
-                result = agent.collect(m, at)
+                result = agent.collect(m, args.at or agent.clock() - m.delay)
                 failed |= not result.ok
                 for record in result.records:
                     print(json.dumps(sink.render(record), separators=(",", ":")), flush=True)
         finally:
+            agent.close()
             sink.close()
         return EXIT_UNDELIVERED if failed else EXIT_OK
 
     agent, sink, spool = _wire(cfg, with_spool=True)
     try:
-        results = agent.sample_all(at)
+        results = agent.sample_all(args.at)
         forwarder = Forwarder(spool, sink, clock=CLOCK)
         sent = forwarder.drain_until(CLOCK() + args.timeout)
         counts = spool.counts()
     finally:
+        agent.close()
         sink.close()
         spool.close()
     failed = [r.measurement for r in results if not r.ok]
@@ -152,6 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         Daemon(agent, Forwarder(spool, sink, clock=CLOCK), sink, stop_requested=STOP_REQUESTED).run()
     finally:
+        agent.close()
         sink.close()
         spool.close()
     return EXIT_OK

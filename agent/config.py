@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -37,6 +38,7 @@ _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+$")
 
 PER_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+ALL_REGIONS = "all"
 
 
 def parse_duration(value: Any) -> timedelta:
@@ -180,6 +182,72 @@ def _as_region_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+RoleArn = Annotated[str, AfterValidator(lambda arn: _check_role_arn(arn))]
+ExternalId = Annotated[str, Field(min_length=2, max_length=1224)]
+
+
+def _check_role_arn(arn: str) -> str:
+    if not _ROLE_ARN.match(arn):
+        raise ValueError(f"expected arn:aws:iam::<12-digit account>:role/<name>, got {arn!r}")
+    return arn
+
+
+class Account(_Model):
+    """One customer account a measurement samples, through a role in that account."""
+
+    iam_role_arn: RoleArn = Field(validation_alias=AliasChoices("iam_role_arn", "iamRoleArn"))
+    external_id: ExternalId | None = Field(default=None, validation_alias=AliasChoices("external_id", "externalId"))
+    customer: Customer | None = None
+
+    @property
+    def account_id(self) -> str:
+        return self.iam_role_arn.split(":")[4]
+
+
+@dataclass(frozen=True)
+class Role:
+    """How the agent reaches one account: the role to assume (None = its own identity)."""
+
+    arn: str | None
+    external_id: str | None
+    customer: Customer | None
+
+
+STATISTICS = ("Sum", "SampleCount", "Maximum", "Minimum", "Average")
+_PERCENTILE = re.compile(r"^p(\d{1,2}(\.\d{1,2})?|100)$")
+WILDCARD = "*"
+
+
+class CloudWatchQuery(_Model):
+    """One CloudWatch metric; a dimension whose value is ``*`` is discovered with ListMetrics."""
+
+    namespace: str = Field(min_length=1, max_length=255)
+    metric_name: str = Field(min_length=1, max_length=255)
+    dimensions: dict[str, str] = Field(default_factory=dict, max_length=30)
+    statistic: str = "Sum"
+    period: Duration | None = None  # default: the measurement's interval
+    unit: str = Field(default="None", min_length=1)  # the unit the records carry
+    delay: Duration = timedelta(minutes=5)  # tick T is sampled at T + delay, once CloudWatch has the data
+
+    @field_validator("statistic")
+    @classmethod
+    def _known_statistic(cls, value: str) -> str:
+        if value not in STATISTICS and not _PERCENTILE.match(value):
+            raise ValueError(f"expected one of {', '.join(STATISTICS)} or a percentile such as p99, got {value!r}")
+        return value
+
+    @field_validator("period")
+    @classmethod
+    def _whole_minutes(cls, period: timedelta | None) -> timedelta | None:
+        if period is not None and period.total_seconds() % 60:
+            raise ValueError("period must be a whole number of minutes")
+        return period
+
+    @property
+    def combines_by_sum(self) -> bool:
+        return self.statistic in ("Sum", "SampleCount")
+
+
 class Measurement(_Model):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=63)
     dimension_id: str = Field(
@@ -194,28 +262,29 @@ class Measurement(_Model):
     per: Literal["second", "minute", "hour", "day"] = "hour"
     interval: Duration = timedelta(hours=1)
     iam_role_arn: str | None = Field(default=None, validation_alias=AliasChoices("iam_role_arn", "iamRoleArn"))
-    external_id: str | None = Field(
-        default=None,
-        min_length=2,
-        max_length=1224,
-        validation_alias=AliasChoices("external_id", "externalId"),
-    )
+    external_id: ExternalId | None = Field(default=None, validation_alias=AliasChoices("external_id", "externalId"))
+    accounts: list[Account] | None = Field(default=None, min_length=1)
     regions: Annotated[list[str], BeforeValidator(_as_region_list)] = Field(
         min_length=1, validation_alias=AliasChoices("regions", "region")
     )
-    customer: Customer
+    customer: Customer | None = None
     filters: Filters = Field(default_factory=Filters)
     group_by: Literal["customer", "resource"] = "customer"
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
     event_type: str | None = Field(default=None, min_length=1)
     decimals: int = Field(default=9, ge=0, le=18)
+    cloudwatch: CloudWatchQuery | None = None
 
     @field_validator("regions")
     @classmethod
     def _regions_look_like_regions(cls, regions: list[str]) -> list[str]:
+        if regions == [ALL_REGIONS]:
+            return regions
         for region in regions:
+            if region == ALL_REGIONS:
+                raise ValueError("'all' stands alone: write regions: all")
             if not _REGION.match(region):
-                raise ValueError(f"{region!r} is not an AWS region name such as us-east-1")
+                raise ValueError(f"{region!r} is not an AWS region name such as us-east-1 (or: all)")
         if len(set(regions)) != len(regions):
             raise ValueError("regions are listed more than once")
         return regions
@@ -223,9 +292,33 @@ class Measurement(_Model):
     @field_validator("iam_role_arn")
     @classmethod
     def _role_arn(cls, arn: str | None) -> str | None:
-        if arn is not None and not _ROLE_ARN.match(arn):
-            raise ValueError(f"expected arn:aws:iam::<12-digit account>:role/<name>, got {arn!r}")
-        return arn
+        return None if arn is None else _check_role_arn(arn)
+
+    @field_validator("accounts")
+    @classmethod
+    def _accounts_once(cls, accounts: list[Account] | None) -> list[Account] | None:
+        seen: set[str] = set()
+        for account in accounts or ():
+            if account.account_id in seen:
+                raise ValueError(f"account {account.account_id} is listed more than once")
+            seen.add(account.account_id)
+        return accounts
+
+    @property
+    def all_regions(self) -> bool:
+        """``regions: all``: every region enabled in each account."""
+        return self.regions == [ALL_REGIONS]
+
+    @property
+    def delay(self) -> timedelta:
+        """How long after tick T the tick is sampled (CloudWatch publishes late)."""
+        return self.cloudwatch.delay if self.cloudwatch else timedelta(0)
+
+    def roles(self) -> list[Role]:
+        """The accounts to sample and how to reach each: ``accounts``, or the single-role form."""
+        if self.accounts:
+            return [Role(a.iam_role_arn, a.external_id, a.customer or self.customer) for a in self.accounts]
+        return [Role(self.iam_role_arn, self.external_id, self.customer)]
 
     @field_validator("interval")
     @classmethod
@@ -238,10 +331,10 @@ class Measurement(_Model):
     def interval_seconds(self) -> int:
         return int(self.interval.total_seconds())
 
-    @property
-    def account_id(self) -> str | None:
-        """The account of the assumed role, when there is one."""
-        return self.iam_role_arn.split(":")[4] if self.iam_role_arn else None
+
+class Sampling(_Model):
+    workers: int = Field(default=8, ge=1, le=128)  # targets (measurement x account x region) sampled at once
+    per_account_region: int = Field(default=2, ge=1, le=32)  # stays inside EC2's Describe throttling bucket
 
 
 class Spool(_Model):
@@ -259,6 +352,7 @@ class AgentConfig(_Model):
     backend: Backend
     spool: Spool = Field(default_factory=Spool)
     server: Server = Field(default_factory=Server)
+    sampling: Sampling = Field(default_factory=Sampling)
     measurements: list[Measurement] = Field(min_length=1)
 
 
@@ -338,9 +432,34 @@ def _registry_problems(measurements: Any) -> list[tuple[str, str]]:
             if key in Filters.model_fields and key not in spec.filters:
                 supported = ", ".join(spec.filters) or "none"
                 problems.append((f"{where}.filters.{key}", f"{resource_type} does not support this filter; it supports: {supported}"))
-        external_key = _raw_key(raw, "external_id", "externalId")
-        if external_key and _raw_key(raw, "iam_role_arn", "iamRoleArn") is None:
-            problems.append((f"{where}.{external_key}", "an external id needs iam_role_arn"))
+        problems += _account_problems(raw, where)
+        if "cloudwatch" in raw and resource_type != "cloudwatch":
+            problems.append((f"{where}.cloudwatch", "only applies with resource_type: cloudwatch"))
+        if spec.check is not None:
+            problems += [(f"{where}.{path}", message) for path, message in spec.check(raw)]
+    return problems
+
+
+def _account_problems(raw: dict[str, Any], where: str) -> list[tuple[str, str]]:
+    """The single-role form and ``accounts:`` exclude each other; every account needs a customer."""
+    problems: list[tuple[str, str]] = []
+    role_key = _raw_key(raw, "iam_role_arn", "iamRoleArn")
+    external_key = _raw_key(raw, "external_id", "externalId")
+    accounts = raw.get("accounts")
+    if accounts is not None:
+        for key in (role_key, external_key):
+            if key:
+                problems.append((f"{where}.{key}", "use either accounts or iam_role_arn/external_id, not both"))
+        if "customer" not in raw and isinstance(accounts, list):
+            for j, account in enumerate(accounts):
+                if isinstance(account, dict) and "customer" not in account:
+                    problems.append((f"{where}.accounts[{j}].customer",
+                                     "required key is missing (or set customer on the measurement)"))
+        return problems
+    if external_key and role_key is None:
+        problems.append((f"{where}.{external_key}", "an external id needs iam_role_arn"))
+    if "customer" not in raw:
+        problems.append((f"{where}.customer", "required key is missing"))
     return problems
 
 

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
-from agent.config import PER_SECONDS, Measurement
+from agent.config import PER_SECONDS, Customer, Measurement
 
 AGGREGATE = "aggregate"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -128,9 +128,14 @@ def convert(
     metric_unit: str,
     samples: Iterable[Any],
     tick: datetime,
+    customers: Mapping[str, Customer] | None = None,
 ) -> Conversion:
-    """Attribute, aggregate and scale the samples of one measurement for tick T."""
-    customer = measurement.customer
+    """Attribute, aggregate and scale the samples of one measurement for tick T.
+
+    ``customers`` maps an account to its customer attribution (``accounts[].customer``);
+    accounts not in it use the measurement's ``customer``.
+    """
+    customers = customers or {}
     groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
     untagged: list[str] = []
     invalid: list[tuple[str, str]] = []
@@ -139,6 +144,8 @@ def convert(
         if metric not in sample.values:
             continue
         sampled += 1
+        customer = customers.get(sample.account) or measurement.customer
+        assert customer is not None, "config validation requires a customer for every account"
         customer_id = customer.id or sample.tags.get(customer.tag or "") or customer.fallback_id
         if not customer_id:
             untagged.append(sample.resource_id)

@@ -73,11 +73,15 @@ class SessionFactory:
         self._accounts: dict[RoleKey, str] = {}
         self._sts_client: Any = None
 
+    @property
+    def home_region(self) -> str:
+        """Where account-wide calls (STS, DescribeRegions) go: the configured region or us-east-1."""
+        return self._base.region_name or "us-east-1"
+
     def _sts(self) -> Any:
         with self._lock:
             if self._sts_client is None:
-                region = self._base.region_name or "us-east-1"
-                self._sts_client = self._base.client("sts", region_name=region, config=CLIENT_CONFIG)
+                self._sts_client = self._base.client("sts", region_name=self.home_region, config=CLIENT_CONFIG)
             return self._sts_client
 
     def _assume(self, role_arn: str, external_id: str | None) -> dict[str, Any]:

@@ -172,6 +172,7 @@ def run_demo(out: Any = None) -> int:
               f"{counts['dead']} dead-lettered; backend saw {backend.usage_requests} requests, "
               f"{backend.duplicates()} duplicate ids, {backend.token_requests} token request(s)", file=out)
         print("the untagged 30 GiB volume in eu-west-1 was skipped (customer.untagged: skip)", file=out)
+        agent.close()
         sink.close()
         spool.close()
         ok = counts["pending"] + counts["leased"] == 0 and sampled == received

@@ -11,18 +11,20 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import structlog
-from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
+from apscheduler.executors.pool import ThreadPoolExecutor as JobExecutor
 from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from botocore.exceptions import BotoCoreError, ClientError
 
-from agent.config import AgentConfig, Measurement
+from agent.config import AgentConfig, Customer, Measurement, Role
 from agent.convert import UsageRecord, convert, format_timestamp, parse_timestamp, tick_floor
 from agent.credentials import SessionFactory, describe_aws_error, utc_now
 from agent.errors import AssumeRoleError, SamplingError, SpoolError, SpoolFullError
@@ -30,11 +32,28 @@ from agent.forwarder import Forwarder
 from agent.samplers import REGISTRY, Sample, Skipped, Target
 from agent.sinks.base import Sink
 from agent.spool import Spool
-from agent.telemetry import OLDEST_UNSENT_AGE, RECORDS_SPOOLED, RESOURCES_SKIPPED, TICKS_FAILED, TICKS_MISSED
+from agent.telemetry import (
+    OLDEST_UNSENT_AGE,
+    RECORDS_SPOOLED,
+    RESOURCES_SKIPPED,
+    TARGETS_FAILED,
+    TICKS_FAILED,
+    TICKS_MISSED,
+    TICKS_SKIPPED,
+)
 
 log = structlog.get_logger("agent.runtime")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class TargetFailure:
+    account: str  # "?" when the account itself could not be determined
+    region: str  # "*" when the failure came before any region (assume role, region listing)
+    reason: str  # assume_role | aws
+    error: str
+    customer: Customer | None  # the attribution of the failed account
 
 
 @dataclass
@@ -44,36 +63,110 @@ class TickResult:
     sampled: int = 0
     records: list[UsageRecord] = field(default_factory=list)
     inserted: int = 0
-    error: str | None = None
+    error: str | None = None  # the whole tick failed: nothing was (or will be) spooled
+    failed_targets: list[TargetFailure] = field(default_factory=list)
+    withheld: int = 0  # customer totals left out because a target they may include failed
 
     @property
     def ok(self) -> bool:
-        return self.error is None
+        return self.error is None and not self.failed_targets
+
+
+REGIONS_TTL = timedelta(hours=1)
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, sessions: SessionFactory, spool: Spool | None = None):
+    """Samples measurements: every target (account x region) of a tick concurrently, in a
+    bounded pool, with at most ``sampling.per_account_region`` calls in flight per account
+    and region (EC2 throttles Describe calls per account and region)."""
+
+    def __init__(self, cfg: AgentConfig, sessions: SessionFactory, spool: Spool | None = None,
+                 clock: Callable[[], datetime] = utc_now):
         self.cfg = cfg
         self.sessions = sessions
         self.spool = spool
+        self.clock = clock
         self._reported: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=cfg.sampling.workers, thread_name_prefix="sample")
+        self._limits: dict[tuple[str, str], threading.BoundedSemaphore] = {}
+        self._regions: dict[tuple[str | None, str | None], tuple[datetime, list[str]]] = {}
 
-    def _samples(self, m: Measurement, tick: datetime) -> tuple[list[Sample], list[Skipped]]:
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _limit(self, account: str, region: str) -> threading.BoundedSemaphore:
+        with self._lock:
+            return self._limits.setdefault(
+                (account, region), threading.BoundedSemaphore(self.cfg.sampling.per_account_region))
+
+    def regions(self, m: Measurement, role: Role) -> list[str]:
+        """The measurement's regions; for ``regions: all`` the regions enabled in the account."""
+        if not m.all_regions:
+            return list(m.regions)
+        key = (role.arn, role.external_id)
+        now = self.clock()
+        with self._lock:
+            cached = self._regions.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        ec2 = self.sessions.client("ec2", self.sessions.home_region, role.arn, role.external_id)
+        try:
+            answer = ec2.describe_regions(Filters=[{"Name": "opt-in-status",
+                                                    "Values": ["opt-in-not-required", "opted-in"]}])
+        except (ClientError, BotoCoreError) as exc:
+            raise SamplingError(f"cannot list the account's regions: {describe_aws_error(exc)}") from exc
+        regions = sorted(r["RegionName"] for r in answer["Regions"])
+        with self._lock:
+            self._regions[key] = (now + REGIONS_TTL, regions)
+        return regions
+
+    def _sample_target(self, m: Measurement, role: Role, account: str, region: str,
+                       tick: datetime) -> tuple[list[Sample], list[Skipped]]:
         spec = REGISTRY[m.resource_type]
+
+        def clients(service: str) -> Any:
+            return self.sessions.client(service, region, role.arn, role.external_id)
+
         samples: list[Sample] = []
         skipped: list[Skipped] = []
-        account = self.sessions.account_id(m.iam_role_arn, m.external_id)
-        for region in m.regions:
+        with self._limit(account, region):
             try:
-                def clients(service: str, region: str = region) -> Any:
-                    return self.sessions.client(service, region, m.iam_role_arn, m.external_id)
-
                 for item in spec.sample(clients, Target(m, account, region, tick)):
                     (skipped if isinstance(item, Skipped) else samples).append(item)
             except (ClientError, BotoCoreError) as exc:
                 raise SamplingError(f"{m.resource_type} in {account}/{region}: {describe_aws_error(exc)}") from exc
         return samples, skipped
+
+    def _sample(self, m: Measurement, tick: datetime) -> tuple[list[Sample], list[Skipped], dict[str, Customer],
+                                                              list[TargetFailure], int]:
+        """Every target of the measurement; returns samples, skips, customers by account, failures, targets."""
+        failures: list[TargetFailure] = []
+        customers: dict[str, Customer] = {}
+        futures: dict[Future[tuple[list[Sample], list[Skipped]]], tuple[Role, str, str]] = {}
+        for role in m.roles():
+            try:
+                account = self.sessions.account_id(role.arn, role.external_id)
+                regions = self.regions(m, role)
+            except SamplingError as exc:
+                failures.append(_failure(role, role.arn.split(":")[4] if role.arn else "?", "*", exc))
+                continue
+            if role.customer is not None:
+                customers[account] = role.customer
+            for region in regions:
+                futures[self._pool.submit(self._sample_target, m, role, account, region, tick)] = (role, account, region)
+        samples: list[Sample] = []
+        skipped: list[Skipped] = []
+        for future in as_completed(futures):
+            role, account, region = futures[future]
+            try:
+                got, skips = future.result()
+            except SamplingError as exc:
+                failures.append(_failure(role, account, region, exc))
+                continue
+            samples += got
+            skipped += skips
+        return samples, skipped, customers, failures, len(futures) + sum(f.region == "*" for f in failures)
 
     def _first_time(self, m: Measurement, resources: list[str]) -> list[str]:
         """The resources not yet reported for this measurement: each is logged once, not every tick."""
@@ -86,20 +179,28 @@ class Agent:
         """Sample and convert one measurement for the tick containing ``at``; writes nothing."""
         tick = tick_floor(at, m.interval_seconds)
         result = TickResult(m.name, tick)
-        bound = log.bind(measurement=m.name, tick=format_timestamp(tick), account=m.account_id, regions=m.regions)
-        try:
-            samples, skipped = self._samples(m, tick)
-        except SamplingError as exc:
-            result.error = str(exc)
-            reason = "assume_role" if isinstance(exc, AssumeRoleError) else "aws"
+        bound = log.bind(measurement=m.name, tick=format_timestamp(tick))
+        samples, skipped, customers, failures, targets = self._sample(m, tick)
+        for failure in failures:
+            TARGETS_FAILED.labels(m.name, failure.account, failure.region, failure.reason).inc()
+            bound.error("sampling failed; this target emits no records for this tick",
+                        account=failure.account, region=failure.region, error=failure.error)
+        result.failed_targets = failures
+        if failures and len(failures) == targets:
+            result.error = "; ".join(f.error for f in failures)
+            reason = "assume_role" if all(f.reason == "assume_role" for f in failures) else "aws"
             TICKS_FAILED.labels(m.name, reason).inc()
-            bound.error("sampling failed; no records for this tick", error=result.error)
             return result
         spec = REGISTRY[m.resource_type]
         metric = m.metric or spec.default_metric
-        conversion = convert(m, metric, spec.metrics[metric].unit, samples, tick)
+        unit = m.cloudwatch.unit if m.cloudwatch else spec.metrics[metric].unit
+        conversion = convert(m, metric, unit, samples, tick, customers)
         result.sampled = conversion.sampled
-        result.records = conversion.records
+        result.records = _without_partial_totals(m, conversion.records, failures)
+        result.withheld = len(conversion.records) - len(result.records)
+        if result.withheld:
+            bound.warning("customer totals withheld: a failed target may hold part of them, and a partial "
+                          "total would be billed under the tick's final id", withheld=result.withheld)
         reasons = {s.resource_id: s.reason for s in skipped}
         for resource in self._first_time(m, list(reasons)):
             bound.warning("resource skipped", resource_id=resource, reason=reasons[resource])
@@ -141,8 +242,28 @@ class Agent:
         bound.info("tick spooled", sampled=result.sampled, records=len(result.records), new=result.inserted)
         return result
 
-    def sample_all(self, at: datetime) -> list[TickResult]:
-        return [self.sample_tick(m, at) for m in self.cfg.measurements]
+    def sample_all(self, at: datetime | None = None) -> list[TickResult]:
+        """One tick of every measurement: the tick containing ``at``, by default the latest
+        tick whose data is due (now minus the measurement's delay)."""
+        return [self.sample_tick(m, at or self.clock() - m.delay) for m in self.cfg.measurements]
+
+
+def _failure(role: Role, account: str, region: str, exc: SamplingError) -> TargetFailure:
+    reason = "assume_role" if isinstance(exc, AssumeRoleError) else "aws"
+    return TargetFailure(account, region, reason, str(exc), role.customer)
+
+
+def _without_partial_totals(m: Measurement, records: list[UsageRecord],
+                            failures: list[TargetFailure]) -> list[UsageRecord]:
+    """Drop the per-customer totals a failed target may belong to: a partial sum is an
+    undercharge that could never be corrected, because the full total has the same id."""
+    if not failures or m.group_by != "customer":
+        return records
+    customers = [f.customer or m.customer for f in failures]
+    if any(c is None or c.id is None for c in customers):  # tag attribution: any customer may be there
+        return []
+    tainted = {c.id for c in customers if c is not None}
+    return [r for r in records if r.customer_id not in tainted]
 
 
 class Daemon:
@@ -161,18 +282,19 @@ class Daemon:
         measurements = agent.cfg.measurements
         self.scheduler = BlockingScheduler(
             timezone=timezone.utc,
-            executors={"default": ThreadPoolExecutor(max_workers=len(measurements) + 2)},
+            executors={"default": JobExecutor(max_workers=len(measurements) + 2)},
         )
         for m in measurements:
             self.scheduler.add_job(
                 self._sample_job,
-                IntervalTrigger(seconds=m.interval_seconds, start_date=_EPOCH, timezone=timezone.utc),
+                IntervalTrigger(seconds=m.interval_seconds, start_date=_EPOCH + m.delay, timezone=timezone.utc),
                 args=[m],
                 id=f"sample:{m.name}",
                 max_instances=1,
                 coalesce=True,
                 misfire_grace_time=max(1, m.interval_seconds // 2),
             )
+        self.scheduler.add_listener(self._tick_skipped, EVENT_JOB_MAX_INSTANCES)
         self.scheduler.add_job(self.watch_backlog, IntervalTrigger(seconds=60, timezone=timezone.utc),
                                id="watch-backlog", max_instances=1, coalesce=True)
         self.scheduler.add_job(self.prune, IntervalTrigger(hours=1, timezone=timezone.utc), id="prune",
@@ -209,10 +331,17 @@ class Daemon:
         if purged:
             log.info("pruned delivered records", purged=purged)
 
+    def _tick_skipped(self, event: JobSubmissionEvent) -> None:
+        """APScheduler refused to start a tick because the previous one is still running."""
+        if event.job_id.startswith("sample:"):
+            name = event.job_id.removeprefix("sample:")
+            TICKS_SKIPPED.labels(name).inc()
+            log.warning("tick skipped: the previous tick is still running", measurement=name)
+
     def _sample_job(self, m: Measurement) -> None:
-        # the job runs at (or just after) its aligned time: take the nearest tick, so a
+        # the job runs at (or just after) tick + delay: take the nearest tick, so a
         # wake-up a few milliseconds early does not land in the previous window
-        at = self.clock() + timedelta(seconds=m.interval_seconds / 2)
+        at = self.clock() - m.delay + timedelta(seconds=m.interval_seconds / 2)
         try:
             self.agent.sample_tick(m, at)
         except Exception:  # a bug in one tick must not take the scheduler down

@@ -76,6 +76,12 @@ RESOURCES_SKIPPED = Counter("usage_agent_resources_skipped", "Resources left out
                             ["measurement", "reason"], registry=REGISTRY)
 TICKS_FAILED = Counter("usage_agent_ticks_failed", "Measurement ticks that produced no records, by reason.",
                        ["measurement", "reason"], registry=REGISTRY)
+TARGETS_FAILED = Counter("usage_agent_targets_failed",
+                         "Targets (measurement x account x region) whose sampling failed in a tick; they emit nothing.",
+                         ["measurement", "account", "region", "reason"], registry=REGISTRY)
+TICKS_SKIPPED = Counter("usage_agent_ticks_skipped",
+                        "Ticks not started because the previous tick of the measurement was still running.",
+                        ["measurement"], registry=REGISTRY)
 TICKS_MISSED = Counter("usage_agent_ticks_missed", "Tick windows not sampled (downtime); never invented.",
                        ["measurement"], registry=REGISTRY)
 SPOOL_WRITE_ERRORS = Counter("usage_agent_spool_write_errors", "Spool transactions that failed.", registry=REGISTRY)

@@ -76,6 +76,14 @@ class SamplerSpec:
     filters: tuple[str, ...]  # keys of config Filters this sampler honours
     sample: SampleFn
     description: str = ""
+    # checks of the raw YAML measurement this type needs beyond the models: [(path below it, message)]
+    check: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None
+    # IAM actions that depend on the measurement's settings (e.g. the resource a metric names)
+    extra_actions: Callable[[Measurement], tuple[str, ...]] | None = None
+
+    def actions_for(self, measurement: Measurement) -> tuple[str, ...]:
+        extra = self.extra_actions(measurement) if self.extra_actions else ()
+        return tuple(sorted(set(self.iam_actions) | set(extra)))
 
     def __post_init__(self) -> None:
         if self.default_metric not in self.metrics:
