@@ -1,0 +1,70 @@
+"""EC2 instances: how many run, with how many vCPUs and how much memory.
+
+With ``mode: time_weighted`` and ``per: minute``, ``count`` is EC2 runtime in
+instance-minutes and ``vcpus`` is vCPU-minutes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+from agent.samplers import instance_types
+from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, tags_of
+
+PAGE_SIZE = 1000
+DEFAULT_STATES = ("running",)  # stopped instances bill their volumes (metered by ebs), not compute
+_ONE = Decimal(1)
+
+
+def sample_instances(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped]:
+    filters = target.measurement.filters
+    aws_filters = filters.tag_filters()
+    aws_filters.append({"Name": "instance-state-name", "Values": list(filters.states or DEFAULT_STATES)})
+    if filters.instance_types:
+        aws_filters.append({"Name": "instance-type", "Values": list(filters.instance_types)})
+    ec2 = clients("ec2")
+    pages = ec2.get_paginator("describe_instances").paginate(
+        Filters=aws_filters, PaginationConfig={"PageSize": PAGE_SIZE}
+    )
+    instances = [i for page in pages for reservation in page["Reservations"] for i in reservation["Instances"]]
+    specs = instance_types.lookup(ec2, {i["InstanceType"] for i in instances if i.get("InstanceType")})
+    needs_spec = target.measurement.metric in ("vcpus", "memory_gib")
+    for instance in instances:
+        instance_id = instance.get("InstanceId") or "<no InstanceId>"
+        kind = instance.get("InstanceType", "")
+        values = {"count": _ONE}
+        spec = specs.get(kind)
+        if spec is not None:
+            values.update(vcpus=spec.vcpus, memory_gib=spec.memory_gib)
+        elif needs_spec:
+            yield Skipped(instance_id, f"instance type {kind!r} is unknown to DescribeInstanceTypes")
+            continue
+        yield Sample(
+            resource_id=instance_id,
+            region=target.region,
+            account=target.account,
+            values=values,
+            tags=tags_of(instance),
+            facts={
+                "instance_type": kind,
+                "availability_zone": instance.get("Placement", {}).get("AvailabilityZone", ""),
+                "lifecycle": instance.get("InstanceLifecycle", "on-demand"),
+            },
+        )
+
+
+SPEC = SamplerSpec(
+    resource_type="ec2",
+    metrics={
+        "count": MetricSpec("instances", "instances in the selected states (default: running)"),
+        "vcpus": MetricSpec("vCPUs", "default vCPUs of the instance type"),
+        "memory_gib": MetricSpec("GiB", "memory of the instance type"),
+    },
+    default_metric="count",
+    iam_actions=("ec2:DescribeInstanceTypes", "ec2:DescribeInstances"),
+    filters=("tags", "instance_types", "states"),
+    sample=sample_instances,
+    description="EC2 instances, running by default (filters.states selects others)",
+)
