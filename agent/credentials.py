@@ -69,6 +69,8 @@ class SessionFactory:
         self._session_name = session_name or default_session_name()
         self._lock = threading.Lock()
         self._sessions: dict[RoleKey, boto3.Session] = {}
+        self._building: dict[RoleKey, threading.Lock] = {}
+        self._creating = threading.Lock()
         self._clients: dict[tuple[RoleKey, str, str], Any] = {}
         self._accounts: dict[RoleKey, str] = {}
         self._sts_client: Any = None
@@ -108,8 +110,16 @@ class SessionFactory:
         key = (role_arn, external_id)
         with self._lock:
             cached = self._sessions.get(key)
+            building = self._building.setdefault(key, threading.Lock())
         if cached is not None:
             return cached
+        with building:  # threads sampling the same account wait for one AssumeRole, not one each
+            with self._lock:
+                cached = self._sessions.get(key)
+            return cached if cached is not None else self._build(key)
+
+    def _build(self, key: RoleKey) -> boto3.Session:
+        role_arn, external_id = key
         if role_arn is None:
             session = self._base
         else:
@@ -143,9 +153,15 @@ class SessionFactory:
             cached = self._clients.get(key)
         if cached is not None:
             return cached
-        client = self.session(role_arn, external_id).client(service, region_name=region, config=CLIENT_CONFIG)
-        with self._lock:
-            return self._clients.setdefault(key, client)
+        session = self.session(role_arn, external_id)
+        with self._creating:  # boto3 sessions are not safe for concurrent client creation
+            with self._lock:
+                cached = self._clients.get(key)
+            if cached is None:
+                cached = session.client(service, region_name=region, config=CLIENT_CONFIG)
+                with self._lock:
+                    self._clients[key] = cached
+        return cached
 
     def account_id(self, role_arn: str | None, external_id: str | None) -> str:
         """The account a session acts in: from the role ARN, else from GetCallerIdentity."""

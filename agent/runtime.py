@@ -112,11 +112,10 @@ class Agent:
             return cached[1]
         ec2 = self.sessions.client("ec2", self.sessions.home_region, role.arn, role.external_id)
         try:
-            answer = ec2.describe_regions(Filters=[{"Name": "opt-in-status",
-                                                    "Values": ["opt-in-not-required", "opted-in"]}])
+            answer = ec2.describe_regions()  # without AllRegions: the regions enabled in the account
         except (ClientError, BotoCoreError) as exc:
             raise SamplingError(f"cannot list the account's regions: {describe_aws_error(exc)}") from exc
-        regions = sorted(r["RegionName"] for r in answer["Regions"])
+        regions = sorted(r["RegionName"] for r in answer["Regions"] if r.get("OptInStatus") != "not-opted-in")
         with self._lock:
             self._regions[key] = (now + REGIONS_TTL, regions)
         return regions
@@ -146,6 +145,7 @@ class Agent:
         futures: dict[Future[tuple[list[Sample], list[Skipped]]], tuple[Role, str, str]] = {}
         for role in m.roles():
             try:
+                self.sessions.session(role.arn, role.external_id)  # a role we cannot assume fails once, here
                 account = self.sessions.account_id(role.arn, role.external_id)
                 regions = self.regions(m, role)
             except SamplingError as exc:
@@ -220,7 +220,7 @@ class Agent:
         """Collect, then commit the records and the sampler state in one transaction."""
         assert self.spool is not None
         result = self.collect(m, at)
-        if not result.ok:
+        if result.error is not None:
             return result
         bound = log.bind(measurement=m.name, tick=format_timestamp(result.tick))
         try:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +85,89 @@ def aws(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Aws:
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     return Aws(moto_endpoint)
+
+
+Rule = Callable[[str, str], "tuple[int, bytes] | None"]  # (action, region) -> answer instead of moto's
+
+
+def aws_error(code: str, message: str, status: int = 400) -> tuple[int, bytes]:
+    """An EC2-style (query protocol) error response."""
+    body = (f'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>{code}</Code>'
+            f"<Message>{message}</Message></Error></Errors><RequestID>proxy-1</RequestID></Response>")
+    return status, body.encode()
+
+
+class AwsProxy:
+    """A loopback proxy in front of moto: rules answer chosen calls themselves (throttling,
+    denial in one region), ``delay`` slows every call, and in-flight calls are counted
+    per (action, region)."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.rules: list[Rule] = []
+        self.delay = 0.0
+        self.calls: list[tuple[str, str]] = []
+        self.max_in_flight: dict[tuple[str, str], int] = {}  # (action, region) -> most calls at once
+        self._in_flight: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                status, content_type, payload = proxy.forward(self.path, body, headers)
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def forward(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
+        action = (re.search(r"Action=(\w+)", body.decode(errors="replace")) or re.search(r"\.(\w+)$", headers.get(
+            "X-Amz-Target", "")))
+        name = action.group(1) if action else ""
+        scope = re.search(r"Credential=[^/]+/\d+/([^/]+)/", headers.get("Authorization", ""))
+        region = scope.group(1) if scope else ""
+        key = (name, region)
+        with self._lock:
+            self.calls.append(key)
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+            self.max_in_flight[key] = max(self.max_in_flight.get(key, 0), self._in_flight[key])
+        try:
+            if self.delay:
+                time.sleep(self.delay)  # the proxy's own pace, not the test's clock
+            for rule in self.rules:
+                answer = rule(name, region)
+                if answer is not None:
+                    return answer[0], "text/xml", answer[1]
+            reply = httpx.post(f"{self.upstream}{path}", content=body, headers=headers, timeout=60)
+            return reply.status_code, reply.headers.get("Content-Type", "text/xml"), reply.content
+        finally:
+            with self._lock:
+                self._in_flight[key] -= 1
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def aws_proxy(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Iterator[AwsProxy]:
+    """The agent reaches moto through an AwsProxy (AWS_ENDPOINT_URL points at the proxy)."""
+    proxy = AwsProxy(aws.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture

@@ -8,16 +8,12 @@ duplicates); the dropped-records counter stays 0.
 from __future__ import annotations
 
 import socket
-import threading
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import boto3
-import httpx
 import pytest
 from botocore.stub import Stubber
 
@@ -31,7 +27,18 @@ from agent.sinks.paigo import PaigoSink
 from agent.spool import Spool
 from agent.telemetry import REGISTRY
 from agent.testing.paigo_server import Fault, PaigoContractServer
-from tests.conftest import ACCOUNT, TICK, only, CLIENT_ID, CLIENT_SECRET, Aws, make_config, measurement
+from tests.conftest import (
+    ACCOUNT,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    TICK,
+    Aws,
+    AwsProxy,
+    aws_error,
+    make_config,
+    measurement,
+    only,
+)
 from tests.test_delivery import FakeClock, Pipeline, make_records
 
 REPORT: list[tuple[str, int, int, int, int, int]] = []
@@ -214,58 +221,21 @@ def test_a_full_disk_fails_the_tick_keeps_the_state_and_recovers(aws: Aws, paigo
 
 # -- AWS throttling ------------------------------------------------------------------------
 
-THROTTLED = (b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>RequestLimitExceeded'
-             b'</Code><Message>Request limit exceeded.</Message></Error></Errors><RequestID>t-1</RequestID></Response>')
-
-
-@pytest.fixture
-def throttling_proxy(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
-    """A proxy in front of moto that answers the first DescribeVolumes calls as EC2 does when throttling."""
-    state = {"throttle": 3, "throttled": 0}
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: Any) -> None:
-            return
-
-        def do_POST(self) -> None:  # noqa: N802
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            with lock:
-                throttle = b"Action=DescribeVolumes" in body and state["throttle"] > 0
-                if throttle:
-                    state["throttle"] -= 1
-                    state["throttled"] += 1
-            if throttle:
-                status, headers, payload = 503, {"Content-Type": "text/xml"}, THROTTLED
-            else:
-                headers_in = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-                answer = httpx.post(f"{aws.endpoint}{self.path}", content=body, headers=headers_in)
-                status, payload = answer.status_code, answer.content
-                headers = {"Content-Type": answer.headers.get("Content-Type", "text/xml")}
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
-    yield state
-    server.shutdown()
-    server.server_close()
-
-
-def test_throttling_is_retried_and_the_tick_completes(aws: Aws, throttling_proxy: dict[str, int],
+def test_throttling_is_retried_and_the_tick_completes(aws: Aws, aws_proxy: AwsProxy,
                                                      paigo: PaigoContractServer, tmp_path: Path) -> None:
     aws.volume("us-east-1", 33, tags={"customer-id": "acme"})
+    throttle = [3]
+
+    def throttled(action: str, region: str) -> tuple[int, bytes] | None:
+        if action == "DescribeVolumes" and throttle[0] > 0:
+            throttle[0] -= 1
+            return aws_error("RequestLimitExceeded", "Request limit exceeded.", 503)
+        return None
+
+    aws_proxy.rules.append(throttled)
     cfg = make_config(paigo, tmp_path)
     spool = Spool(cfg.spool.path)
     (result,) = Agent(cfg, SessionFactory(), spool).sample_all(datetime(2026, 11, 21, 10, tzinfo=timezone.utc))
-    assert throttling_proxy["throttled"] == 3
+    assert aws_proxy.calls.count(("DescribeVolumes", "us-east-1")) == 4  # 3 throttled, then answered
     assert result.ok and [r.value for r in result.records] == [33]
     spool.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from decimal import Decimal
-from typing import Any
 
 from agent.samplers import instance_types
 from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, tags_of
