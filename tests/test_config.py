@@ -14,6 +14,7 @@ import yaml
 
 from agent.config import load_config, parse_duration
 from agent.errors import ConfigError
+from agent.samplers import REGISTRY
 
 CONFIG_DIR = Path(__file__).parent.parent / "config"
 SECRET = "s3cr3t-Value-9f2c"
@@ -226,7 +227,8 @@ def test_paigo_camel_case_aliases_give_the_same_model(tmp_path: Path) -> None:
     assert from_camel == from_snake
     m = from_camel.measurements[0]
     assert (m.dimension_id, m.iam_role_arn, m.external_id) == ("dim-9", role, "123456789")
-    assert (m.regions, m.resource_type, m.account_id) == (["eu-west-1"], "ebs", "214826386939")
+    assert (m.regions, m.resource_type, m.roles()[0].arn) == (["eu-west-1"], "ebs", m.iam_role_arn)
+    assert m.iam_role_arn is not None and m.iam_role_arn.split(":")[4] == "214826386939"
 
 
 # --------------------------------------------------------------------------- 5. durations
@@ -294,4 +296,4 @@ def test_example_config_validates(tmp_path: Path, example: Path) -> None:
     cfg = load_config(example, env)
     assert cfg.backend.client_id == "example-client"
     assert cfg.backend.secret() in {"secret-from-env", "secret-from-file"}
-    assert cfg.measurements and all(m.resource_type == "ebs" for m in cfg.measurements)
+    assert cfg.measurements and all(m.roles() and m.resource_type in REGISTRY for m in cfg.measurements)
