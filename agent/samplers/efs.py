@@ -46,7 +46,7 @@ SPEC = SamplerSpec(
     resource_type="efs",
     metrics={
         "size_bytes": MetricSpec("bytes", "metered size (SizeInBytes.Value, all storage classes)"),
-        "count": MetricSpec("file systems", "number of file systems"),
+        "count": MetricSpec("filesystems", "number of file systems"),
     },
     default_metric="size_bytes",
     iam_actions=("elasticfilesystem:DescribeFileSystems",),

@@ -63,7 +63,7 @@ def sample_instances(clients: ClientFor, target: Target) -> Iterator[Sample | Sk
     compute_billed = {
         _ec2_type(db.get("DBInstanceClass", ""))
         for db in instances
-        if db.get("DBInstanceStatus") not in _STORAGE_ONLY
+        if db.get("DBInstanceClass") and db.get("DBInstanceStatus") not in _STORAGE_ONLY
     }
     types = lookup(clients("ec2"), compute_billed) if compute_billed else {}
     for db in instances:
@@ -98,7 +98,7 @@ SPEC = SamplerSpec(
     resource_type="rds",
     metrics={
         DEFAULT_METRIC: MetricSpec("GiB", "allocated storage (not for Aurora, DocumentDB or Neptune: cluster storage)"),
-        "count": MetricSpec("DB instances", "DB instances billed for instance hours (not stopped)"),
+        "count": MetricSpec("instances", "DB instances billed for instance hours (not stopped)"),
         "vcpus": MetricSpec("vCPUs", "default vCPUs of the instance class (not stopped)"),
     },
     default_metric=DEFAULT_METRIC,
