@@ -5,6 +5,16 @@ from __future__ import annotations
 from agent.samplers import dynamodb, ebs, ebs_snapshot, efs, rds, s3
 from agent.samplers.base import MetricSpec, Sample, SamplerSpec, Skipped, Target
 
-REGISTRY: dict[str, SamplerSpec] = {spec.resource_type: spec for spec in (ebs.SPEC, ebs_snapshot.SPEC, s3.SPEC, rds.SPEC, efs.SPEC, dynamodb.SPEC)}
+REGISTRY: dict[str, SamplerSpec] = {
+    spec.resource_type: spec
+    for spec in (
+        ebs.SPEC,
+        ebs_snapshot.SPEC,
+        s3.SPEC,
+        rds.SPEC,
+        efs.SPEC,
+        dynamodb.SPEC,
+    )
+}
 
 __all__ = ["REGISTRY", "MetricSpec", "Sample", "SamplerSpec", "Skipped", "Target"]
