@@ -38,12 +38,20 @@ def only(client: Any) -> Any:
     return lambda service: client
 
 
+def offline_client(service: str, region: str = "us-east-1") -> Any:
+    """A client for botocore's Stubber: dummy credentials, no endpoint it could reach."""
+    return boto3.client(service, region_name=region, aws_access_key_id="x", aws_secret_access_key="x")
+
+
 @dataclass
 class Aws:
     endpoint: str
 
+    def client(self, service: str, region: str = "us-east-1") -> Any:
+        return boto3.client(service, region_name=region, endpoint_url=self.endpoint)
+
     def ec2(self, region: str = "us-east-1") -> Any:
-        return boto3.client("ec2", region_name=region, endpoint_url=self.endpoint)
+        return self.client("ec2", region)
 
     def volume(self, region: str, size: int, volume_type: str = "gp3", tags: dict[str, str] | None = None, **extra: Any) -> str:
         kwargs: dict[str, Any] = {"Size": size, "VolumeType": volume_type, "AvailabilityZone": f"{region}a", **extra}

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from agent.samplers import cloudwatch, ebs, ec2
+from agent.samplers import cloudwatch, dynamodb, ebs, ebs_snapshot, ec2, efs, rds, s3
 from agent.samplers.base import MetricSpec, Sample, SamplerSpec, Skipped, Target
 
-REGISTRY: dict[str, SamplerSpec] = {spec.resource_type: spec for spec in (ebs.SPEC, ec2.SPEC, cloudwatch.SPEC)}
+REGISTRY: dict[str, SamplerSpec] = {
+    spec.resource_type: spec
+    for spec in (
+        ebs.SPEC,
+        ebs_snapshot.SPEC,
+        ec2.SPEC,
+        s3.SPEC,
+        rds.SPEC,
+        efs.SPEC,
+        dynamodb.SPEC,
+        cloudwatch.SPEC,
+    )
+}
 
 __all__ = ["REGISTRY", "MetricSpec", "Sample", "SamplerSpec", "Skipped", "Target"]

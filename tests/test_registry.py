@@ -1,0 +1,81 @@
+"""The registry checks itself: every sampler declares what config, iam-policy and the README need,
+and has a test module of its own."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from pathlib import Path
+
+import pytest
+
+import agent.samplers
+from agent.config import Filters
+from agent.samplers import REGISTRY, SamplerSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+IAM_ACTION = re.compile(r"^[a-z0-9-]+:[A-Z][A-Za-z0-9]+$")
+
+TYPES = sorted(REGISTRY)
+
+
+def test_every_sampler_module_is_registered() -> None:
+    specs = [
+        getattr(importlib.import_module(f"agent.samplers.{info.name}"), "SPEC", None)
+        for info in pkgutil.iter_modules(agent.samplers.__path__)
+    ]
+    defined = [spec for spec in specs if isinstance(spec, SamplerSpec)]
+    assert len(defined) == len(REGISTRY)
+    assert all(REGISTRY[spec.resource_type] is spec for spec in defined)
+
+
+@pytest.mark.parametrize("resource_type", TYPES)
+def test_declares_metrics_with_units_and_descriptions(resource_type: str) -> None:
+    spec = REGISTRY[resource_type]
+    assert spec.resource_type == resource_type and NAME.match(resource_type)
+    assert spec.metrics
+    for name, metric in spec.metrics.items():
+        assert NAME.match(name), name
+        assert metric.unit.strip() and metric.description.strip(), name
+    assert spec.default_metric in spec.metrics
+    assert spec.description.strip()
+
+
+@pytest.mark.parametrize("resource_type", TYPES)
+def test_declares_well_formed_iam_actions_and_known_filters(resource_type: str) -> None:
+    spec = REGISTRY[resource_type]
+    assert isinstance(spec.iam_actions, tuple) and spec.iam_actions
+    for action in spec.iam_actions:
+        assert IAM_ACTION.match(action), action
+    assert len(set(spec.iam_actions)) == len(spec.iam_actions)
+    assert set(spec.filters) <= set(Filters.model_fields)
+
+
+def _module(spec: SamplerSpec) -> str:
+    return spec.sample.__module__
+
+
+@pytest.mark.parametrize("resource_type", TYPES)
+def test_has_a_test_module_with_exact_numbers(resource_type: str) -> None:
+    spec = REGISTRY[resource_type]
+    assert _module(spec).startswith("agent.samplers.")
+    path = ROOT / "tests" / f"test_{resource_type}_sampler.py"
+    assert path.is_file(), f"{resource_type} has no {path.relative_to(ROOT)}"
+    text = path.read_text(encoding="utf-8")
+    assert _module(spec) in text, f"{path.name} does not test {_module(spec)}"
+    assert "Decimal(" in text, f"{path.name} asserts no exact (Decimal) values"
+
+
+@pytest.mark.parametrize("resource_type", TYPES)
+def test_is_documented_in_the_readme(resource_type: str) -> None:
+    spec = REGISTRY[resource_type]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Resource types", 1)[1].split("\n#", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith(f"| `{resource_type}` |")]
+    assert len(rows) == 1, f"README.md needs one resource-type row for {resource_type}"
+    for metric in spec.metrics:
+        assert f"`{metric}`" in rows[0], metric
+    for action in spec.iam_actions:
+        assert f"`{action}`" in rows[0], action
