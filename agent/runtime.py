@@ -201,15 +201,16 @@ class Agent:
         if result.withheld:
             bound.warning("customer totals withheld: a failed target may hold part of them, and a partial "
                           "total would be billed under the tick's final id", withheld=result.withheld)
+        tag = ",".join(sorted({r.customer.tag for r in m.roles() if r.customer and r.customer.tag}))
         reasons = {s.resource_id: s.reason for s in skipped}
         for resource in self._first_time(m, list(reasons)):
             bound.warning("resource skipped", resource_id=resource, reason=reasons[resource])
         for resource in self._first_time(m, conversion.untagged):
-            bound.warning("resource has no customer tag; skipped", resource_id=resource, tag=m.customer.tag)
+            bound.warning("resource has no customer tag; skipped", resource_id=resource, tag=tag)
         invalid = dict(conversion.invalid_customer)
         for resource in self._first_time(m, list(invalid)):
             bound.warning("resource skipped: its customer tag is not a usable customer id",
-                          resource_id=resource, tag=m.customer.tag, value=invalid[resource][:300])
+                          resource_id=resource, tag=tag, value=invalid[resource][:300])
         for reason, count in (("unreadable", len(skipped)), ("untagged", len(conversion.untagged)),
                               ("invalid_customer", len(invalid))):
             if count:
