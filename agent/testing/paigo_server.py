@@ -49,12 +49,14 @@ class PaigoContractServer:
         expires_in: int = 86400,
         reject: Callable[[dict[str, Any]], bool] | None = None,
         port: int = 0,
+        latency: float = 0.0,
     ):
         self.client_id = client_id
         self.client_secret = client_secret
         self.audience = audience
         self.expires_in = expires_in
         self.reject = reject
+        self.latency = latency  # seconds every /usage request waits before it is handled: a backend's round trip
         self._validator = jsonschema.Draft7Validator(usage_record_schema(), format_checker=jsonschema.FormatChecker())
         self._lock = threading.Lock()
         self._tokens: dict[str, float] = {}
@@ -171,6 +173,7 @@ class PaigoContractServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall
 
             def log_message(self, *args: Any) -> None:  # keep test and demo output clean
                 return
@@ -214,6 +217,8 @@ class PaigoContractServer:
                 return fault.drop
 
             def _serve(self, path: str, raw: bytes) -> None:
+                if path == "/usage" and server.latency:
+                    time.sleep(server.latency)
                 fault = server._next_fault(path)
                 if fault and not fault.after_commit:
                     if self._disrupt(fault):
