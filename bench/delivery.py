@@ -1,0 +1,123 @@
+"""Delivery: the agent's forwarder (lease -> concurrent sends -> settle) against a naive
+sequential httpx loop, both sending to the same contract server on 127.0.0.1 that takes
+``LATENCY`` seconds per request. The server runs in its own process: the CPU measured is the
+client's alone.
+
+Each backend is one ``DeliveryCase``: its server process, how the agent's sink is built for
+it, and what one naive request is. A new sink gets a case in ``CASES``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from agent.convert import UsageRecord, format_decimal, format_timestamp
+from bench.common import Timing, interleave, timed
+from bench.records import BASE_TICK, ticks
+
+LATENCY = 0.005
+PER_TICK = 1000
+
+
+@dataclass(frozen=True)
+class DeliveryCase:
+    name: str
+    server: tuple[str, ...]  # python -m ... : prints {"url", ...} when ready, its counts when stdin closes
+    build_sink: Callable[[dict[str, Any]], Any]  # server info -> the agent's sink, configured as an operator would
+    naive_session: Callable[[httpx.Client, dict[str, Any]], dict[str, str]]  # -> headers for every request
+    naive_request: Callable[[dict[str, Any], UsageRecord], tuple[str, Any]]  # -> (url, JSON body) of one record
+
+
+def _paigo_sink(server: dict[str, Any]) -> Any:
+    from agent.config import PaigoBackend
+    from agent.sinks.paigo import PaigoSink
+    from bench.paigo_process import CLIENT_ID, CLIENT_SECRET
+
+    backend = PaigoBackend(type="paigo", url=server["url"], token_url=server["token_url"],
+                           audience="https://qnonyh1pc7.execute-api.us-east-1.amazonaws.com",
+                           client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+    return PaigoSink(backend)
+
+
+def _paigo_token(client: httpx.Client, server: dict[str, Any]) -> dict[str, str]:
+    from bench.paigo_process import CLIENT_ID, CLIENT_SECRET
+
+    answer = client.post(server["token_url"], json={
+        "audience": "https://qnonyh1pc7.execute-api.us-east-1.amazonaws.com", "grant_type": "client_credentials",
+        "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET})
+    answer.raise_for_status()
+    return {"Authorization": f"Bearer {answer.json()['access_token']}"}
+
+
+def _paigo_body(server: dict[str, Any], record: UsageRecord) -> tuple[str, Any]:
+    return f"{server['url']}/usage", {
+        "dimensionId": record.dimension_id,
+        "customerId": record.customer_id,
+        "timestamp": format_timestamp(record.timestamp),
+        "recordValue": format_decimal(record.value),
+        "metadata": {**record.metadata, "recordId": record.record_id},
+    }
+
+
+PAIGO = DeliveryCase("paigo", ("bench.paigo_process", str(LATENCY)), _paigo_sink, _paigo_token, _paigo_body)
+CASES = (PAIGO,)
+
+
+def agent_forwarder(case: DeliveryCase, server: dict[str, Any], batches: list[list[UsageRecord]]) -> Timing:
+    """Spool the records (not timed), then time the forwarder draining the spool."""
+    from agent.forwarder import Forwarder
+    from agent.spool import Spool
+
+    total = sum(map(len, batches))
+    with tempfile.TemporaryDirectory(prefix="bench-delivery-") as tmp:
+        spool = Spool(Path(tmp) / "spool.db", max_records=10_000_000)
+        for i, records in enumerate(batches):
+            spool.commit_tick("ebs-gib-hours", BASE_TICK + timedelta(minutes=15 * i), records)
+        sink = case.build_sink(server)
+        if hasattr(sink, "token"):
+            sink.token.get()  # the naive loop fetches its token before its clock starts too
+        forwarder = Forwarder(spool, sink)
+        timing, pumped = timed(forwarder.drain)
+        sink.close()
+        delivered = spool.counts()["delivered"]
+        spool.close()
+    if pumped.delivered != total or delivered != total:
+        raise RuntimeError(f"the forwarder delivered {pumped.delivered} of {total} records ({pumped})")
+    return timing
+
+
+def naive_loop(case: DeliveryCase, server: dict[str, Any], records: list[UsageRecord]) -> Timing:
+    """One request after the other over one keep-alive connection; no spool, no retries."""
+    with httpx.Client(timeout=10) as client:
+        headers = case.naive_session(client, server)
+
+        def run() -> None:
+            for record in records:
+                url, body = case.naive_request(server, record)
+                client.post(url, json=body, headers=headers).raise_for_status()
+
+        timing, _ = timed(run)
+    if timing.wall < len(records) * LATENCY:
+        raise RuntimeError("the server answered faster than its latency: the latency was not applied")
+    return timing
+
+
+def run(case: DeliveryCase, records: int, naive_records: int, repeats: int) -> dict[str, Any]:
+    from bench.common import helper_process
+
+    batches = ticks(PER_TICK, records // PER_TICK)
+    later = len(batches)  # the naive loop sends other records: the server counts no duplicates
+    naive = [r for batch in ticks(PER_TICK, -(-naive_records // PER_TICK), later) for r in batch][:naive_records]
+    with helper_process(*case.server) as (server, received):
+        series = interleave(repeats, {
+            "naive": lambda: naive_loop(case, server, naive),
+            "agent": lambda: agent_forwarder(case, server, batches),
+        })
+    return {"records": records, "naive_records": naive_records, "series": series, "server": received}
