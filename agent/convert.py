@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ def tick_floor(at: datetime, interval_seconds: int) -> datetime:
 
 
 _TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
+_TIMESTAMP_SHAPE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 
 def format_timestamp(at: datetime) -> str:
@@ -42,8 +44,11 @@ def format_timestamp(at: datetime) -> str:
 
 
 def parse_timestamp(text: str) -> datetime:
-    """The inverse of ``format_timestamp``."""
-    return datetime.strptime(text, _TIMESTAMP).replace(tzinfo=timezone.utc)
+    """The inverse of ``format_timestamp``. Every leased record passes here: the shape is checked
+    first, then fromisoformat parses it (strptime took a sixth of the spool's CPU)."""
+    if _TIMESTAMP_SHAPE.fullmatch(text) is None:
+        raise ValueError(f"time data {text!r} does not match format {_TIMESTAMP!r}")
+    return datetime.fromisoformat(text)
 
 
 def format_decimal(value: Decimal) -> str:

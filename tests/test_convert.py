@@ -10,7 +10,16 @@ from decimal import Decimal
 import pytest
 
 from agent.config import Measurement
-from agent.convert import AGGREGATE, UsageRecord, convert, format_decimal, format_timestamp, record_id, tick_floor
+from agent.convert import (
+    AGGREGATE,
+    UsageRecord,
+    convert,
+    format_decimal,
+    format_timestamp,
+    parse_timestamp,
+    record_id,
+    tick_floor,
+)
 from agent.samplers.base import Sample
 
 UTC = timezone.utc
@@ -321,3 +330,15 @@ def test_timestamps_are_rfc3339_utc_with_z():
     assert format_timestamp(datetime(2024, 3, 1, 10, 15, tzinfo=UTC)) == "2024-03-01T10:15:00Z"
     assert format_timestamp(datetime(2024, 3, 1, 5, 15, tzinfo=timezone(timedelta(hours=-5)))) == "2024-03-01T10:15:00Z"
     assert format_timestamp(datetime(2024, 1, 1, 0, 0, 0, 999999, tzinfo=UTC)) == "2024-01-01T00:00:00Z"
+
+
+def test_timestamps_parse_only_in_the_shape_they_are_written():
+    parsed = parse_timestamp("2024-02-29T23:59:59Z")
+    assert parsed == datetime(2024, 2, 29, 23, 59, 59, tzinfo=UTC)
+    assert parsed.utcoffset() == timedelta(0)
+    assert format_timestamp(parsed) == "2024-02-29T23:59:59Z"
+    for text in ("2024-03-01T10:15:00", "2024-03-01T10:15:00+00:00", "2024-03-01 10:15:00Z", "2024-3-01T10:15:00Z",
+                 "2024-03-01T10:15:00.5Z", "2024-03-01T10:15:00Z\n", "2024-W09-5T10:15:00Z", "\u0662024-03-01T10:15:00Z",
+                 "2023-02-29T10:15:00Z", "2024-03-01T24:00:00Z", ""):
+        with pytest.raises(ValueError):
+            parse_timestamp(text)
