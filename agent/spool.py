@@ -179,10 +179,17 @@ class Spool:
                 self._lock_file = None
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; SQLite failures (disk full, I/O errors) become SpoolError."""
+    def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction; SQLite failures (disk full, I/O errors) become SpoolError.
+
+        ``durable=False`` commits without waiting for the disk (synchronous=NORMAL): for writes
+        that a crash may undo because the next start undoes them anyway (leases). A later
+        durable commit makes them durable too: the -wal is written in order.
+        """
         with self._lock:
             try:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db
@@ -195,6 +202,9 @@ class Spool:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise SpoolError(f"spool {self.path}: write failed: {exc}") from exc
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     # -- sampling side -----------------------------------------------------------------
 
@@ -205,7 +215,7 @@ class Spool:
         now = self._clock()
         tick_text = format_timestamp(tick)
         with self._write() as db:
-            unsent = db.execute("SELECT COUNT(*) FROM records WHERE state IN ('pending', 'leased')").fetchone()[0]
+            most_unsent = self._unsent_at_most(db)
             row = db.execute("SELECT last_tick FROM sampler_state WHERE measurement = ?", (measurement,)).fetchone()
             previous = row[0] if row else None
             before = db.total_changes
@@ -218,7 +228,9 @@ class Spool:
                 ],
             )
             inserted = db.total_changes - before
-            if unsent + inserted > self.max_records:  # ids already spooled (a re-run tick) do not count
+            # ids already spooled (a re-run tick) do not count; the exact count is only needed near the cap
+            unsent = self._unsent(db) - inserted if most_unsent + inserted > self.max_records else most_unsent
+            if unsent + inserted > self.max_records:
                 SPOOL_FULL.set(1)
                 raise SpoolFullError(
                     f"spool {self.path} holds {unsent} unsent records; adding {inserted} would pass "
@@ -234,6 +246,21 @@ class Spool:
         SPOOL_FULL.set(0)
         self.checkpoint()  # a lost -wal must not lose what was sampled
         return TickCommit(inserted=inserted, previous_tick=previous)
+
+    @staticmethod
+    def _unsent(db: sqlite3.Connection) -> int:
+        return db.execute("SELECT COUNT(*) FROM records WHERE state IN ('pending', 'leased')").fetchone()[0]
+
+    @staticmethod
+    def _unsent_at_most(db: sqlite3.Connection) -> int:
+        """An upper bound of the unsent records from three index lookups: every one of them lies
+        between the oldest unsent row and the newest row. Counting them walks the whole backlog."""
+        oldest = [db.execute("SELECT min(seq) FROM records WHERE state = ?", (state,)).fetchone()[0]
+                  for state in ("pending", "leased")]
+        oldest = [seq for seq in oldest if seq is not None]
+        if not oldest:
+            return 0
+        return db.execute("SELECT max(seq) FROM records").fetchone()[0] - min(oldest) + 1
 
     def checkpoint(self) -> None:
         """Copy committed transactions from the -wal into the main file (without waiting on readers)."""
@@ -251,9 +278,13 @@ class Spool:
     # -- forwarding side ---------------------------------------------------------------
 
     def lease_batch(self, limit: int, lease_seconds: float) -> list[Leased]:
-        """Lease up to ``limit`` records that are due, oldest first."""
+        """Lease up to ``limit`` records that are due, oldest first.
+
+        Not durable: a lease a crash loses leaves the records pending, as the next start's
+        ``claim`` would have; a damaged row it loses is dead-lettered again at the next lease.
+        """
         now = self._clock()
-        with self._write() as db:
+        with self._write(durable=False) as db:
             db.execute(
                 "UPDATE records SET state = 'pending', lease_until = NULL WHERE state = 'leased' AND lease_until <= ?",
                 (now,),
@@ -280,10 +311,12 @@ class Spool:
                 "UPDATE records SET state = 'dead', last_status = NULL, last_error = ?, updated_at = ? WHERE seq = ?",
                 damaged,
             )
-            db.executemany(
-                "UPDATE records SET state = 'leased', lease_until = ?, updated_at = ? WHERE seq = ?",
-                [(now + lease_seconds, now, seq) for seq in leased_seqs],
-            )
+            if leased_seqs:  # the rows selected above, in one statement: the damaged ones are dead now
+                db.execute(
+                    "UPDATE records SET state = 'leased', lease_until = ?, updated_at = ? "
+                    "WHERE state = 'pending' AND not_before <= ? AND seq <= ?",
+                    (now + lease_seconds, now, now, leased_seqs[-1]),
+                )
         for error, _, seq in damaged:
             log.error("spooled record is damaged; dead-lettered", seq=seq, error=error)
         return leased

@@ -139,6 +139,46 @@ def test_the_cap_counts_only_unsent_records(open_spool):
     assert spool.commit_tick("ebs-storage", T2, [make_record("acme", T2)]).inserted == 1
 
 
+def test_the_cap_is_exact_when_delivered_records_lie_between_unsent_ones(open_spool, clock):
+    spool = open_spool(max_records=4)
+    spool.commit_tick("ebs-storage", T1, [make_record(c) for c in ("acme", "globex", "initech", "umbrella")])
+    first = spool.lease_batch(1, 60)  # acme fails and waits; the two after it are delivered
+    spool.settle(retries=[Retry(ids(first)[0], clock.now + 30, 503, "backend answered 503")])
+    middle = spool.lease_batch(2, 60)
+    spool.settle(delivered=ids(middle))
+    # unsent: acme and umbrella, four rows apart; two more fit, three do not
+    assert spool.commit_tick("ebs-storage", T2, [make_record("acme", T2), make_record("globex", T2)]).inserted == 2
+    with pytest.raises(SpoolFullError, match="holds 4 unsent records; adding 1"):
+        spool.commit_tick("ebs-storage", T3, [make_record("acme", T3)])
+    assert spool.counts() == {"pending": 4, "leased": 0, "delivered": 2, "dead": 0}
+
+
+def test_leases_commit_without_fsync_and_acknowledgements_with_it(spool):
+    """A lease a crash loses changes nothing (the next start releases leases anyway); an
+    acknowledgement a crash loses would send a delivered record again."""
+    spool.commit_tick("ebs-storage", T1, [make_record("acme"), make_record("globex")])
+    statements: list[str] = []
+    spool._db.set_trace_callback(statements.append)
+    leased = spool.lease_batch(10, 60)
+    assert len(leased) == 2
+    lease_statements = statements[:]
+    statements.clear()
+    spool.settle(delivered=ids(leased))
+    spool._db.set_trace_callback(None)
+    assert lease_statements[:2] == ["PRAGMA synchronous=NORMAL", "BEGIN IMMEDIATE"]
+    assert lease_statements[-2:] == ["COMMIT", "PRAGMA synchronous=FULL"]
+    assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
+    assert not any(s.startswith("PRAGMA") for s in statements)
+    full = 2  # PRAGMA synchronous: FULL
+    assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == full
+    spool.commit_tick("ebs-storage", T2, [make_record("acme", T2)])
+    spool._db.execute("PRAGMA query_only=ON")  # the next lease fails inside its transaction
+    with pytest.raises(SpoolError):
+        spool.lease_batch(10, 60)
+    spool._db.execute("PRAGMA query_only=OFF")
+    assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == full
+
+
 # -- leasing ------------------------------------------------------------------------------
 
 
