@@ -25,11 +25,11 @@ from apscheduler.triggers.interval import IntervalTrigger
 from botocore.exceptions import BotoCoreError, ClientError
 
 from agent.config import AgentConfig, Customer, Measurement, Role
-from agent.convert import UsageRecord, convert, format_timestamp, parse_timestamp, tick_floor
+from agent.convert import Tally, UsageRecord, format_timestamp, parse_timestamp, tick_floor
 from agent.credentials import SessionFactory, describe_aws_error, utc_now
 from agent.errors import AssumeRoleError, SamplingError, SpoolError, SpoolFullError
 from agent.forwarder import Forwarder
-from agent.samplers import REGISTRY, Sample, Skipped, Target
+from agent.samplers import REGISTRY, Skipped, Target
 from agent.sinks.base import Sink
 from agent.spool import Spool
 from agent.telemetry import (
@@ -121,28 +121,30 @@ class Agent:
         return regions
 
     def _sample_target(self, m: Measurement, role: Role, account: str, region: str,
-                       tick: datetime) -> tuple[list[Sample], list[Skipped]]:
+                       tick: datetime) -> tuple[Tally, list[Skipped]]:
         spec = REGISTRY[m.resource_type]
 
         def clients(service: str) -> Any:
             return self.sessions.client(service, region, role.arn, role.external_id)
 
-        samples: list[Sample] = []
+        # samples are tallied as they arrive, not kept: a failed target's tally is dropped whole
+        tally = Tally(m, m.metric or spec.default_metric, {account: role.customer} if role.customer else None)
         skipped: list[Skipped] = []
         with self._limit(account, region):
             try:
                 for item in spec.sample(clients, Target(m, account, region, tick)):
-                    (skipped if isinstance(item, Skipped) else samples).append(item)
+                    if isinstance(item, Skipped):
+                        skipped.append(item)
+                    else:
+                        tally.add(item)
             except (ClientError, BotoCoreError) as exc:
                 raise SamplingError(f"{m.resource_type} in {account}/{region}: {describe_aws_error(exc)}") from exc
-        return samples, skipped
+        return tally, skipped
 
-    def _sample(self, m: Measurement, tick: datetime) -> tuple[list[Sample], list[Skipped], dict[str, Customer],
-                                                              list[TargetFailure], int]:
-        """Every target of the measurement; returns samples, skips, customers by account, failures, targets."""
+    def _sample(self, m: Measurement, tick: datetime) -> tuple[Tally, list[Skipped], list[TargetFailure], int]:
+        """Every target of the measurement; returns their tally, skips, failures, targets."""
         failures: list[TargetFailure] = []
-        customers: dict[str, Customer] = {}
-        futures: dict[Future[tuple[list[Sample], list[Skipped]]], tuple[Role, str, str]] = {}
+        futures: dict[Future[tuple[Tally, list[Skipped]]], tuple[Role, str, str]] = {}
         for role in m.roles():
             try:
                 self.sessions.session(role.arn, role.external_id)  # a role we cannot assume fails once, here
@@ -151,11 +153,9 @@ class Agent:
             except SamplingError as exc:
                 failures.append(_failure(role, role.arn.split(":")[4] if role.arn else "?", "*", exc))
                 continue
-            if role.customer is not None:
-                customers[account] = role.customer
             for region in regions:
                 futures[self._pool.submit(self._sample_target, m, role, account, region, tick)] = (role, account, region)
-        samples: list[Sample] = []
+        tally = Tally(m, m.metric or REGISTRY[m.resource_type].default_metric)
         skipped: list[Skipped] = []
         for future in as_completed(futures):
             role, account, region = futures[future]
@@ -164,9 +164,9 @@ class Agent:
             except SamplingError as exc:
                 failures.append(_failure(role, account, region, exc))
                 continue
-            samples += got
+            tally.merge(got)
             skipped += skips
-        return samples, skipped, customers, failures, len(futures) + sum(f.region == "*" for f in failures)
+        return tally, skipped, failures, len(futures) + sum(f.region == "*" for f in failures)
 
     def _first_time(self, m: Measurement, resources: list[str]) -> list[str]:
         """The resources not yet reported for this measurement: each is logged once, not every tick."""
@@ -180,7 +180,7 @@ class Agent:
         tick = tick_floor(at, m.interval_seconds)
         result = TickResult(m.name, tick)
         bound = log.bind(measurement=m.name, tick=format_timestamp(tick))
-        samples, skipped, customers, failures, targets = self._sample(m, tick)
+        tally, skipped, failures, targets = self._sample(m, tick)
         for failure in failures:
             TARGETS_FAILED.labels(m.name, failure.account, failure.region, failure.reason).inc()
             bound.error("sampling failed; this target emits no records for this tick",
@@ -194,7 +194,7 @@ class Agent:
         spec = REGISTRY[m.resource_type]
         metric = m.metric or spec.default_metric
         unit = m.cloudwatch.unit if m.cloudwatch else spec.metrics[metric].unit
-        conversion = convert(m, metric, unit, samples, tick, customers)
+        conversion = tally.convert(unit, tick)
         result.sampled = conversion.sampled
         result.records = _without_partial_totals(m, conversion.records, failures)
         result.withheld = len(conversion.records) - len(result.records)

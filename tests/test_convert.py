@@ -12,6 +12,7 @@ import pytest
 from agent.config import Measurement
 from agent.convert import (
     AGGREGATE,
+    Tally,
     UsageRecord,
     convert,
     format_decimal,
@@ -273,6 +274,44 @@ def test_samples_without_the_metric_are_ignored_and_not_counted():
 def test_no_samples_make_no_records():
     conversion = convert(measurement(), "size_gib", "GiB", [], TICK)
     assert (conversion.records, conversion.untagged, conversion.sampled) == ([], [], 0)
+
+
+@pytest.mark.parametrize("group_by", ["customer", "resource"])
+def test_tallies_of_separate_targets_merge_into_what_one_pass_makes(group_by):
+    m = measurement(group_by=group_by)
+    targets = [
+        [volume("vol-a1", "100.5", "acme", "us-east-1", ACCOUNT_A), volume("vol-u1", 7, None, "us-east-1", ACCOUNT_A),
+         volume("vol-g1", 200, "globex", "us-east-1", ACCOUNT_A)],
+        [volume("vol-a2", "0.25", "acme", "eu-west-1", ACCOUNT_A), volume("vol-x1", 5, " padded ", "eu-west-1", ACCOUNT_A)],
+        [volume("vol-a3", 50, "acme", "us-east-1", ACCOUNT_B), volume("vol-i1", 9, "initech", "us-east-1", ACCOUNT_B)],
+        [],
+    ]
+    merged = Tally(m, "size_gib")
+    for samples in reversed(targets):  # targets finish in any order
+        tally = Tally(m, "size_gib")
+        for sample in samples:
+            tally.add(sample)
+        merged.merge(tally)
+    assert merged.convert("GiB", TICK) == convert(m, "size_gib", "GiB", [s for t in targets for s in t], TICK)
+    records = {(r.customer_id, r.resource): r for r in merged.convert("GiB", TICK).records}
+    if group_by == "customer":
+        assert records["acme", AGGREGATE].value == Decimal("150.75")
+        assert records["acme", AGGREGATE].metadata["regions"] == "eu-west-1,us-east-1"
+        assert records["acme", AGGREGATE].metadata["accounts"] == f"{ACCOUNT_A},{ACCOUNT_B}"
+        assert records["acme", AGGREGATE].metadata["resource_count"] == "3"
+    else:
+        assert records["acme", "vol-a2"].metadata["region"] == "eu-west-1"
+    assert (merged.sampled, sorted(merged.untagged), merged.invalid) == (7, ["vol-u1"], [("vol-x1", " padded ")])
+
+
+def test_a_tally_keeps_one_entry_per_record_not_per_resource():
+    tally = Tally(measurement(), "size_gib")
+    for i in range(5000):
+        tally.add(volume(f"vol-{i}", 1 + i % 7, f"customer-{i % 3}", ("us-east-1", "eu-west-1")[i % 2]))
+    assert len(tally.groups) == 3
+    assert sum(group.count for group in tally.groups.values()) == 5000
+    expected = {f"customer-{k}": Decimal(sum(1 + i % 7 for i in range(k, 5000, 3))) for k in range(3)}
+    assert {r.customer_id: r.value for r in tally.convert("GiB", TICK).records} == expected
 
 
 # -- record ids ---------------------------------------------------------------------------
