@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import sqlite3
 import statistics
 import subprocess
@@ -96,10 +95,6 @@ def helper_process(module: str, *args: str, env: dict[str, str] | None = None) -
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def child_peak_rss_mb(usage: resource.struct_rusage) -> float:
-    return usage.ru_maxrss / 1024  # Linux reports KiB
 
 
 def machine() -> dict[str, Any]:

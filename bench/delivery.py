@@ -1,7 +1,8 @@
 """Delivery: the agent's forwarder (lease -> concurrent sends -> settle) against a naive
 sequential httpx loop, both sending to the same contract server on 127.0.0.1 that takes
-``LATENCY`` seconds per request. The server runs in its own process: the CPU measured is the
-client's alone.
+``LATENCY`` seconds per request; and, for reference, against the same httpx client sending
+with the forwarder's concurrency but no spool at all. The server runs in its own process: the
+CPU measured is the client's alone.
 
 Each backend is one ``DeliveryCase``: its server process, how the agent's sink is built for
 it, and what one naive request is. A new sink gets a case in ``CASES``.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +33,7 @@ class DeliveryCase:
     name: str
     server: tuple[str, ...]  # python -m ... : prints {"url", ...} when ready, its counts when stdin closes
     build_sink: Callable[[dict[str, Any]], Any]  # server info -> the agent's sink, configured as an operator would
+    in_flight: int  # the sink's concurrent requests with that configuration
     naive_session: Callable[[httpx.Client, dict[str, Any]], dict[str, str]]  # -> headers for every request
     naive_request: Callable[[dict[str, Any], UsageRecord], tuple[str, Any]]  # -> (url, JSON body) of one record
 
@@ -66,7 +69,14 @@ def _paigo_body(server: dict[str, Any], record: UsageRecord) -> tuple[str, Any]:
     }
 
 
-PAIGO = DeliveryCase("paigo", ("bench.paigo_process", str(LATENCY)), _paigo_sink, _paigo_token, _paigo_body)
+def _paigo_in_flight() -> int:
+    from agent.config import PaigoBackend
+
+    return PaigoBackend.model_fields["max_in_flight"].default
+
+
+PAIGO = DeliveryCase("paigo", ("bench.paigo_process", str(LATENCY)), _paigo_sink, _paigo_in_flight(), _paigo_token,
+                     _paigo_body)
 CASES = (PAIGO,)
 
 
@@ -109,15 +119,43 @@ def naive_loop(case: DeliveryCase, server: dict[str, Any], records: list[UsageRe
     return timing
 
 
-def run(case: DeliveryCase, records: int, naive_records: int, repeats: int) -> dict[str, Any]:
+def threaded_loop(case: DeliveryCase, server: dict[str, Any], records: list[UsageRecord]) -> Timing:
+    """The HTTP client alone at the forwarder's concurrency: what the agent's spool and
+    bookkeeping cost on top of it is the difference."""
+    limits = httpx.Limits(max_connections=case.in_flight, max_keepalive_connections=case.in_flight)
+    with httpx.Client(timeout=10, limits=limits) as client, ThreadPoolExecutor(case.in_flight) as pool:
+        headers = case.naive_session(client, server)
+
+        def send(record: UsageRecord) -> None:
+            url, body = case.naive_request(server, record)
+            client.post(url, json=body, headers=headers).raise_for_status()
+
+        def run() -> None:
+            for done in as_completed([pool.submit(send, record) for record in records]):
+                done.result()
+
+        timing, _ = timed(run)
+    return timing
+
+
+def run(case: DeliveryCase, records: int, naive_records: int, threaded_records: int, repeats: int) -> dict[str, Any]:
     from bench.common import helper_process
 
+    def other(count: int, first: int) -> list[UsageRecord]:
+        # each contender sends records of its own: the server counts no duplicates
+        return [r for batch in ticks(PER_TICK, -(-count // PER_TICK), first) for r in batch][:count]
+
     batches = ticks(PER_TICK, records // PER_TICK)
-    later = len(batches)  # the naive loop sends other records: the server counts no duplicates
-    naive = [r for batch in ticks(PER_TICK, -(-naive_records // PER_TICK), later) for r in batch][:naive_records]
+    naive = other(naive_records, len(batches))
+    threaded = other(threaded_records, len(batches) + 1 + naive_records // PER_TICK)
     with helper_process(*case.server) as (server, received):
         series = interleave(repeats, {
             "naive": lambda: naive_loop(case, server, naive),
             "agent": lambda: agent_forwarder(case, server, batches),
+            "httpx_threads": lambda: threaded_loop(case, server, threaded),
         })
-    return {"records": records, "naive_records": naive_records, "series": series, "server": received}
+    distinct = records + naive_records + threaded_records  # every repeat sends the same records again
+    if received.get("accepted") != distinct or received.get("rejected"):
+        raise RuntimeError(f"the server did not accept exactly the {distinct} records sent: {received}")
+    return {"records": records, "naive_records": naive_records, "threaded_records": threaded_records,
+            "series": series, "server": received}

@@ -19,9 +19,11 @@ def main() -> None:
         print(json.dumps({"url": server.url, "token_url": server.token_url}), flush=True)
         sys.stdin.read()  # until the benchmark closes our stdin
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"cpu_s": round(usage.ru_utime + usage.ru_stime, 3), "usage_requests": server.usage_requests, "accepted": len(server.accepted),
-                      "duplicates": server.duplicates(), "rejected": len(server.rejected),
-                      "max_in_flight": server.max_in_flight}), flush=True)
+    print(json.dumps({
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3), "usage_requests": server.usage_requests,
+        "accepted": len(server.accepted), "received_again": server.duplicates(), "rejected": len(server.rejected),
+        "max_in_flight": server.max_in_flight,
+    }), flush=True)
 
 
 if __name__ == "__main__":
