@@ -95,7 +95,7 @@ def test_once_exits_1_when_a_record_is_rejected(aws: Aws, paigo: PaigoContractSe
 
 def test_once_exits_1_when_the_backend_stays_down(aws: Aws, paigo: PaigoContractServer, tmp_path: Path) -> None:
     seed(aws)
-    paigo.script("/usage", *[Fault(status=503, retry_after="0") for _ in range(50)])
+    paigo.script("/usage", *[Fault(status=503, retry_after="0") for _ in range(10_000)])  # outlasts --timeout
     config = write_config(paigo, tmp_path, measurement(regions=["us-east-1"]))
     done = usage_agent("once", "-c", str(config), "--at", AT, "--timeout", "1s")
     assert done.returncode == 1
