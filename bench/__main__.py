@@ -53,7 +53,7 @@ def _sampling(results: dict[str, Any], rows: list[list[str]], repeats: dict[str,
     low, high = results["peak_rss_mb_10k"], results["peak_rss_mb_100k"]  # MiB
     results["peak_rss_growth_mb_10k_to_100k"] = round(high - low, 1)
     rows.append(["memory: peak RSS of one tick, 100k", f"{high:.0f} MiB", f"10k: {low:.0f} MiB", "",
-                 "< 250 MB", f"+{(high - low) * 1024 / (large - small):.2f} KiB/volume"])
+                 "< 250 MB", f"{round((high - low) * 1024 / (large - small), 2) + 0.0:+.2f} KiB/volume"])
 
 
 def _spool(results: dict[str, Any], rows: list[list[str]], repeats: dict[str, int]) -> None:
