@@ -1,6 +1,6 @@
 """``python -m bench``: every benchmark, side by side in one run; a table on stdout and
-``bench/results.json``. Each figure is the fastest of several interleaved runs (noise from
-other processes only ever adds time); every run's timing is kept in the JSON."""
+``bench/results.json``. Each figure is the median of several runs that alternate with the
+other contenders' runs; every run's timing is kept in the JSON."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ DELIVERY_RECORDS = 20_000
 NAIVE_RECORDS = 1_000  # one request at a time: 20k would take over two minutes
 THREADED_RECORDS = 5_000
 # how many interleaved runs each contender gets; the 100k tick and the forwarder are the long ones
-REPEATS = {"sampling_10k": 3, "sampling_100k": 2, "spool": 3, "delivery": 2}
+REPEATS = {"sampling_10k": 5, "sampling_100k": 2, "spool": 3, "delivery": 2}
 BENCHMARKS = ("sampling", "spool", "delivery")
 
 
