@@ -110,34 +110,47 @@ def _wire(cfg: AgentConfig, with_spool: bool) -> tuple[Any, Any, Any]:
     return Agent(cfg, SessionFactory(), spool), build_sink(cfg), spool
 
 
-def cmd_once(args: argparse.Namespace) -> int:
+def _forwarder(cfg: AgentConfig, spool: Any, sink: Any) -> tuple[Any, Any]:
+    """The forwarder, with the audit copy when one is configured (closed by the caller)."""
     from agent.forwarder import Forwarder
+    from agent.sinks.file import AuditLog
 
+    audit = AuditLog(cfg.audit, sink.name, sink.render) if cfg.audit else None
+    return Forwarder(spool, sink, clock=CLOCK, audit=audit), audit
+
+
+def cmd_once(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if args.dry_run:
         agent, sink, _ = _wire(cfg, with_spool=False)
         failed = False
+        records = []
         try:
             for m in cfg.measurements:
                 result = agent.collect(m, args.at or agent.clock() - m.delay)
                 failed |= not result.ok
-                for record in result.records:
-                    print(json.dumps(sink.render(record), separators=(",", ":")), flush=True)
+                records += result.records
+            for body in sink.bodies(records):  # each request body (file: each line) exactly as sent
+                sys.stdout.buffer.write(body + b"\n")
+            sys.stdout.flush()
         finally:
             agent.close()
             sink.close()
         return EXIT_UNDELIVERED if failed else EXIT_OK
 
     agent, sink, spool = _wire(cfg, with_spool=True)
+    audit = None
     try:
         results = agent.sample_all(args.at)
-        forwarder = Forwarder(spool, sink, clock=CLOCK)
+        forwarder, audit = _forwarder(cfg, spool, sink)
         sent = forwarder.drain_until(CLOCK() + args.timeout)
         counts = spool.counts()
     finally:
         agent.close()
         sink.close()
         spool.close()
+        if audit is not None:
+            audit.close()
     failed = [r.measurement for r in results if not r.ok]
     unsent = counts["pending"] + counts["leased"]
     _log().info("once finished", delivered=sent.delivered, dead_lettered=sent.dead, unsent=unsent, failed_measurements=failed)
@@ -145,17 +158,19 @@ def cmd_once(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.forwarder import Forwarder
     from agent.runtime import Daemon
 
     cfg = _load(args.config)
     agent, sink, spool = _wire(cfg, with_spool=True)
+    forwarder, audit = _forwarder(cfg, spool, sink)
     try:
-        Daemon(agent, Forwarder(spool, sink, clock=CLOCK), sink, stop_requested=STOP_REQUESTED).run()
+        Daemon(agent, forwarder, sink, stop_requested=STOP_REQUESTED).run()
     finally:
         agent.close()
         sink.close()
         spool.close()
+        if audit is not None:
+            audit.close()
     return EXIT_OK
 
 

@@ -57,3 +57,7 @@ class PermanentSinkError(SinkError):
         super().__init__(message)
         self.status = status
         self.body = body
+
+
+class AuditError(AgentError):
+    """The audit copy cannot be written; delivery outcomes are held until it can."""

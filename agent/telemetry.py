@@ -89,3 +89,5 @@ OLDEST_UNSENT_AGE = Gauge("usage_agent_oldest_unsent_age_seconds", "Age of the o
                           registry=REGISTRY)
 SPOOL_FULL = Gauge("usage_agent_spool_full", "1 while the spool refuses new ticks (spool.max_records).",
                    registry=REGISTRY)
+AUDIT_WRITE_ERRORS = Counter("usage_agent_audit_write_errors", "Writes to the audit copy that failed.",
+                             registry=REGISTRY)

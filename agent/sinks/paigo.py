@@ -20,7 +20,7 @@ import structlog
 from agent import __version__
 from agent.config import PaigoBackend
 from agent.convert import UsageRecord, format_decimal, format_timestamp
-from agent.sinks.base import Outcome, RetryLater, classify, transport_failure
+from agent.sinks.base import Outcome, RetryLater, classify, json_bytes, transport_failure
 
 log = structlog.get_logger("agent.sinks.paigo")
 
@@ -129,6 +129,9 @@ class PaigoSink:
             "metadata": {**record.metadata, "recordId": record.record_id},
         }
 
+    def bodies(self, records: Sequence[UsageRecord]) -> list[bytes]:
+        return [json_bytes(self.render(record)) for record in records]  # one request per record
+
     def deliver(
         self, records: Sequence[UsageRecord], stop: threading.Event | None = None
     ) -> Iterator[tuple[UsageRecord, Outcome]]:
@@ -150,11 +153,12 @@ class PaigoSink:
             for waiting in futures:
                 waiting.cancel()
 
-    def _post(self, token: str, body: dict[str, Any]) -> httpx.Response:
-        return self._client.post(f"{self._cfg.url}/usage", json=body, headers={"Authorization": f"Bearer {token}"})
+    def _post(self, token: str, body: bytes) -> httpx.Response:
+        return self._client.post(f"{self._cfg.url}/usage", content=body, headers={
+            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
 
     def _send(self, record: UsageRecord) -> Outcome:
-        body = self.render(record)
+        body = json_bytes(self.render(record))
         try:
             token = self.token.get()
             response = self._post(token, body)
