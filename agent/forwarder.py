@@ -70,11 +70,19 @@ class Forwarder:
         self._unwritten: list[tuple[UsageRecord, Outcome]] = []
         self._audit = audit
         self._audited: set[str] = set()  # in the audit copy, outcome not yet in the spool
+        self._waits: dict[tuple[RetryLater, int], float] = {}  # this pump's backoffs
 
     def backoff(self, attempts: int) -> float:
         """Exponential in the attempts made, capped, with the upper half jittered."""
         ceiling = min(self._max_backoff, self._base_backoff * 2 ** min(attempts, 32))
         return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    def _wait(self, outcome: RetryLater, attempts: int) -> float:
+        """Records that failed alike in one pump (a batch) wait alike, so they go out together again."""
+        key = (outcome, attempts)
+        if key not in self._waits:
+            self._waits[key] = self.backoff(attempts)
+        return self._waits[key]
 
     def pump(self) -> Pumped:
         """One batch: lease what is due, send it, settle outcomes as they arrive.
@@ -83,6 +91,7 @@ class Forwarder:
         still in flight, so a crash re-sends only what was in flight or not yet written.
         """
         result = Pumped()
+        self._waits.clear()
         if self._unwritten:  # outcomes a failed spool write could not record: record them first
             self._settle([], result)
         leased = self._spool.lease_batch(self._batch_size, self._lease_seconds)
@@ -121,7 +130,7 @@ class Forwarder:
                 log.error("record dead-lettered", record_id=rid, measurement=record.measurement,
                           status=outcome.status, response=outcome.body[:500])
             else:
-                wait = outcome.retry_after if outcome.retry_after is not None else self.backoff(self._attempts[rid])
+                wait = outcome.retry_after if outcome.retry_after is not None else self._wait(outcome, self._attempts[rid])
                 retries.append(Retry(rid, now + wait, outcome.status, outcome.reason))
                 first_retry = first_retry or outcome
         self._write_audit([r for r, o in done if isinstance(o, Delivered) and r.record_id not in self._audited], now, done)

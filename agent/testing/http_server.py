@@ -53,6 +53,7 @@ class HttpContractServer(LoopbackServer):
         self.received: Counter[str] = Counter()
         self.refused: list[tuple[int, str]] = []
         self.batch_sizes: list[int] = []
+        self.last_request: tuple[dict[str, str], bytes] | None = None  # (headers, body) as received
 
     @property
     def usage_url(self) -> str:
@@ -69,6 +70,8 @@ class HttpContractServer(LoopbackServer):
         return Answer(status, {"error": detail})
 
     def answer(self, path: str, headers: dict[str, str], raw: bytes) -> Answer:
+        with self._lock:
+            self.last_request = (headers, raw)
         if path != USAGE_PATH:
             return self.error(404, f"no route {path}")
         for name, value in self.required_headers.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -44,6 +45,14 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that gave up (timeout) is expected
+            super().handle_error(request, client_address)
+
+
 class LoopbackServer:
     """Subclasses implement ``answer`` (and ``error`` for their error body format)."""
 
@@ -51,8 +60,7 @@ class LoopbackServer:
         self._lock = threading.Lock()
         self._faults: dict[str, list[Fault]] = defaultdict(list)
         self.requests = 0
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self._httpd.daemon_threads = True
+        self._httpd = _QuietServer(("127.0.0.1", port), self._handler())
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     @property
