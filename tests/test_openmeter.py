@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from agent.config import OpenMeterBackend, parse_config
+from agent.config import SOURCE_PATTERN, OpenMeterBackend, parse_config
 from agent.convert import record_id
 from agent.credentials import SessionFactory
 from agent.forwarder import Forwarder
@@ -289,3 +291,34 @@ def test_once_and_dry_run_through_the_cli(aws: Aws, openmeter: OpenMeterContract
     assert {e["id"]: e for e in sent} == {event_id: e for (_, event_id), e in openmeter.events.items()}
     assert {source for source, _ in openmeter.events} == {"urn:acme:usage-agent"}
     assert TOKEN not in done.stderr + dry.stderr
+
+
+# --------------------------------------------------------------------------- config
+
+
+def om_problems(backend: dict[str, Any], tmp_path: Path) -> list[tuple[str, str]]:
+    from agent.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(backend_config(backend, tmp_path), "<test>", {}, base_dir=tmp_path)
+    return info.value.problems
+
+
+def test_config_defaults_and_errors(tmp_path: Path) -> None:
+    cfg = OpenMeterBackend.model_validate({"type": "openmeter"})
+    assert (cfg.url, cfg.source, cfg.batch_size, cfg.token) == ("https://openmeter.cloud", "usage-agent", 100, None)
+    (tmp_path / "token").write_text("t")
+    assert om_problems({"type": "openmeter", "token": "a", "token_file": "token"}, tmp_path) == [
+        ("backend", "set at most one of token or token_file")]
+    assert om_problems({"type": "openmeter", "source": "usage agent"}, tmp_path) == [
+        ("backend.source", "expected a URI reference such as usage-agent, urn:acme:agent or "
+                           "https://agent.example.com, got 'usage agent'")]
+    assert om_problems({"type": "openmeter", "tokn": "a", "batch_size": 0}, tmp_path) == [
+        ("backend.batch_size", "Input should be greater than or equal to 1"), ("backend.tokn", "unknown key")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(SOURCE_PATTERN, fullmatch=True).filter(lambda s: len(s) <= 255))
+def test_every_source_the_config_accepts_is_a_uri_reference(source: str) -> None:
+    assert OpenMeterBackend.model_validate({"type": "openmeter", "source": source}).source == source
+    assert event_validator().is_valid({"id": "1", "source": source, "specversion": "1.0", "type": "t", "subject": "s"})

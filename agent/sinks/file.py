@@ -41,7 +41,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class JsonlWriter:
-    """Appends lines to one JSON Lines file, durably, rotating by size. One writer per file."""
+    """Appends lines to one JSON Lines file, durably, rotating by size. One writer per file,
+    used from one thread (the forwarder's)."""
 
     def __init__(self, path: str | Path, max_bytes: int, keep: int):
         self.path = Path(path)
@@ -51,7 +52,6 @@ class JsonlWriter:
         self._fd: int | None = None
         self._size = 0
         self._next: int | None = None  # the number the next rotated file gets
-        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, cfg: JsonlFile) -> JsonlWriter:
@@ -67,30 +67,28 @@ class JsonlWriter:
     def append(self, lines: Sequence[bytes]) -> Iterator[int]:
         """Write ``lines`` (each without its newline); after each fsync, yield how many more
         are durable. Raises OSError when the file cannot be written; nothing partial stays."""
-        with self._lock:
-            chunk: list[bytes] = []
-            chunk_bytes = 0
-            for line in lines:
-                size = len(line) + 1
-                if self._fd is None:
-                    self._open()
-                if chunk and self._size + chunk_bytes + size > self.max_bytes:
-                    self._write(chunk)
-                    yield len(chunk)
-                    chunk, chunk_bytes = [], 0
-                if not chunk and self._size > 0 and self._size + size > self.max_bytes:
-                    self._rotate()
-                chunk.append(line)
-                chunk_bytes += size
-            if chunk:
+        chunk: list[bytes] = []
+        chunk_bytes = 0
+        for line in lines:
+            size = len(line) + 1
+            if self._fd is None:
+                self._open()
+            if chunk and self._size + chunk_bytes + size > self.max_bytes:
                 self._write(chunk)
                 yield len(chunk)
+                chunk, chunk_bytes = [], 0
+            if not chunk and self._size > 0 and self._size + size > self.max_bytes:
+                self._rotate()
+            chunk.append(line)
+            chunk_bytes += size
+        if chunk:
+            self._write(chunk)
+            yield len(chunk)
 
     def close(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
