@@ -6,6 +6,7 @@ import email.utils
 import json
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -136,7 +137,7 @@ def deliver_halving(
             yield record, outcome
 
 
-class JsonArraySink:
+class JsonArraySink(ABC):
     """A backend that takes a JSON array of rendered records per request, ``batch_size`` at
     a time; subclasses say how a record renders and how a body is posted."""
 
@@ -144,11 +145,11 @@ class JsonArraySink:
     batch_size: int
     _client: httpx.Client
 
-    def render(self, record: UsageRecord) -> Any:
-        raise NotImplementedError
+    @abstractmethod
+    def render(self, record: UsageRecord) -> Any: ...
 
-    def _post(self, body: bytes) -> httpx.Response:
-        raise NotImplementedError
+    @abstractmethod
+    def _post(self, body: bytes) -> httpx.Response: ...
 
     def _body(self, records: Sequence[UsageRecord]) -> bytes:
         return json_bytes([self.render(record) for record in records])

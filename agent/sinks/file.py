@@ -203,10 +203,10 @@ class FileSink:
     """Each record as one line: the agent's own record JSON (``UsageRecord.to_json``)."""
 
     name = "file"
+    batch_size = 100
 
-    def __init__(self, cfg: FileBackend, batch_size: int = 100):
+    def __init__(self, cfg: FileBackend):
         self._writer = JsonlWriter.from_config(cfg)  # opens the file on the first write, not before
-        self.batch_size = batch_size
 
     def render(self, record: UsageRecord) -> dict[str, Any]:
         return record.to_json()
