@@ -190,7 +190,8 @@ class Spool:
                 try:
                     yield self._db
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                        self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
                 if self._db.total_changes != before:  # an empty commit proves nothing about the disk

@@ -265,7 +265,11 @@ def test_throttling_is_retried_and_the_tick_completes(aws: Aws, throttling_proxy
     aws.volume("us-east-1", 33, tags={"customer-id": "acme"})
     cfg = make_config(paigo, tmp_path)
     spool = Spool(cfg.spool.path)
+    throttled = {"service": "ec2", "operation": "DescribeVolumes", "code": "RequestLimitExceeded"}
+    before = REGISTRY.get_sample_value("usage_agent_aws_api_errors_total", throttled) or 0
     (result,) = Agent(cfg, SessionFactory(), spool).sample_all(datetime(2026, 11, 21, 10, tzinfo=timezone.utc))
     assert throttling_proxy["throttled"] == 3
     assert result.ok and [r.value for r in result.records] == [33]
+    # each throttled attempt is counted, though botocore retried it and the tick succeeded
+    assert REGISTRY.get_sample_value("usage_agent_aws_api_errors_total", throttled) == before + 3
     spool.close()
