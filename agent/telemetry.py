@@ -27,18 +27,32 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from agent import __version__
 from agent.errors import ServeError
 
-_SECRET_KEYS = re.compile(r"(secret|token|password|authorization|credential|api_key)", re.IGNORECASE)
-_BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+")
 REDACTED = "[redacted]"
+_SECRET_KEYS = re.compile(r"(secret|token|password|authorization|credential|api_key)", re.IGNORECASE)
+_SECRET_NAME = r"[\w-]*(?:secret|token|password|authorization|api_key)[\w-]*"
+# secrets inside text, as libraries log them at debug (botocore dumps STS answers and signed headers)
+_IN_TEXT = [
+    (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+"), rf"\1{REDACTED}"),
+    (re.compile(rf"^([ \t]*{_SECRET_NAME}[ \t]*:[ \t]*)[^\n]+", re.IGNORECASE | re.MULTILINE), rf"\1{REDACTED}"),  # headers
+    (re.compile(rf"(<({_SECRET_NAME})>)[^<]*(</\2>)", re.IGNORECASE), rf"\1{REDACTED}\3"),  # XML elements
+    (re.compile(rf"""(["']{_SECRET_NAME}["']\s*:\s*b?["'])[^"']*""", re.IGNORECASE), rf"\1{REDACTED}"),  # JSON, reprs
+    (re.compile(rf"""(\b{_SECRET_NAME}=)[^&\s'",]+""", re.IGNORECASE), rf"\1{REDACTED}"),  # query strings, forms
+]
+
+
+def redact_text(text: str) -> str:
+    for pattern, replacement in _IN_TEXT:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def redact_secrets(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Blank values under secret-looking keys and bearer tokens inside strings."""
+    """Blank values under secret-looking keys, and secrets inside strings (bearer tokens, credentials)."""
     for key, value in list(event.items()):
         if _SECRET_KEYS.search(key) and key != "event":
             event[key] = REDACTED
         elif isinstance(value, str):
-            event[key] = _BEARER.sub(r"\1" + REDACTED, value)
+            event[key] = redact_text(value)
     return event
 
 

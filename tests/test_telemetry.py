@@ -27,9 +27,9 @@ from agent.forwarder import Forwarder
 from agent.runtime import Agent, Daemon
 from agent.sinks.paigo import PaigoSink
 from agent.spool import Spool
-from agent.telemetry import REDACTED, REGISTRY, configure_logging, redact_secrets
+from agent.telemetry import REDACTED, REGISTRY, configure_logging, redact_secrets, redact_text
 from agent.testing.paigo_server import Fault, PaigoContractServer
-from tests.conftest import ACCOUNT, Aws, agent_command, make_config, measurement, write_config
+from tests.conftest import ACCOUNT, EXTERNAL_ID, ROLE_ARN, Aws, agent_command, make_config, measurement, write_config
 
 
 def test_secret_keys_and_bearer_tokens_are_redacted() -> None:
@@ -41,7 +41,7 @@ def test_secret_keys_and_bearer_tokens_are_redacted() -> None:
         "region": "us-east-1",
     })
     assert event["client_secret"] == REDACTED and event["token"] == REDACTED
-    assert event["header"] == f"Authorization: Bearer {REDACTED}"
+    assert event["header"] == f"Authorization: {REDACTED}"
     assert event["region"] == "us-east-1" and event["event"] == "request"
 
 
@@ -60,6 +60,38 @@ def test_library_logs_are_rendered_as_json_and_redacted(monkeypatch) -> None:
     assert "abc.def.ghi" not in lines[0]["event"] and REDACTED in lines[0]["event"]
     assert lines[1]["client_secret"] == REDACTED
     assert "hunter2" not in stream.getvalue()
+
+
+def test_debug_logs_of_aws_calls_keep_the_session_credentials_out(aws: Aws, monkeypatch) -> None:
+    """botocore at debug dumps the AssumeRole answer and the signed headers; the secrets are scrubbed."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("debug", json_output=True)
+    try:
+        sessions = SessionFactory()
+        sessions.client("ec2", "us-east-1", ROLE_ARN, EXTERNAL_ID).describe_volumes()
+        frozen = sessions.credentials(ROLE_ARN, EXTERNAL_ID).get_frozen_credentials()
+    finally:
+        logging.getLogger().handlers.clear()
+        logging.getLogger().setLevel(logging.WARNING)
+        structlog.reset_defaults()
+    text = stream.getvalue()
+    assert "<SessionToken>" in text and "x-amz-security-token" in text.lower()  # the lines were logged
+    assert frozen.token not in text and frozen.secret_key not in text
+
+
+@pytest.mark.parametrize("text, redacted", [
+    ("{'X-Amz-Security-Token': b'FQoG+/=', 'Content-Type': b'text/xml'}",
+     "{'X-Amz-Security-Token': b'[redacted]', 'Content-Type': b'text/xml'}"),
+    ("<SecretAccessKey>abc/+</SecretAccessKey><Expiration>2026</Expiration>",
+     "<SecretAccessKey>[redacted]</SecretAccessKey><Expiration>2026</Expiration>"),
+    ('{"access_token": "eyJ.x.y", "expires_in": 3600}', '{"access_token": "[redacted]", "expires_in": 3600}'),
+    ("https://s3/x?X-Amz-Security-Token=abc%2F&X-Amz-Date=1", "https://s3/x?X-Amz-Security-Token=[redacted]&X-Amz-Date=1"),
+    ("host:127.0.0.1\nx-amz-security-token:FQoG==\nx-amz-date:1", "host:127.0.0.1\nx-amz-security-token:[redacted]\nx-amz-date:1"),
+    ("tick spooled for acme in us-east-1", "tick spooled for acme in us-east-1"),
+])
+def test_secrets_inside_text_are_redacted(text: str, redacted: str) -> None:
+    assert redact_text(text) == redacted
 
 
 # -- /metrics, /healthz, /readyz -----------------------------------------------------------
