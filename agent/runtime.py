@@ -99,7 +99,7 @@ class Agent:
         SAMPLES.labels(m.name).inc(len(samples))
         return samples, skipped
 
-    def _tick_context(self, m: Measurement, tick: datetime) -> Any:
+    def tick_context(self, m: Measurement, tick: datetime) -> Any:
         """Log context for every line of a tick; a sampled region narrows ``region`` while it runs."""
         regions = ",".join(r for r in m.regions if self.shard.owns(m, m.iam_role_arn, r))
         try:
@@ -119,7 +119,7 @@ class Agent:
     def collect(self, m: Measurement, at: datetime) -> TickResult:
         """Sample and convert one measurement for the tick containing ``at``; writes nothing."""
         tick = tick_floor(at, m.interval_seconds)
-        with self._tick_context(m, tick):
+        with self.tick_context(m, tick):
             return self._collect(m, tick)
 
     def _collect(self, m: Measurement, tick: datetime) -> TickResult:
@@ -156,7 +156,7 @@ class Agent:
         """Collect, then commit the records and the sampler state in one transaction."""
         started = time.monotonic()
         tick = tick_floor(at, m.interval_seconds)
-        with self._tick_context(m, tick):
+        with self.tick_context(m, tick):
             result = self._sample_tick(m, tick)
         TICK_DURATION.labels(m.name).observe(time.monotonic() - started)
         return result
@@ -275,7 +275,7 @@ class Daemon:
         overran = event.code == EVENT_JOB_MAX_INSTANCES
         reason = "overran" if overran else "late"
         TICKS_SKIPPED.labels(m.name, reason).inc()
-        with self.agent._tick_context(m, tick_floor(self.clock(), m.interval_seconds)):
+        with self.agent.tick_context(m, tick_floor(self.clock(), m.interval_seconds)):
             log.warning("tick skipped: the previous tick is still running" if overran
                         else "tick skipped: the scheduler woke too late for it", reason=reason)
 
