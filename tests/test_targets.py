@@ -221,10 +221,10 @@ def test_an_overrunning_tick_is_skipped_and_counted(aws: Aws, paigo: PaigoContra
     agent = Agent(cfg, SessionFactory(), spool)
     sink = PaigoSink(cfg.backend)
     daemon = Daemon(agent, Forwarder(spool, sink), sink)
-    before = REGISTRY.get_sample_value("usage_agent_ticks_skipped_total", {"measurement": "slow"}) or 0
+    before = REGISTRY.get_sample_value("usage_agent_ticks_skipped_total", {"measurement": "slow", "reason": "overran"}) or 0
     # what APScheduler dispatches when max_instances=1 refuses a run
     daemon.scheduler._dispatch_event(JobSubmissionEvent(EVENT_JOB_MAX_INSTANCES, "sample:slow", None, [AT]))
-    assert REGISTRY.get_sample_value("usage_agent_ticks_skipped_total", {"measurement": "slow"}) == before + 1
+    assert REGISTRY.get_sample_value("usage_agent_ticks_skipped_total", {"measurement": "slow", "reason": "overran"}) == before + 1
     assert daemon.scheduler.get_job("sample:slow").max_instances == 1
     agent.close()
     sink.close()
