@@ -26,6 +26,7 @@ from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 
 from agent.config import AgentConfig, Customer, Measurement, Role
 from agent.convert import UsageRecord, convert, format_timestamp, parse_timestamp, tick_floor
@@ -159,7 +160,7 @@ class Agent:
             try:
                 for item in spec.sample(clients, Target(m, account, region, tick)):
                     (skipped if isinstance(item, Skipped) else samples).append(item)
-            except (ClientError, BotoCoreError) as exc:
+            except (ClientError, BotoCoreError, ResponseParserError) as exc:
                 raise SamplingError(f"{m.resource_type} in {account}/{region}: {describe_aws_error(exc)}") from exc
         SAMPLES.labels(m.name).inc(len(samples))
         return samples, skipped
