@@ -37,6 +37,10 @@ class SpoolFullError(SpoolError):
     """The spool holds max_records unsent records; new ticks are refused."""
 
 
+class ServeError(AgentError):
+    """``server.listen`` cannot be served (the address is taken or not on this host)."""
+
+
 class SinkError(AgentError):
     """Delivery to the backend failed."""
 

@@ -211,6 +211,7 @@ def config_dict(paigo: PaigoContractServer, tmp_path: Path, *measurements: dict[
             **backend,
         },
         "spool": {"path": str(tmp_path / "spool.db")},
+        "server": {"listen": "127.0.0.1:0"},  # any free port, loopback only
         "measurements": list(measurements) or [measurement()],
     }
 

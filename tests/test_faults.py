@@ -235,7 +235,11 @@ def test_throttling_is_retried_and_the_tick_completes(aws: Aws, aws_proxy: AwsPr
     aws_proxy.rules.append(throttled)
     cfg = make_config(paigo, tmp_path)
     spool = Spool(cfg.spool.path)
+    throttled = {"service": "ec2", "operation": "DescribeVolumes", "code": "RequestLimitExceeded"}
+    before = REGISTRY.get_sample_value("usage_agent_aws_api_errors_total", throttled) or 0
     (result,) = Agent(cfg, SessionFactory(), spool).sample_all(datetime(2026, 11, 21, 10, tzinfo=timezone.utc))
     assert aws_proxy.calls.count(("DescribeVolumes", "us-east-1")) == 4  # 3 throttled, then answered
     assert result.ok and [r.value for r in result.records] == [33]
+    # each throttled attempt is counted, though botocore retried it and the tick succeeded
+    assert REGISTRY.get_sample_value("usage_agent_aws_api_errors_total", throttled) == before + 3
     spool.close()

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import httpx
 
 from agent.convert import UsageRecord
+from agent.telemetry import BACKEND_RESPONSES
 
 RETRY_AFTER_MAX = 3600.0  # a backend asking for more than an hour is clamped to an hour
 
@@ -88,6 +89,14 @@ _NOT_THE_RECORDS_FAULT = {401: "refused the credentials", 403: "refused the cred
                           415: "does not accept JSON"}
 
 
+def count_response(response: httpx.Response) -> None:
+    """httpx response hook: every answer the backend gives, by status."""
+    BACKEND_RESPONSES.labels(str(response.status_code)).inc()
+
+
+RESPONSE_HOOKS = {"response": [count_response]}  # event_hooks for every sink's httpx client
+
+
 def classify(response: httpx.Response) -> Outcome:
     """2xx delivered; 408/429/5xx retry; 401/403/404/405/415 retry and alert; other 4xx reject."""
     status = response.status_code
@@ -104,6 +113,7 @@ def classify(response: httpx.Response) -> Outcome:
 
 def transport_failure(exc: httpx.HTTPError) -> RetryLater:
     kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection error"
+    BACKEND_RESPONSES.labels(kind.replace(" ", "_")).inc()
     return RetryLater(f"{kind}: {type(exc).__name__}: {exc}")
 
 

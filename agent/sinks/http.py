@@ -24,7 +24,7 @@ import httpx
 from agent import __version__
 from agent.config import HttpBackend
 from agent.convert import UsageRecord
-from agent.sinks.base import JsonArraySink
+from agent.sinks.base import RESPONSE_HOOKS, JsonArraySink
 
 TIMESTAMP_HEADER = "X-Usage-Timestamp"
 SIGNATURE_HEADER = "X-Usage-Signature"
@@ -45,7 +45,8 @@ class HttpSink(JsonArraySink):
         self._secret = cfg.hmac_secret.get_secret_value().encode() if cfg.hmac_secret is not None else None
         headers = {"User-Agent": f"usage-agent/{__version__}", **cfg.header_values(),
                    "Content-Type": "application/json"}
-        self._client = httpx.Client(timeout=httpx.Timeout(cfg.timeout.total_seconds()), headers=headers)
+        self._client = httpx.Client(timeout=httpx.Timeout(cfg.timeout.total_seconds()), headers=headers,
+                                    event_hooks=RESPONSE_HOOKS)
         self.batch_size = cfg.batch_size
 
     def render(self, record: UsageRecord) -> dict[str, Any]:

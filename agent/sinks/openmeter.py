@@ -16,7 +16,7 @@ import httpx
 from agent import __version__
 from agent.config import OpenMeterBackend
 from agent.convert import UsageRecord, format_decimal, format_timestamp
-from agent.sinks.base import JsonArraySink
+from agent.sinks.base import RESPONSE_HOOKS, JsonArraySink
 
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 
@@ -29,7 +29,8 @@ class OpenMeterSink(JsonArraySink):
         headers = {"User-Agent": f"usage-agent/{__version__}", "Content-Type": BATCH_CONTENT_TYPE}
         if cfg.token is not None:
             headers["Authorization"] = f"Bearer {cfg.token.get_secret_value()}"
-        self._client = httpx.Client(timeout=httpx.Timeout(cfg.timeout.total_seconds()), headers=headers)
+        self._client = httpx.Client(timeout=httpx.Timeout(cfg.timeout.total_seconds()), headers=headers,
+                                    event_hooks=RESPONSE_HOOKS)
         self.batch_size = cfg.batch_size
 
     def render(self, record: UsageRecord) -> dict[str, Any]:

@@ -20,7 +20,8 @@ import structlog
 from agent import __version__
 from agent.config import PaigoBackend
 from agent.convert import UsageRecord, format_decimal, format_timestamp
-from agent.sinks.base import Outcome, RetryLater, classify, json_bytes, transport_failure
+from agent.sinks.base import RESPONSE_HOOKS, Outcome, RetryLater, classify, json_bytes, transport_failure
+from agent.telemetry import TOKEN_REFRESHES
 
 log = structlog.get_logger("agent.sinks.paigo")
 
@@ -102,6 +103,7 @@ class ClientCredentialsToken:
         # renew a little before expiry: 10% of the lifetime, at most five minutes
         self._refresh_at = self._monotonic() + lifetime - min(300.0, lifetime / 10)
         self.fetches += 1
+        TOKEN_REFRESHES.labels("backend").inc()
         log.info("token fetched", token_url=self._cfg.token_url, expires_in=lifetime)
 
 
@@ -115,6 +117,7 @@ class PaigoSink:
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=cfg.max_in_flight, max_keepalive_connections=cfg.max_in_flight),
             headers={"User-Agent": f"usage-agent/{__version__}"},
+            event_hooks=RESPONSE_HOOKS,
         )
         self.token = ClientCredentialsToken(cfg, self._client, monotonic)
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_in_flight, thread_name_prefix="paigo-send")
