@@ -24,6 +24,7 @@ from agent.runtime import Agent
 from agent.sinks import build_sink
 from agent.sinks.openmeter import OpenMeterSink
 from agent.spool import Spool
+from agent.telemetry import BACKEND_RESPONSES
 from agent.testing.openmeter_server import OpenMeterContractServer, event_validator
 from agent.testing.server import Fault
 from tests.conftest import ACCOUNT, DIMENSION, Aws, agent_command, backend_config, measurement, write_yaml
@@ -200,6 +201,7 @@ def test_the_server_checks_formats() -> None:
 
 def test_429_and_503_are_retried_and_retry_after_is_honoured(openmeter: OpenMeterContractServer, pipeline: Pipeline) -> None:
     openmeter.script("/api/v1/events", Fault(status=429, retry_after="7"), Fault(status=503))
+    answered_429 = BACKEND_RESPONSES.labels("429")._value.get()
     records = make_records(20)
     pipeline.spool.commit_tick("ebs-storage", TICK, records)
 
@@ -215,6 +217,7 @@ def test_429_and_503_are_retried_and_retry_after_is_honoured(openmeter: OpenMete
 
     assert openmeter.accepted_ids() == {r.record_id for r in records}
     assert pipeline.spool.counts()["delivered"] == 20 and not openmeter.refused
+    assert BACKEND_RESPONSES.labels("429")._value.get() == answered_429 + 1  # counted like every backend answer
 
 
 def test_timeouts_and_lost_answers_are_retried_and_deduplicated(openmeter: OpenMeterContractServer, pipeline: Pipeline) -> None:
