@@ -15,12 +15,11 @@ from agent.errors import ConfigError
 from agent.forwarder import Forwarder
 from agent.sinks.file import AuditLog, read_jsonl
 from agent.sinks.openmeter import OpenMeterSink
-from agent.spool import Spool
 from agent.telemetry import AUDIT_WRITE_ERRORS
 from agent.testing.openmeter_server import OpenMeterContractServer
 from agent.testing.server import Fault
 from tests.conftest import Aws, agent_command, backend_config, measurement, write_yaml
-from tests.test_delivery import TICK, FakeClock, make_records
+from tests.test_delivery import TICK, Pipeline, make_records
 
 TOKEN = "om-audit"
 
@@ -31,26 +30,16 @@ def openmeter() -> Iterator[OpenMeterContractServer]:
         yield server
 
 
-class Pipeline:
-    def __init__(self, server: OpenMeterContractServer, tmp_path: Path, audit_path: Path):
-        self.clock = FakeClock()
-        self.spool = Spool(tmp_path / "spool.db", clock=self.clock)
-        self.spool.claim()
-        self.sink = OpenMeterSink(OpenMeterBackend(type="openmeter", url=server.url, token=TOKEN))
-        self.audit = AuditLog(Audit(path=str(audit_path)), self.sink.name, self.sink.render)
-        self.forwarder = Forwarder(self.spool, self.sink, clock=self.clock, audit=self.audit)
-
-    def close(self) -> None:
-        self.audit.close()
-        self.sink.close()
-        self.spool.close()
+def audited(server: OpenMeterContractServer, tmp_path: Path, audit_path: Path) -> Pipeline:
+    sink = OpenMeterSink(OpenMeterBackend(type="openmeter", url=server.url, token=TOKEN))
+    return Pipeline.over(sink, tmp_path / "spool.db", audit=AuditLog(Audit(path=str(audit_path)), sink.name, sink.render))
 
 
 def test_only_accepted_records_are_archived_exactly_as_sent(openmeter: OpenMeterContractServer, tmp_path: Path) -> None:
     openmeter.reject = lambda event: "archived customer" if event["subject"] == "poison" else None
     openmeter.script("/api/v1/events", Fault(status=503))
     audit_path = tmp_path / "audit" / "sent.jsonl"
-    p = Pipeline(openmeter, tmp_path, audit_path)
+    p = audited(openmeter, tmp_path, audit_path)
     good, poison = make_records(9), make_records(1, customer="poison")
     p.spool.commit_tick("ebs-storage", TICK, good[:4] + poison + good[4:])
 
@@ -75,7 +64,7 @@ def test_an_unwritable_audit_copy_pauses_delivery_and_resends_nothing(
 ) -> None:
     blocker = tmp_path / "audit"
     blocker.write_text("a file where the audit directory should be")
-    p = Pipeline(openmeter, tmp_path, blocker / "sent.jsonl")
+    p = audited(openmeter, tmp_path, blocker / "sent.jsonl")
     records = make_records(5)
     p.spool.commit_tick("ebs-storage", TICK, records)
     errors_before = AUDIT_WRITE_ERRORS._value.get()
@@ -102,7 +91,7 @@ def test_an_unwritable_audit_copy_pauses_delivery_and_resends_nothing(
 
 def test_a_spool_failure_after_the_audit_does_not_archive_twice(openmeter: OpenMeterContractServer, tmp_path: Path) -> None:
     audit_path = tmp_path / "sent.jsonl"
-    p = Pipeline(openmeter, tmp_path, audit_path)
+    p = audited(openmeter, tmp_path, audit_path)
 
     class SpoolFailsAfterSending(OpenMeterSink):
         def deliver(self, records, stop=None):  # type: ignore[no-untyped-def]

@@ -19,7 +19,6 @@ from botocore.stub import Stubber
 
 from agent.config import Measurement
 from agent.credentials import SessionFactory
-from agent.forwarder import Forwarder
 from agent.runtime import Agent
 from agent.samplers.base import Sample, Skipped, Target
 from agent.samplers.ebs import sample_volumes
@@ -50,11 +49,8 @@ def dropped() -> float:
 
 def run_with(url: str, token_url: str, tmp_path: Path, **sink: Any) -> tuple[Pipeline, PaigoSink]:
     clock = FakeClock()
-    spool = Spool(tmp_path / "spool.db", clock=clock)
-    spool.claim()
-    cfg = backend_for(url, token_url, **sink)
-    paigo_sink = PaigoSink(cfg, monotonic=clock)  # token expiry and refusal hold on the same fake time
-    return Pipeline(spool, paigo_sink, Forwarder(spool, paigo_sink, clock=clock, batch_size=64), clock), paigo_sink
+    paigo_sink = PaigoSink(backend_for(url, token_url, **sink), monotonic=clock)  # token times on the same fake clock
+    return Pipeline.over(paigo_sink, tmp_path / "spool.db", clock, batch_size=64), paigo_sink
 
 
 def backend_for(url: str, token_url: str, **overrides: Any):

@@ -14,13 +14,11 @@ from structlog.testing import capture_logs
 
 from agent.config import HttpBackend, parse_config
 from agent.errors import ConfigError
-from agent.forwarder import Forwarder
 from agent.sinks.http import HttpSink
-from agent.spool import Spool
 from agent.testing.http_server import HttpContractServer, verify_signature
 from agent.testing.server import Fault
 from tests.conftest import backend_config
-from tests.test_delivery import TICK, FakeClock, make_records
+from tests.test_delivery import TICK, Pipeline, make_records
 
 SECRET = "hmac-9c1e7f"
 NOW = 1_800_000_000.0
@@ -42,31 +40,14 @@ def http_backend(server: HttpContractServer, tmp_path: Path, **overrides: Any) -
     })
 
 
-class Pipeline:
-    def __init__(self, server: HttpContractServer, tmp_path: Path, sink_clock: float = NOW, **backend: Any):
-        self.clock = FakeClock()
-        self.spool = Spool(tmp_path / "spool.db", clock=self.clock)
-        self.spool.claim()
-        self.sink = HttpSink(http_backend(server, tmp_path, **backend), clock=lambda: sink_clock)
-        self.forwarder = Forwarder(self.spool, self.sink, clock=self.clock)
-
-    def run_until_drained(self, rounds: int = 30) -> None:
-        for _ in range(rounds):
-            self.forwarder.drain()
-            due = self.spool.next_due()
-            if due is None:
-                return
-            self.clock.now = max(self.clock.now, due)
-        raise AssertionError(f"not drained: {self.spool.counts()}")
-
-    def close(self) -> None:
-        self.sink.close()
-        self.spool.close()
+def http_pipeline(server: HttpContractServer, tmp_path: Path, sink_clock: float = NOW, **backend: Any) -> Pipeline:
+    return Pipeline.over(HttpSink(http_backend(server, tmp_path, **backend), clock=lambda: sink_clock),
+                         tmp_path / "spool.db")
 
 
 @pytest.fixture
 def pipeline(server: HttpContractServer, tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline(server, tmp_path)
+    p = http_pipeline(server, tmp_path)
     yield p
     p.close()
 
@@ -115,7 +96,7 @@ def test_the_signature_verifies_with_the_documented_algorithm(server: HttpContra
 def test_a_refused_signature_or_header_keeps_records_pending_and_alerts(
     server: HttpContractServer, tmp_path: Path, overrides: dict[str, Any], sink_clock: float, why: str
 ) -> None:
-    pipeline = Pipeline(server, tmp_path, sink_clock=sink_clock, **overrides)
+    pipeline = http_pipeline(server, tmp_path, sink_clock=sink_clock, **overrides)
     pipeline.spool.commit_tick("ebs-storage", TICK, make_records(5))
     with capture_logs() as logs:
         pipeline.forwarder.drain()

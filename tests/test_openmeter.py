@@ -28,7 +28,7 @@ from agent.telemetry import BACKEND_RESPONSES
 from agent.testing.openmeter_server import OpenMeterContractServer, event_validator
 from agent.testing.server import Fault
 from tests.conftest import ACCOUNT, DIMENSION, Aws, agent_command, backend_config, measurement, write_yaml
-from tests.test_delivery import TICK, FakeClock, make_records
+from tests.test_delivery import TICK, FakeClock, Pipeline, make_records
 
 TOKEN = "om-6f1c2b7e"
 AT = datetime(2026, 11, 21, 10, 7, 30, tzinfo=timezone.utc)  # inside the 15-minute tick 10:00
@@ -44,33 +44,14 @@ def om_backend(server: OpenMeterContractServer, **overrides: Any) -> dict[str, A
     return {"type": "openmeter", "url": server.url, "token": TOKEN, **overrides}
 
 
-class Pipeline:
-    """Spool + OpenMeter sink + forwarder on a fake clock."""
-
-    def __init__(self, server: OpenMeterContractServer, tmp_path: Path, name: str = "spool.db", **backend: Any):
-        self.clock = FakeClock()
-        self.spool = Spool(tmp_path / name, clock=self.clock)
-        self.spool.claim()
-        self.sink = OpenMeterSink(OpenMeterBackend.model_validate(om_backend(server, timeout="1s", **backend)))
-        self.forwarder = Forwarder(self.spool, self.sink, clock=self.clock)
-
-    def run_until_drained(self, rounds: int = 30) -> None:
-        for _ in range(rounds):
-            self.forwarder.drain()
-            due = self.spool.next_due()
-            if due is None:
-                return
-            self.clock.now = max(self.clock.now, due)
-        raise AssertionError(f"not drained: {self.spool.counts()}")
-
-    def close(self) -> None:
-        self.sink.close()
-        self.spool.close()
+def om_pipeline(server: OpenMeterContractServer, tmp_path: Path, name: str = "spool.db", **backend: Any) -> Pipeline:
+    sink = OpenMeterSink(OpenMeterBackend.model_validate(om_backend(server, timeout="1s", **backend)))
+    return Pipeline.over(sink, tmp_path / name)
 
 
 @pytest.fixture
 def pipeline(openmeter: OpenMeterContractServer, tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline(openmeter, tmp_path)
+    p = om_pipeline(openmeter, tmp_path)
     yield p
     p.close()
 
@@ -235,7 +216,7 @@ def test_timeouts_and_lost_answers_are_retried_and_deduplicated(openmeter: OpenM
 def test_a_missing_or_wrong_token_keeps_records_pending_and_alerts(
     openmeter: OpenMeterContractServer, tmp_path: Path, token: str | None
 ) -> None:
-    pipeline = Pipeline(openmeter, tmp_path, token=token)
+    pipeline = om_pipeline(openmeter, tmp_path, token=token)
     pipeline.spool.commit_tick("ebs-storage", TICK, make_records(30))
     with capture_logs() as logs:
         pipeline.forwarder.drain()
@@ -259,7 +240,7 @@ def test_token_from_a_file(openmeter: OpenMeterContractServer, tmp_path: Path) -
 
 
 def test_batch_size_bounds_each_request(openmeter: OpenMeterContractServer, tmp_path: Path) -> None:
-    pipeline = Pipeline(openmeter, tmp_path, batch_size=8)
+    pipeline = om_pipeline(openmeter, tmp_path, batch_size=8)
     pipeline.spool.commit_tick("ebs-storage", TICK, make_records(20))
     pipeline.run_until_drained()
     assert openmeter.batch_sizes == [8, 8, 4]
