@@ -1,10 +1,11 @@
-"""Command line: validate | once | run | spool | demo (exit codes as in the README)."""
+"""Command line: validate | once | run | spool | iam-policy | demo (exit codes as in the README)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -13,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.clock import SteadyClock
-from agent.errors import ConfigError, SpoolError
+from agent.errors import ConfigError, ServeError, SpoolError
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
+    from agent.shard import Shard
 
 EXIT_OK, EXIT_UNDELIVERED, EXIT_CONFIG = 0, 1, 2
 
@@ -50,6 +52,24 @@ def _duration_seconds(value: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _shard(value: str) -> Shard:
+    from agent.shard import Shard
+
+    try:
+        return Shard.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_PRINCIPAL = re.compile(r"^(arn:aws[a-z-]*:(iam|sts)::\d{12}:\S+|\d{12})$")
+
+
+def _principal(value: str) -> str:
+    if not _PRINCIPAL.match(value):
+        raise argparse.ArgumentTypeError(f"expected an IAM ARN such as arn:aws:iam::123456789012:role/usage-agent, got {value!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usage-agent", description="Billing-grade infrastructure usage agent.")
     parser.add_argument("--version", action="version", version=f"usage-agent {__version__}")
@@ -59,13 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("-c", "--config", required=True, metavar="FILE", help="the YAML configuration")
         return sub
 
+    def with_shard(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--shard", type=_shard, metavar="I/N",
+                         help="sample only the targets of shard I of N (replica index from 0); default: all")
+        return sub
+
     with_config(commands.add_parser("validate", help="check the configuration; exit 2 when invalid"))
-    once = with_config(commands.add_parser("once", help="sample one tick of every measurement, spool, forward until drained"))
+    once = with_shard(with_config(commands.add_parser(
+        "once", help="sample one tick of every measurement, spool, forward until drained")))
     once.add_argument("--at", type=parse_time, metavar="TIME", help="a time inside the tick to sample (default: now)")
     once.add_argument("--dry-run", action="store_true", help="print the backend bodies to stdout; write and send nothing")
     once.add_argument("--timeout", type=_duration_seconds, default=60.0, metavar="DURATION",
                       help="how long to keep retrying delivery before giving up (default 60s)")
-    with_config(commands.add_parser("run", help="the daemon: sample on schedule and forward until SIGTERM"))
+    with_shard(with_config(commands.add_parser("run", help="the daemon: sample on schedule and forward until SIGTERM")))
 
     spool = commands.add_parser("spool", help="inspect and repair the spool")
     spool_commands = spool.add_subparsers(dest="spool_command", required=True, metavar="SPOOL_COMMAND")
@@ -80,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--delivered-before", type=parse_time, required=True, metavar="TIME")
     with_config(spool_commands.add_parser(
         "salvage", help="copy every readable record of a damaged spool into a fresh one (agent stopped)"))
+
+    iam = with_config(commands.add_parser(
+        "iam-policy", help="least-privilege permission and trust policies for the configured measurements"))
+    iam.add_argument("--format", choices=("json", "cloudformation", "terraform"), default="json",
+                     help="json: every policy; cloudformation / terraform: the customer-side roles, ready to create")
+    iam.add_argument("--principal", type=_principal, metavar="ARN",
+                     help="the identity the agent runs as, which the roles must trust "
+                          "(default: the identity of the current AWS credentials)")
+    iam.add_argument("--account", metavar="ID", help="only the roles in this AWS account")
 
     commands.add_parser("demo", help="the whole pipeline on an embedded AWS (moto) and a local Paigo backend")
     return parser
@@ -97,9 +132,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _wire(cfg: AgentConfig, with_spool: bool) -> tuple[Any, Any, Any]:
+def _wire(cfg: AgentConfig, with_spool: bool, shard: Shard | None) -> tuple[Any, Any, Any]:
     from agent.credentials import SessionFactory
     from agent.runtime import Agent
+    from agent.shard import EVERYTHING
     from agent.sinks import build_sink
     from agent.spool import Spool
 
@@ -107,37 +143,50 @@ def _wire(cfg: AgentConfig, with_spool: bool) -> tuple[Any, Any, Any]:
     if with_spool:
         spool = Spool(cfg.spool.path, cfg.spool.max_records, clock=CLOCK)
         spool.claim()
-    return Agent(cfg, SessionFactory(), spool), build_sink(cfg), spool
+    return Agent(cfg, SessionFactory(), spool, shard=shard or EVERYTHING), build_sink(cfg), spool
+
+
+def _forwarder(cfg: AgentConfig, spool: Any, sink: Any) -> tuple[Any, Any]:
+    """The forwarder, with the audit copy when one is configured (closed by the caller)."""
+    from agent.forwarder import Forwarder
+    from agent.sinks.file import AuditLog
+
+    audit = AuditLog(cfg.audit, sink.name, sink.render) if cfg.audit else None
+    return Forwarder(spool, sink, clock=CLOCK, audit=audit), audit
 
 
 def cmd_once(args: argparse.Namespace) -> int:
-    from agent.forwarder import Forwarder
-
     cfg = _load(args.config)
     if args.dry_run:
-        agent, sink, _ = _wire(cfg, with_spool=False)
+        agent, sink, _ = _wire(cfg, with_spool=False, shard=args.shard)
         failed = False
+        records = []
         try:
-            for m in cfg.measurements:
+            for m in agent.measurements:
                 result = agent.collect(m, args.at or agent.clock() - m.delay)
                 failed |= not result.ok
-                for record in result.records:
-                    print(json.dumps(sink.render(record), separators=(",", ":")), flush=True)
+                records += result.records
+            for body in sink.bodies(records):  # each request body (file: each line) exactly as sent
+                sys.stdout.buffer.write(body + b"\n")
+            sys.stdout.flush()
         finally:
             agent.close()
             sink.close()
         return EXIT_UNDELIVERED if failed else EXIT_OK
 
-    agent, sink, spool = _wire(cfg, with_spool=True)
+    agent, sink, spool = _wire(cfg, with_spool=True, shard=args.shard)
+    audit = None
     try:
         results = agent.sample_all(args.at)
-        forwarder = Forwarder(spool, sink, clock=CLOCK)
+        forwarder, audit = _forwarder(cfg, spool, sink)
         sent = forwarder.drain_until(CLOCK() + args.timeout)
         counts = spool.counts()
     finally:
         agent.close()
         sink.close()
         spool.close()
+        if audit is not None:
+            audit.close()
     failed = [r.measurement for r in results if not r.ok]
     unsent = counts["pending"] + counts["leased"]
     _log().info("once finished", delivered=sent.delivered, dead_lettered=sent.dead, unsent=unsent, failed_measurements=failed)
@@ -145,17 +194,19 @@ def cmd_once(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.forwarder import Forwarder
     from agent.runtime import Daemon
 
     cfg = _load(args.config)
-    agent, sink, spool = _wire(cfg, with_spool=True)
+    agent, sink, spool = _wire(cfg, with_spool=True, shard=args.shard)
+    forwarder, audit = _forwarder(cfg, spool, sink)
     try:
-        Daemon(agent, Forwarder(spool, sink, clock=CLOCK), sink, stop_requested=STOP_REQUESTED).run()
+        Daemon(agent, forwarder, sink, stop_requested=STOP_REQUESTED).run()
     finally:
         agent.close()
         sink.close()
         spool.close()
+        if audit is not None:
+            audit.close()
     return EXIT_OK
 
 
@@ -184,13 +235,61 @@ def cmd_spool(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _caller_principal() -> str | None:
+    """The ARN of the current AWS credentials, as a trust policy can name it; None (and why) if unknown."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from agent.credentials import describe_aws_error
+    from agent.iam import principal_of
+
+    try:
+        arn = boto3.client("sts").get_caller_identity()["Arn"]
+    except (BotoCoreError, ClientError) as exc:
+        print(f"usage-agent iam-policy: --principal is not given and the current AWS credentials cannot tell it "
+              f"({describe_aws_error(exc)}); pass --principal ARN", file=sys.stderr)
+        return None
+    principal = principal_of(arn)
+    print(f"trusting {principal}, the identity of the current AWS credentials; "
+          f"pass --principal for the identity the agent runs as", file=sys.stderr)
+    return principal
+
+
+def cmd_iam_policy(args: argparse.Namespace) -> int:
+    from agent.iam import RENDERERS, plan
+
+    cfg = _load(args.config)
+    p = plan(cfg, principal="", account=args.account)
+    if args.format != "json":
+        accounts = sorted({role.account for role in p.roles})
+        problem = ("no measurement assumes a role" + (f" in account {args.account}" if args.account else "")
+                   + "; `--format json` shows what the agent's own identity needs") if not accounts else (
+            f"the roles are in {len(accounts)} accounts ({', '.join(accounts)}): pass --account ID, "
+            f"one template per account") if len(accounts) > 1 else None
+        if problem:
+            print(f"usage-agent iam-policy: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
+    if p.roles:
+        principal = args.principal or _caller_principal()
+        if principal is None:
+            return EXIT_CONFIG
+        p.principal = principal
+    for role in p.roles:
+        if not role.external_ids:
+            print(f"warning: {role.arn} has no external_id: its trust policy has no sts:ExternalId condition",
+                  file=sys.stderr)
+    print(json.dumps(RENDERERS[args.format](p), indent=2))
+    return EXIT_OK
+
+
 def cmd_demo(_args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
     return run_demo()
 
 
-COMMANDS = {"validate": cmd_validate, "once": cmd_once, "run": cmd_run, "spool": cmd_spool, "demo": cmd_demo}
+COMMANDS = {"validate": cmd_validate, "once": cmd_once, "run": cmd_run, "spool": cmd_spool,
+            "iam-policy": cmd_iam_policy, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except SpoolError as exc:
         _log().error("spool unusable", error=str(exc))
+        return EXIT_UNDELIVERED
+    except ServeError as exc:
+        _log().error("cannot serve metrics and health", error=str(exc))
         return EXIT_UNDELIVERED
 
 

@@ -20,6 +20,7 @@ from pydantic import (
     AliasChoices,
     BaseModel,
     BeforeValidator,
+    ByteSize,
     ConfigDict,
     Field,
     SecretStr,
@@ -131,8 +132,124 @@ class PaigoBackend(_Model):
         return self.client_secret.get_secret_value()
 
 
-Backend = Annotated[PaigoBackend, Field(discriminator="type")]
-BACKEND_TYPES = ("paigo",)
+def _at_most_one(model: BaseModel, name: str) -> SecretStr | None:
+    """``name`` or ``name_file`` (already read into a secret); both set is an error."""
+    value, from_file = getattr(model, name), getattr(model, f"{name}_file")
+    if value is not None and from_file is not None:
+        raise ValueError(f"set at most one of {name} or {name}_file")
+    return value if value is not None else from_file
+
+
+# A safe subset of RFC 3986 URI references (CloudEvents ``source`` must be one, or OpenMeter
+# refuses every event): scheme:[//host[:port]]/path, scheme:path, or a relative path without ':'.
+SOURCE_PATTERN = (r"^(?:[A-Za-z][A-Za-z0-9+.\-]*:(?://[A-Za-z0-9\-._~]*(?::[0-9]*)?(?:/[A-Za-z0-9\-._~/:@]*)?"
+                  r"|(?!//)[A-Za-z0-9\-._~/:@]*)|[A-Za-z0-9\-._~/]+)$")
+_URI_REFERENCE = re.compile(SOURCE_PATTERN)
+
+
+class OpenMeterBackend(_Model):
+    type: Literal["openmeter"]
+    url: HttpUrl = "https://openmeter.cloud"
+    token: SecretStr | None = None
+    token_file: SecretStr | None = None
+    source: str = Field(default="usage-agent", max_length=255)
+    batch_size: int = Field(default=100, ge=1, le=1000)
+    timeout: Duration = timedelta(seconds=10)
+
+    @field_validator("token_file", mode="before")
+    @classmethod
+    def _read_file(cls, value: str | None, info: ValidationInfo) -> SecretStr | None:
+        return _read_secret_file(value, info)
+
+    @field_validator("source")
+    @classmethod
+    def _uri_reference(cls, source: str) -> str:
+        if not _URI_REFERENCE.match(source):
+            raise ValueError(f"expected a URI reference such as usage-agent, urn:acme:agent or https://agent.example.com, got {source!r}")
+        return source
+
+    @model_validator(mode="after")
+    def _one_token(self) -> OpenMeterBackend:
+        object.__setattr__(self, "token", _at_most_one(self, "token"))
+        return self
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# set by the sink itself: the body's type and length, and the signature
+RESERVED_HEADERS = ("content-type", "content-length", "host", "transfer-encoding",
+                    "x-usage-timestamp", "x-usage-signature")
+
+
+def _header_value(name: str, value: str) -> str:
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"header {name}: a value must not contain line breaks")
+    return value
+
+
+class HttpBackend(_Model):
+    type: Literal["http"]
+    url: HttpUrl
+    headers: dict[str, Annotated[SecretStr, BeforeValidator(_stringify)]] = Field(default_factory=dict)
+    header_files: dict[str, SecretStr] = Field(default_factory=dict)  # header name -> file holding the value
+    hmac_secret: SecretStr | None = None
+    hmac_secret_file: SecretStr | None = None
+    batch_size: int = Field(default=100, ge=1, le=1000)
+    timeout: Duration = timedelta(seconds=10)
+
+    @field_validator("hmac_secret_file", mode="before")
+    @classmethod
+    def _read_file(cls, value: str | None, info: ValidationInfo) -> SecretStr | None:
+        return _read_secret_file(value, info)
+
+    @field_validator("header_files", mode="before")
+    @classmethod
+    def _read_header_files(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for name, path in value.items():
+            try:
+                out[name] = _read_secret_file(path, info)
+            except ValueError as exc:
+                raise ValueError(f"header {name}: {exc}") from None
+        return out
+
+    @model_validator(mode="after")
+    def _checks(self) -> HttpBackend:
+        names = [*self.headers, *self.header_files]
+        for name in names:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"header {name} is set by the agent and cannot be configured")
+        lowered = [n.lower() for n in names]
+        if len(set(lowered)) != len(lowered):
+            raise ValueError("a header is configured more than once (headers and header_files together)")
+        for name, value in self.header_values().items():
+            _header_value(name, value)
+        object.__setattr__(self, "hmac_secret", _at_most_one(self, "hmac_secret"))
+        return self
+
+    def header_values(self) -> dict[str, str]:
+        return {name: value.get_secret_value() for name, value in {**self.headers, **self.header_files}.items()}
+
+
+class JsonlFile(_Model):
+    path: str = Field(min_length=1)  # relative paths: relative to the config file
+    max_bytes: ByteSize = Field(default=ByteSize(100 * 2**20), ge=1024)  # rotate before a file would pass this
+    keep: int = Field(default=10, ge=1)  # rotated files kept; older ones are deleted
+
+
+class FileBackend(JsonlFile):
+    type: Literal["file"]
+
+
+class Audit(JsonlFile):
+    """A local JSON Lines copy of every record the backend accepted."""
+
+
+Backend = Annotated[PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend, Field(discriminator="type")]
+BACKEND_TYPES = ("paigo", "openmeter", "http", "file")
 
 
 class Customer(_Model):
@@ -353,7 +470,14 @@ class AgentConfig(_Model):
     spool: Spool = Field(default_factory=Spool)
     server: Server = Field(default_factory=Server)
     sampling: Sampling = Field(default_factory=Sampling)
+    audit: Audit | None = None
     measurements: list[Measurement] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_files(self) -> AgentConfig:
+        if self.audit and isinstance(self.backend, FileBackend) and self.audit.path == self.backend.path:
+            raise ValueError("audit.path is the file backend's path; give the audit copy its own file")
+        return self
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
@@ -538,7 +662,13 @@ def load_config(path: str | Path, env: dict[str, str]) -> AgentConfig:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(str(path), [("", f"invalid YAML{where}: {problem}")]) from None
     cfg = parse_config(raw, str(path), env, base_dir=path.parent)
-    spool_path = Path(cfg.spool.path)
-    if not spool_path.is_absolute():
-        spool_path = path.parent / spool_path
-    return cfg.model_copy(update={"spool": cfg.spool.model_copy(update={"path": str(spool_path)})})
+
+    def resolved(section: Any) -> Any:  # relative file paths are relative to the config file
+        return section.model_copy(update={"path": str(path.parent / section.path)})
+
+    update: dict[str, Any] = {"spool": resolved(cfg.spool)}
+    if isinstance(cfg.backend, FileBackend):
+        update["backend"] = resolved(cfg.backend)
+    if cfg.audit is not None:
+        update["audit"] = resolved(cfg.audit)
+    return cfg.model_copy(update=update)

@@ -24,6 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from agent import __version__
 from agent.errors import AssumeRoleError, SamplingError
+from agent.telemetry import ASSUME_ROLE_FAILURES, AWS_API_ERRORS, TOKEN_REFRESHES
 
 Clock = Callable[[], datetime]
 RoleKey = tuple[str | None, str | None]  # (role arn, external id); (None, None) = own identity
@@ -51,6 +52,24 @@ def describe_aws_error(exc: Exception) -> str:
         err = exc.response.get("Error", {})
         return f"{err.get('Code', 'Unknown')}: {err.get('Message', '')}".rstrip(": ")
     return f"{type(exc).__name__}: {exc}"
+
+
+def count_aws_errors(event_name: str, parsed_response: Any = None, response_dict: Any = None,
+                     exception: Exception | None = None, **_: Any) -> None:
+    """botocore ``response-received`` hook: every failed attempt, retried ones included, by code."""
+    _, service, operation = event_name.split(".", 2)
+    if exception is not None:
+        code = type(exception).__name__
+    elif response_dict is not None and response_dict.get("status_code", 200) >= 300:
+        code = ((parsed_response or {}).get("Error") or {}).get("Code") or str(response_dict["status_code"])
+    else:
+        return
+    AWS_API_ERRORS.labels(service, operation, code).inc()
+
+
+def _counted(client: Any) -> Any:
+    client.meta.events.register("response-received", count_aws_errors)
+    return client
 
 
 class SessionFactory:
@@ -83,7 +102,7 @@ class SessionFactory:
     def _sts(self) -> Any:
         with self._lock:
             if self._sts_client is None:
-                self._sts_client = self._base.client("sts", region_name=self.home_region, config=CLIENT_CONFIG)
+                self._sts_client = _counted(self._base.client("sts", region_name=self.home_region, config=CLIENT_CONFIG))
             return self._sts_client
 
     def _assume(self, role_arn: str, external_id: str | None) -> dict[str, Any]:
@@ -97,7 +116,9 @@ class SessionFactory:
         try:
             creds = self._sts().assume_role(**params)["Credentials"]
         except (ClientError, BotoCoreError) as exc:
+            ASSUME_ROLE_FAILURES.labels(role_arn).inc()
             raise AssumeRoleError(f"cannot assume {role_arn}: {describe_aws_error(exc)}") from exc
+        TOKEN_REFRESHES.labels("aws_role").inc()
         expiry = creds["Expiration"]
         return {
             "access_key": creds["AccessKeyId"],
@@ -158,7 +179,7 @@ class SessionFactory:
             with self._lock:
                 cached = self._clients.get(key)
             if cached is None:
-                cached = session.client(service, region_name=region, config=CLIENT_CONFIG)
+                cached = _counted(session.client(service, region_name=region, config=CLIENT_CONFIG))
                 with self._lock:
                     self._clients[key] = cached
         return cached

@@ -37,6 +37,10 @@ class SpoolFullError(SpoolError):
     """The spool holds max_records unsent records; new ticks are refused."""
 
 
+class ServeError(AgentError):
+    """``server.listen`` cannot be served (the address is taken or not on this host)."""
+
+
 class SinkError(AgentError):
     """Delivery to the backend failed."""
 
@@ -57,3 +61,7 @@ class PermanentSinkError(SinkError):
         super().__init__(message)
         self.status = status
         self.body = body
+
+
+class AuditError(AgentError):
+    """The audit copy cannot be written; delivery outcomes are held until it can."""

@@ -3,6 +3,8 @@
 Retryable failures (timeouts, connection errors, 408/429/5xx, refused credentials) go back
 to pending with a capped exponential backoff with jitter, or the backend's Retry-After.
 There is no retry limit: a record stays pending until the backend takes it or rejects it.
+With an audit copy, each delivered record is appended to it before its outcome is written
+to the spool: a crash in between writes the line again (same id) rather than not at all.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import structlog
 
 from agent.convert import UsageRecord
 from agent.sinks.base import Delivered, Outcome, Rejected, RetryLater, Sink
-from agent.errors import SpoolError
+from agent.errors import AuditError, SpoolError
+from agent.sinks.file import AuditLog
 from agent.spool import Dead, Retry, Spool
-from agent.telemetry import RECORDS_DEAD, RECORDS_DELIVERED
+from agent.telemetry import AUDIT_WRITE_ERRORS, RECORDS_DEAD, RECORDS_DELIVERED
 
 log = structlog.get_logger("agent.forwarder")
 
@@ -50,6 +54,7 @@ class Forwarder:
         max_backoff: float = 300.0,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        audit: AuditLog | None = None,
     ):
         self._spool = spool
         self._sink = sink
@@ -63,11 +68,21 @@ class Forwarder:
         self.stopping = threading.Event()
         self._attempts: dict[str, int] = {}  # leased record id -> sends tried before this lease
         self._unwritten: list[tuple[UsageRecord, Outcome]] = []
+        self._audit = audit
+        self._audited: set[str] = set()  # in the audit copy, outcome not yet in the spool
+        self._waits: dict[tuple[RetryLater, int], float] = {}  # this pump's backoffs
 
     def backoff(self, attempts: int) -> float:
         """Exponential in the attempts made, capped, with the upper half jittered."""
         ceiling = min(self._max_backoff, self._base_backoff * 2 ** min(attempts, 32))
         return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    def _wait(self, outcome: RetryLater, attempts: int) -> float:
+        """Records that failed alike in one pump (a batch) wait alike, so they go out together again."""
+        key = (outcome, attempts)
+        if key not in self._waits:
+            self._waits[key] = self.backoff(attempts)
+        return self._waits[key]
 
     def pump(self) -> Pumped:
         """One batch: lease what is due, send it, settle outcomes as they arrive.
@@ -76,6 +91,7 @@ class Forwarder:
         still in flight, so a crash re-sends only what was in flight or not yet written.
         """
         result = Pumped()
+        self._waits.clear()
         if self._unwritten:  # outcomes a failed spool write could not record: record them first
             self._settle([], result)
         leased = self._spool.lease_batch(self._batch_size, self._lease_seconds)
@@ -93,8 +109,9 @@ class Forwarder:
         return result
 
     def _settle(self, done: list[tuple[UsageRecord, Outcome]], result: Pumped) -> None:
-        """Write outcomes; if the spool cannot take the write (disk full), keep them in memory and
-        write them before anything else is sent, so an accepted record is not sent again."""
+        """Write outcomes; if the spool (or the audit copy) cannot take the write (disk full),
+        keep them in memory and write them before anything else is sent, so an accepted record
+        is not sent again."""
         done = self._unwritten + done
         self._unwritten = []
         if not done:
@@ -113,14 +130,16 @@ class Forwarder:
                 log.error("record dead-lettered", record_id=rid, measurement=record.measurement,
                           status=outcome.status, response=outcome.body[:500])
             else:
-                wait = outcome.retry_after if outcome.retry_after is not None else self.backoff(self._attempts[rid])
+                wait = outcome.retry_after if outcome.retry_after is not None else self._wait(outcome, self._attempts[rid])
                 retries.append(Retry(rid, now + wait, outcome.status, outcome.reason))
                 first_retry = first_retry or outcome
+        self._write_audit([r for r, o in done if isinstance(o, Delivered) and r.record_id not in self._audited], now, done)
         try:
             self._spool.settle(delivered, retries, dead)
         except SpoolError:
             self._unwritten = done
             raise
+        self._audited.clear()
         for record, _ in done:
             self._attempts.pop(record.record_id, None)
         RECORDS_DELIVERED.inc(len(delivered))
@@ -133,6 +152,17 @@ class Forwarder:
             level("delivery will be retried", records=len(retries), reason=first_retry.reason,
                   status=first_retry.status, alert=first_retry.alert)
 
+    def _write_audit(self, records: list[UsageRecord], now: float, done: list[tuple[UsageRecord, Outcome]]) -> None:
+        if self._audit is None or not records:
+            return
+        try:
+            self._audit.append(records, datetime.fromtimestamp(now, timezone.utc))
+        except OSError as exc:
+            self._unwritten = done
+            AUDIT_WRITE_ERRORS.inc()
+            raise AuditError(f"cannot write the audit copy {self._audit.path}: {exc.strerror or exc}") from exc
+        self._audited.update(r.record_id for r in records)
+
     def drain(self) -> Pumped:
         """Send until nothing is due (or stop is requested); the daemon's forwarder job."""
         total = Pumped()
@@ -141,6 +171,10 @@ class Forwarder:
                 step = self.pump()
             except SpoolError as exc:
                 log.error("spool unavailable; delivery paused until it can be written again",
+                          error=str(exc), outcomes_held=len(self._unwritten))
+                break
+            except AuditError as exc:
+                log.error("audit copy unavailable; delivery paused until it can be written again",
                           error=str(exc), outcomes_held=len(self._unwritten))
                 break
             total.add(step)

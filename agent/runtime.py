@@ -1,12 +1,15 @@
 """Composition root and scheduler wiring.
 
-``Agent`` samples one measurement for one tick (every region, through the assumed-role
-session), converts, and commits the records with the sampler state. ``run_daemon`` puts
-one APScheduler job per measurement on aligned ticks and the forwarder on its own job.
+``Agent`` samples one measurement for one tick (every account and region its shard owns,
+concurrently, through the assumed-role sessions), converts, and commits the records with
+the sampler state. ``Daemon``
+puts one APScheduler job per measurement on aligned ticks and the forwarder on its own job,
+and serves metrics and health on ``server.listen``.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -17,12 +20,13 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import structlog
-from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
 from apscheduler.executors.pool import ThreadPoolExecutor as JobExecutor
 from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 
 from agent.config import AgentConfig, Customer, Measurement, Role
 from agent.convert import Tally, UsageRecord, format_timestamp, parse_timestamp, tick_floor
@@ -30,16 +34,22 @@ from agent.credentials import SessionFactory, describe_aws_error, utc_now
 from agent.errors import AssumeRoleError, SamplingError, SpoolError, SpoolFullError
 from agent.forwarder import Forwarder
 from agent.samplers import REGISTRY, Skipped, Target
+from agent.shard import EVERYTHING, Shard
 from agent.sinks.base import Sink
 from agent.spool import Spool
 from agent.telemetry import (
     OLDEST_UNSENT_AGE,
     RECORDS_SPOOLED,
     RESOURCES_SKIPPED,
+    SAMPLES,
+    SPOOL_DEPTH,
     TARGETS_FAILED,
+    TICK_DURATION,
     TICKS_FAILED,
     TICKS_MISSED,
     TICKS_SKIPPED,
+    Check,
+    MetricsServer,
 )
 
 log = structlog.get_logger("agent.runtime")
@@ -81,11 +91,13 @@ class Agent:
     and region (EC2 throttles Describe calls per account and region)."""
 
     def __init__(self, cfg: AgentConfig, sessions: SessionFactory, spool: Spool | None = None,
-                 clock: Callable[[], datetime] = utc_now):
+                 clock: Callable[[], datetime] = utc_now, shard: Shard = EVERYTHING):
         self.cfg = cfg
         self.sessions = sessions
         self.spool = spool
         self.clock = clock
+        self.shard = shard
+        self.last_spooled: dict[str, datetime] = {}  # measurement -> its last tick committed by this process
         self._reported: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=cfg.sampling.workers, thread_name_prefix="sample")
@@ -94,6 +106,19 @@ class Agent:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+    @property
+    def measurements(self) -> list[Measurement]:
+        """The measurements with targets in this replica's shard (with ``regions: all``, the
+        targets are known once the regions are listed: such a measurement is kept)."""
+        return [m for m in self.cfg.measurements if m.all_regions or any(
+            self.shard.owns(m, role.arn, region) for role in m.roles() for region in m.regions)]
+
+    def tick_context(self, m: Measurement, tick: datetime) -> Any:
+        """Log context for every line of a tick; each target's thread narrows account and region."""
+        accounts = ",".join(r.arn.split(":")[4] if r.arn else "self" for r in m.roles())
+        return structlog.contextvars.bound_contextvars(
+            measurement=m.name, tick=format_timestamp(tick), account=accounts, region=",".join(m.regions))
 
     def _limit(self, account: str, region: str) -> threading.BoundedSemaphore:
         with self._lock:
@@ -129,16 +154,21 @@ class Agent:
 
         # samples are tallied as they arrive, not kept: a failed target's tally is dropped whole
         tally = Tally(m, m.metric or spec.default_metric, {account: role.customer} if role.customer else None)
+        samples = 0
         skipped: list[Skipped] = []
-        with self._limit(account, region):
+        context = structlog.contextvars.bound_contextvars(
+            measurement=m.name, tick=format_timestamp(tick), account=account, region=region)
+        with context, self._limit(account, region):
             try:
                 for item in spec.sample(clients, Target(m, account, region, tick)):
                     if isinstance(item, Skipped):
                         skipped.append(item)
                     else:
                         tally.add(item)
-            except (ClientError, BotoCoreError) as exc:
+                        samples += 1
+            except (ClientError, BotoCoreError, ResponseParserError) as exc:
                 raise SamplingError(f"{m.resource_type} in {account}/{region}: {describe_aws_error(exc)}") from exc
+        SAMPLES.labels(m.name).inc(samples)
         return tally, skipped
 
     def _sample(self, m: Measurement, tick: datetime) -> tuple[Tally, list[Skipped], list[TargetFailure], int]:
@@ -153,7 +183,7 @@ class Agent:
             except SamplingError as exc:
                 failures.append(_failure(role, role.arn.split(":")[4] if role.arn else "?", "*", exc))
                 continue
-            for region in regions:
+            for region in (r for r in regions if self.shard.owns(m, role.arn, r)):
                 futures[self._pool.submit(self._sample_target, m, role, account, region, tick)] = (role, account, region)
         tally = Tally(m, m.metric or REGISTRY[m.resource_type].default_metric)
         skipped: list[Skipped] = []
@@ -178,13 +208,16 @@ class Agent:
     def collect(self, m: Measurement, at: datetime) -> TickResult:
         """Sample and convert one measurement for the tick containing ``at``; writes nothing."""
         tick = tick_floor(at, m.interval_seconds)
+        with self.tick_context(m, tick):
+            return self._collect(m, tick)
+
+    def _collect(self, m: Measurement, tick: datetime) -> TickResult:
         result = TickResult(m.name, tick)
-        bound = log.bind(measurement=m.name, tick=format_timestamp(tick))
         tally, skipped, failures, targets = self._sample(m, tick)
         for failure in failures:
             TARGETS_FAILED.labels(m.name, failure.account, failure.region, failure.reason).inc()
-            bound.error("sampling failed; this target emits no records for this tick",
-                        account=failure.account, region=failure.region, error=failure.error)
+            log.error("sampling failed; this target emits no records for this tick",
+                      account=failure.account, region=failure.region, error=failure.error)
         result.failed_targets = failures
         if failures and len(failures) == targets:
             result.error = "; ".join(f.error for f in failures)
@@ -199,17 +232,17 @@ class Agent:
         result.records = _without_partial_totals(m, conversion.records, failures)
         result.withheld = len(conversion.records) - len(result.records)
         if result.withheld:
-            bound.warning("customer totals withheld: a failed target may hold part of them, and a partial "
-                          "total would be billed under the tick's final id", withheld=result.withheld)
+            log.warning("customer totals withheld: a failed target may hold part of them, and a partial "
+                        "total would be billed under the tick's final id", withheld=result.withheld)
         tag = ",".join(sorted({r.customer.tag for r in m.roles() if r.customer and r.customer.tag}))
         reasons = {s.resource_id: s.reason for s in skipped}
         for resource in self._first_time(m, list(reasons)):
-            bound.warning("resource skipped", resource_id=resource, reason=reasons[resource])
+            log.warning("resource skipped", resource_id=resource, reason=reasons[resource])
         for resource in self._first_time(m, conversion.untagged):
-            bound.warning("resource has no customer tag; skipped", resource_id=resource, tag=tag)
+            log.warning("resource has no customer tag; skipped", resource_id=resource, tag=tag)
         invalid = dict(conversion.invalid_customer)
         for resource in self._first_time(m, list(invalid)):
-            bound.warning("resource skipped: its customer tag is not a usable customer id",
+            log.warning("resource skipped: its customer tag is not a usable customer id",
                           resource_id=resource, tag=tag, value=invalid[resource][:300])
         for reason, count in (("unreadable", len(skipped)), ("untagged", len(conversion.untagged)),
                               ("invalid_customer", len(invalid))):
@@ -219,34 +252,42 @@ class Agent:
 
     def sample_tick(self, m: Measurement, at: datetime) -> TickResult:
         """Collect, then commit the records and the sampler state in one transaction."""
+        started = time.monotonic()
+        tick = tick_floor(at, m.interval_seconds)
+        with self.tick_context(m, tick):
+            result = self._sample_tick(m, tick)
+        TICK_DURATION.labels(m.name).observe(time.monotonic() - started)
+        return result
+
+    def _sample_tick(self, m: Measurement, tick: datetime) -> TickResult:
         assert self.spool is not None
-        result = self.collect(m, at)
+        result = self._collect(m, tick)
         if result.error is not None:
             return result
-        bound = log.bind(measurement=m.name, tick=format_timestamp(result.tick))
         try:
             commit = self.spool.commit_tick(m.name, result.tick, result.records)
         except SpoolError as exc:
             result.error = str(exc)
             TICKS_FAILED.labels(m.name, "spool_full" if isinstance(exc, SpoolFullError) else "spool_write").inc()
-            bound.error("tick not spooled; the sampler state stays where it was", error=result.error)
+            log.error("tick not spooled; the sampler state stays where it was", error=result.error)
             return result
         result.inserted = commit.inserted
+        self.last_spooled[m.name] = max(result.tick, self.last_spooled.get(m.name, result.tick))
         RECORDS_SPOOLED.labels(m.name).inc(commit.inserted)
         if commit.previous_tick is not None:
             previous = parse_timestamp(commit.previous_tick)
             missed = int((result.tick - previous) / m.interval) - 1
             if missed > 0:
                 TICKS_MISSED.labels(m.name).inc(missed)
-                bound.warning("ticks missed since the last sample; their windows are not invented",
-                              missed_windows=missed, last_tick=commit.previous_tick)
-        bound.info("tick spooled", sampled=result.sampled, records=len(result.records), new=result.inserted)
+                log.warning("ticks missed since the last sample; their windows are not invented",
+                            missed_windows=missed, last_tick=commit.previous_tick)
+        log.info("tick spooled", sampled=result.sampled, records=len(result.records), new=result.inserted)
         return result
 
     def sample_all(self, at: datetime | None = None) -> list[TickResult]:
         """One tick of every measurement: the tick containing ``at``, by default the latest
         tick whose data is due (now minus the measurement's delay)."""
-        return [self.sample_tick(m, at or self.clock() - m.delay) for m in self.cfg.measurements]
+        return [self.sample_tick(m, at or self.clock() - m.delay) for m in self.measurements]
 
 
 def _failure(role: Role, account: str, region: str, exc: SamplingError) -> TargetFailure:
@@ -268,7 +309,7 @@ def _without_partial_totals(m: Measurement, records: list[UsageRecord],
 
 
 class Daemon:
-    """The long-running agent: aligned sampling jobs plus the forwarder job."""
+    """The long-running agent: aligned sampling jobs, the forwarder job, metrics and health."""
 
     def __init__(self, agent: Agent, forwarder: Forwarder, sink: Sink, clock: Callable[[], datetime] = utc_now,
                  forward_every: timedelta = timedelta(seconds=1), stop_requested: threading.Event | None = None):
@@ -280,11 +321,15 @@ class Daemon:
         self._stop_requested = threading.Event()
         self._finished = threading.Event()
         self._shutdown_thread: threading.Thread | None = None
-        measurements = agent.cfg.measurements
+        self.started = clock()
+        self.server = MetricsServer(agent.cfg.server.listen, self.readiness, refresh=self.refresh_gauges)
+        measurements = agent.measurements
+        self._by_job = {f"sample:{m.name}": m for m in measurements}
         self.scheduler = BlockingScheduler(
             timezone=timezone.utc,
             executors={"default": JobExecutor(max_workers=len(measurements) + 2)},
         )
+        self.scheduler.add_listener(self._tick_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         for m in measurements:
             self.scheduler.add_job(
                 self._sample_job,
@@ -295,7 +340,6 @@ class Daemon:
                 coalesce=True,
                 misfire_grace_time=max(1, m.interval_seconds // 2),
             )
-        self.scheduler.add_listener(self._tick_skipped, EVENT_JOB_MAX_INSTANCES)
         self.scheduler.add_job(self.watch_backlog, IntervalTrigger(seconds=60, timezone=timezone.utc),
                                id="watch-backlog", max_instances=1, coalesce=True)
         self.scheduler.add_job(self.prune, IntervalTrigger(hours=1, timezone=timezone.utc), id="prune",
@@ -309,11 +353,54 @@ class Daemon:
             next_run_time=clock(),
         )
 
-    def watch_backlog(self) -> None:
-        """Publish the oldest unsent record's age; alert when it passes spool.alert_after."""
+    def refresh_gauges(self) -> float:
+        """Spool depth and the oldest unsent record's age, for a scrape; returns the age."""
         assert self.agent.spool is not None
         age = self.agent.spool.oldest_unsent_age() or 0.0
         OLDEST_UNSENT_AGE.set(age)
+        SPOOL_DEPTH.set(self.agent.spool.unsent())
+        return age
+
+    def readiness(self) -> list[Check]:
+        """Config loaded, spool writable and below its cap, every measurement of this shard ticking."""
+        spool = self.agent.spool
+        assert spool is not None
+        owned = [m.name for m in self.agent.measurements]
+        checks = [Check("config", True, f"{len(self.agent.cfg.measurements)} measurement(s); "
+                                         f"shard {self.agent.shard} samples {', '.join(owned) or 'none'}")]
+        problem = spool.write_error and f"the last write failed: {spool.write_error}"
+        for path in (spool.path.parent, spool.path):
+            if problem is None and not os.access(path, os.W_OK):
+                problem = f"{path} is not writable"
+        checks.append(Check("spool_writable", problem is None, problem or str(spool.path)))
+        checks.append(Check("spool_not_full", not spool.full,
+                            f"spool.max_records={spool.max_records}; new ticks are refused until records drain"
+                            if spool.full else f"spool.max_records={spool.max_records}"))
+        now = self.clock()
+        for m in self.agent.measurements:
+            last = self.agent.last_spooled.get(m.name)
+            since = max(last, self.started) if last else self.started
+            age = (now - since).total_seconds()
+            limit = 2 * m.interval_seconds
+            what = f"last tick {format_timestamp(last)}" if last else f"no tick since the start at {format_timestamp(self.started)}"
+            checks.append(Check(f"tick:{m.name}", age <= limit, f"{what}, {age:.0f}s ago; the limit is two intervals ({limit}s)"))
+        return checks
+
+    def _tick_skipped(self, event: JobEvent) -> None:
+        m = self._by_job.get(event.job_id)
+        if m is None:
+            return
+        overran = event.code == EVENT_JOB_MAX_INSTANCES
+        reason = "overran" if overran else "late"
+        TICKS_SKIPPED.labels(m.name, reason).inc()
+        with self.agent.tick_context(m, tick_floor(self.clock(), m.interval_seconds)):
+            log.warning("tick skipped: the previous tick is still running" if overran
+                        else "tick skipped: the scheduler woke too late for it", reason=reason)
+
+    def watch_backlog(self) -> None:
+        """Publish the spool gauges; alert when the oldest unsent record passes spool.alert_after."""
+        age = self.refresh_gauges()
+        assert self.agent.spool is not None
         limit = self.agent.cfg.spool.alert_after.total_seconds()
         if age > limit:
             log.error("records are waiting for delivery longer than spool.alert_after; they are kept and retried",
@@ -331,13 +418,6 @@ class Daemon:
             return
         if purged:
             log.info("pruned delivered records", purged=purged)
-
-    def _tick_skipped(self, event: JobSubmissionEvent) -> None:
-        """APScheduler refused to start a tick because the previous one is still running."""
-        if event.job_id.startswith("sample:"):
-            name = event.job_id.removeprefix("sample:")
-            TICKS_SKIPPED.labels(name).inc()
-            log.warning("tick skipped: the previous tick is still running", measurement=name)
 
     def _sample_job(self, m: Measurement) -> None:
         # the job runs at (or just after) tick + delay: take the nearest tick, so a
@@ -370,14 +450,19 @@ class Daemon:
         previous = {signum: signal.signal(signum, self.request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
         if self._early_stop.is_set():
             self.request_stop(signal.SIGTERM)
-        log.info("agent started", measurements=[m.name for m in self.agent.cfg.measurements],
-                 backend=self.sink.name, spool=str(self.agent.spool.path if self.agent.spool else None))
         try:
+            host, port = self.server.start()
+            log.info("agent started", measurements=[m.name for m in self.agent.measurements], shard=str(self.agent.shard),
+                     backend=self.sink.name, spool=str(self.agent.spool.path if self.agent.spool else None),
+                     listen=f"{host}:{port}")
+            if not self.agent.measurements:
+                log.warning("this shard owns no measurement; it only forwards what its spool holds", shard=str(self.agent.shard))
             self.scheduler.start()
         finally:
             self._finished.set()
             if self._shutdown_thread is not None:
                 self._shutdown_thread.join()  # start() can return before running jobs are done
+            self.server.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         log.info("agent stopped")

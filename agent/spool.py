@@ -129,6 +129,8 @@ class Spool:
         self._clock = clock
         self._lock = threading.RLock()
         self._lock_file: Any = None
+        self.full = False  # a tick was refused for max_records; cleared once the unsent fall below it
+        self.write_error: str | None = None  # the last write that changed something failed with this
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -191,14 +193,19 @@ class Spool:
                 if not durable:
                     self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.execute("BEGIN IMMEDIATE")
+                before = self._db.total_changes
                 try:
                     yield self._db
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                        self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
+                if self._db.total_changes != before:  # an empty commit proves nothing about the disk
+                    self.write_error = None
             except sqlite3.Error as exc:
                 SPOOL_WRITE_ERRORS.inc()
+                self.write_error = str(exc)
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise SpoolError(f"spool {self.path}: write failed: {exc}") from exc
@@ -229,8 +236,9 @@ class Spool:
             )
             inserted = db.total_changes - before
             # ids already spooled (a re-run tick) do not count; the exact count is only needed near the cap
-            unsent = self._unsent(db) - inserted if most_unsent + inserted > self.max_records else most_unsent
+            unsent = self.unsent() - inserted if most_unsent + inserted > self.max_records else most_unsent
             if unsent + inserted > self.max_records:
+                self.full = True
                 SPOOL_FULL.set(1)
                 raise SpoolFullError(
                     f"spool {self.path} holds {unsent} unsent records; adding {inserted} would pass "
@@ -243,13 +251,10 @@ class Spool:
                 "last_tick = max(last_tick, excluded.last_tick)",
                 (measurement, tick_text, json.dumps(state or {})),
             )
+        self.full = False
         SPOOL_FULL.set(0)
         self.checkpoint()  # a lost -wal must not lose what was sampled
         return TickCommit(inserted=inserted, previous_tick=previous)
-
-    @staticmethod
-    def _unsent(db: sqlite3.Connection) -> int:
-        return db.execute("SELECT COUNT(*) FROM records WHERE state IN ('pending', 'leased')").fetchone()[0]
 
     @staticmethod
     def _unsent_at_most(db: sqlite3.Connection) -> int:
@@ -340,6 +345,9 @@ class Spool:
                 "last_status = ?, last_error = ? WHERE id = ? AND state = 'leased'",
                 [(now, d.status, d.error, d.record_id) for d in dead],
             )
+        if self.full and self.unsent() < self.max_records:  # room again: the next tick may be taken
+            self.full = False
+            SPOOL_FULL.set(0)
 
     def next_due(self) -> float | None:
         """When the earliest unsent record may be sent (a leased one: when its lease ends); None if none is unsent."""
@@ -351,6 +359,14 @@ class Spool:
         return row[0]
 
     # -- inspection --------------------------------------------------------------------
+
+    def unsent(self) -> int:
+        """Pending plus leased records (index range counts, not a table scan)."""
+        with self._lock:
+            return sum(
+                self._db.execute("SELECT COUNT(*) FROM records WHERE state = ?", (state,)).fetchone()[0]
+                for state in ("pending", "leased")
+            )
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -1,29 +1,58 @@
-"""Logging: structlog to stderr, JSON lines unless stderr is a terminal, secrets redacted."""
+"""Logs, metrics and the health endpoints.
+
+Logging: structlog to stderr, JSON lines unless stderr is a terminal, secrets redacted.
+Metrics: one prometheus registry for the process. ``MetricsServer`` serves it on
+``server.listen`` as ``/metrics``, next to ``/healthz`` (alive) and ``/readyz`` (the checks
+the daemon passes in), from daemon threads.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import platform
 import re
 import sys
-from collections.abc import MutableMapping
+import threading
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import asdict, dataclass
+from socketserver import TCPServer, ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 
-_SECRET_KEYS = re.compile(r"(secret|token|password|authorization|credential|api_key)", re.IGNORECASE)
-_BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+")
+from agent import __version__
+from agent.errors import ServeError
+
 REDACTED = "[redacted]"
+_SECRET_KEYS = re.compile(r"(secret|token|password|authorization|credential|api_key)", re.IGNORECASE)
+_SECRET_NAME = r"[\w-]*(?:secret|token|password|authorization|api_key)[\w-]*"
+# secrets inside text, as libraries log them at debug (botocore dumps STS answers and signed headers)
+_IN_TEXT = [
+    (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+"), rf"\1{REDACTED}"),
+    (re.compile(rf"^([ \t]*{_SECRET_NAME}[ \t]*:[ \t]*)[^\n]+", re.IGNORECASE | re.MULTILINE), rf"\1{REDACTED}"),  # headers
+    (re.compile(rf"(<({_SECRET_NAME})>)[^<]*(</\2>)", re.IGNORECASE), rf"\1{REDACTED}\3"),  # XML elements
+    (re.compile(rf"""(["']{_SECRET_NAME}["']\s*:\s*b?["'])[^"']*""", re.IGNORECASE), rf"\1{REDACTED}"),  # JSON, reprs
+    (re.compile(rf"""(\b{_SECRET_NAME}=)[^&\s'",]+""", re.IGNORECASE), rf"\1{REDACTED}"),  # query strings, forms
+]
+
+
+def redact_text(text: str) -> str:
+    for pattern, replacement in _IN_TEXT:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def redact_secrets(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Blank values under secret-looking keys and bearer tokens inside strings."""
+    """Blank values under secret-looking keys, and secrets inside strings (bearer tokens, credentials)."""
     for key, value in list(event.items()):
         if _SECRET_KEYS.search(key) and key != "event":
             event[key] = REDACTED
         elif isinstance(value, str):
-            event[key] = _BEARER.sub(r"\1" + REDACTED, value)
+            event[key] = redact_text(value)
     return event
 
 
@@ -79,13 +108,132 @@ TICKS_FAILED = Counter("usage_agent_ticks_failed", "Measurement ticks that produ
 TARGETS_FAILED = Counter("usage_agent_targets_failed",
                          "Targets (measurement x account x region) whose sampling failed in a tick; they emit nothing.",
                          ["measurement", "account", "region", "reason"], registry=REGISTRY)
-TICKS_SKIPPED = Counter("usage_agent_ticks_skipped",
-                        "Ticks not started because the previous tick of the measurement was still running.",
-                        ["measurement"], registry=REGISTRY)
 TICKS_MISSED = Counter("usage_agent_ticks_missed", "Tick windows not sampled (downtime); never invented.",
                        ["measurement"], registry=REGISTRY)
 SPOOL_WRITE_ERRORS = Counter("usage_agent_spool_write_errors", "Spool transactions that failed.", registry=REGISTRY)
 OLDEST_UNSENT_AGE = Gauge("usage_agent_oldest_unsent_age_seconds", "Age of the oldest record not yet delivered.",
                           registry=REGISTRY)
-SPOOL_FULL = Gauge("usage_agent_spool_full", "1 while the spool refuses new ticks (spool.max_records).",
+SPOOL_FULL = Gauge("usage_agent_spool_full",
+                   "1 from a tick refused for spool.max_records until the unsent records fall below it.",
                    registry=REGISTRY)
+AUDIT_WRITE_ERRORS = Counter("usage_agent_audit_write_errors", "Writes to the audit copy that failed.",
+                             registry=REGISTRY)
+SPOOL_DEPTH = Gauge("usage_agent_spool_depth", "Records not yet delivered or dead-lettered (pending + leased).",
+                    registry=REGISTRY)
+SAMPLES = Counter("usage_agent_samples", "Resources sampled, one per resource per tick.", ["measurement"],
+                  registry=REGISTRY)
+TICK_DURATION = Histogram("usage_agent_tick_duration_seconds", "Sampling, converting and spooling one tick.",
+                          ["measurement"], buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+                          registry=REGISTRY)
+TICKS_SKIPPED = Counter("usage_agent_ticks_skipped",
+                        "Ticks not started: the previous tick was still running (overran) or the scheduler "
+                        "woke too late (late).", ["measurement", "reason"], registry=REGISTRY)
+AWS_API_ERRORS = Counter("usage_agent_aws_api_errors",
+                         "Failed AWS API attempts (retried ones included), by error code.",
+                         ["service", "operation", "code"], registry=REGISTRY)
+BACKEND_RESPONSES = Counter("usage_agent_backend_responses",
+                            "Backend answers (token requests included) by HTTP status, or timeout / "
+                            "connection_error when none came.", ["status"], registry=REGISTRY)
+ASSUME_ROLE_FAILURES = Counter("usage_agent_assume_role_failures", "sts:AssumeRole calls that failed.",
+                               ["role_arn"], registry=REGISTRY)
+TOKEN_REFRESHES = Counter("usage_agent_token_refreshes",
+                          "Credentials obtained: AWS role sessions (kind=aws_role) and backend tokens (kind=backend).",
+                          ["kind"], registry=REGISTRY)
+BUILD_INFO = Info("usage_agent_build", "The running agent.", registry=REGISTRY)
+BUILD_INFO.info({"version": __version__, "python": platform.python_version()})
+
+
+# -- /metrics, /healthz, /readyz -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    """One readiness condition as /readyz reports it."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (``server.listen``); an empty host listens on every interface."""
+    host, _, port = listen.rpartition(":")
+    return host or "0.0.0.0", int(port)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a stuck scrape must not keep the process alive
+
+    def server_bind(self) -> None:
+        # WSGIServer would resolve its own FQDN here, which can hang on a broken resolver
+        TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+        self.setup_environ()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        """Scrapes and probes are not worth a log line each."""
+
+
+class MetricsServer:
+    """``/metrics`` (the registry), ``/healthz`` (the process serves) and ``/readyz`` (every check ok)."""
+
+    def __init__(self, listen: str, readiness: Callable[[], Iterable[Check]],
+                 refresh: Callable[[], object] | None = None):
+        self._listen = listen
+        self._readiness = readiness
+        self._refresh = refresh  # gauges read from the spool at scrape time
+        self._metrics = make_wsgi_app(REGISTRY)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            if self._refresh is not None:
+                try:
+                    self._refresh()
+                except Exception as exc:  # serve the counters anyway; the gauges keep their last value
+                    structlog.get_logger("agent.telemetry").warning("refreshing spool gauges failed", error=str(exc))
+            return self._metrics(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/healthz":
+            return _json(start_response, "200 OK", {"status": "ok"})
+        if path == "/readyz":
+            try:
+                checks = list(self._readiness())
+            except Exception as exc:  # a check that crashes means: not ready, and say why
+                checks = [Check("readiness", False, f"{type(exc).__name__}: {exc}")]
+            ready = all(c.ok for c in checks)
+            body = {"status": "ready" if ready else "not ready",
+                    "failed": [c.name for c in checks if not c.ok],
+                    "checks": [asdict(c) for c in checks]}
+            return _json(start_response, "200 OK" if ready else "503 Service Unavailable", body)
+        return _json(start_response, "404 Not Found", {"error": f"no such path {path!r}; try /metrics, /healthz, /readyz"})
+
+    def start(self) -> tuple[str, int]:
+        """Bind (ServeError if the address is taken) and serve from a daemon thread; the bound address."""
+        host, port = parse_listen(self._listen)
+        try:
+            self._server = make_server(host, port, self._app, server_class=_Server, handler_class=_QuietHandler)
+        except OSError as exc:
+            raise ServeError(f"cannot serve /metrics, /healthz, /readyz on server.listen={self._listen}: {exc}") from exc
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-server", daemon=True)
+        self._thread.start()
+        return self.address
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        return str(self._server.server_address[0]), int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def _json(start_response: Callable[..., Any], status: str, body: dict[str, Any]) -> list[bytes]:
+    data = json.dumps(body).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    return [data]

@@ -211,6 +211,7 @@ def config_dict(paigo: PaigoContractServer, tmp_path: Path, *measurements: dict[
             **backend,
         },
         "spool": {"path": str(tmp_path / "spool.db")},
+        "server": {"listen": "127.0.0.1:0"},  # any free port, loopback only
         "measurements": list(measurements) or [measurement()],
     }
 
@@ -229,3 +230,18 @@ def agent_command() -> list[str]:
     """The installed console script, next to the running interpreter."""
     script = Path(sys.executable).with_name("usage-agent")
     return [str(script)] if script.exists() else [shutil.which("usage-agent") or "usage-agent"]
+
+
+def backend_config(backend: dict[str, Any], tmp_path: Path, *measurements: dict[str, Any], **top: Any) -> dict[str, Any]:
+    """A config document for any backend (``config_dict`` is the Paigo one)."""
+    return {
+        "backend": backend,
+        "spool": {"path": str(tmp_path / "spool.db")},
+        "measurements": list(measurements) or [measurement()],
+        **top,
+    }
+
+
+def write_yaml(path: Path, document: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(document))
+    return path

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.config import load_config, parse_duration
+from agent.config import FileBackend, HttpBackend, OpenMeterBackend, PaigoBackend, load_config, parse_duration
 from agent.errors import ConfigError
 from agent.samplers import REGISTRY
 
@@ -292,8 +292,20 @@ def test_example_config_validates(tmp_path: Path, example: Path) -> None:
         "PAIGO_CLIENT_ID": "example-client",
         "PAIGO_CLIENT_SECRET": "secret-from-env",
         "PAIGO_CLIENT_SECRET_FILE": str(secret_file),
+        "OPENMETER_TOKEN": "secret-from-env",
+        "BILLING_API_TOKEN": "secret-from-env",
+        "USAGE_HMAC_FILE": str(secret_file),
     }
     cfg = load_config(example, env)
-    assert cfg.backend.client_id == "example-client"
-    assert cfg.backend.secret() in {"secret-from-env", "secret-from-file"}
+    backend = cfg.backend
+    if isinstance(backend, PaigoBackend):
+        assert backend.client_id == "example-client"
+        assert backend.secret() in {"secret-from-env", "secret-from-file"}
+    elif isinstance(backend, OpenMeterBackend):
+        assert backend.token is not None and backend.token.get_secret_value() == "secret-from-env"
+    elif isinstance(backend, HttpBackend):
+        assert backend.header_values()["Authorization"] == "Bearer secret-from-env"
+        assert backend.hmac_secret is not None and backend.hmac_secret.get_secret_value() == "secret-from-file"
+    else:
+        assert isinstance(backend, FileBackend) and Path(backend.path).is_absolute()
     assert cfg.measurements and all(m.roles() and m.resource_type in REGISTRY for m in cfg.measurements)

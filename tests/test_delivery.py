@@ -16,7 +16,8 @@ import pytest
 from agent.config import PaigoBackend
 from agent.convert import UsageRecord, record_id
 from agent.forwarder import Forwarder
-from agent.sinks.base import parse_retry_after
+from agent.sinks.base import Sink, parse_retry_after
+from agent.sinks.file import AuditLog
 from agent.sinks.paigo import ClientCredentialsToken, PaigoSink
 from agent.spool import Spool
 from agent.testing.paigo_server import Fault, PaigoContractServer, usage_record_schema
@@ -64,10 +65,27 @@ def backend(server: PaigoContractServer, **overrides: Any) -> PaigoBackend:
 
 @dataclass
 class Pipeline:
+    """A spool, a sink and a forwarder on one fake clock: delivery without real waits."""
+
     spool: Spool
-    sink: PaigoSink
+    sink: Sink
     forwarder: Forwarder
     clock: FakeClock
+    audit: AuditLog | None = None
+
+    @classmethod
+    def over(cls, sink: Sink, path: Path, clock: FakeClock | None = None, audit: AuditLog | None = None,
+             **forwarder: Any) -> Pipeline:
+        clock = clock or FakeClock()
+        spool = Spool(path, clock=clock)
+        spool.claim()
+        return cls(spool, sink, Forwarder(spool, sink, clock=clock, audit=audit, **forwarder), clock, audit)
+
+    def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
+        self.sink.close()
+        self.spool.close()
 
     def enqueue(self, records: list[UsageRecord]) -> None:
         self.spool.commit_tick("ebs-storage", TICK, records)
@@ -85,13 +103,9 @@ class Pipeline:
 
 @pytest.fixture
 def pipeline(paigo: PaigoContractServer, tmp_path: Path) -> Iterator[Pipeline]:
-    clock = FakeClock()
-    spool = Spool(tmp_path / "spool.db", clock=clock)
-    spool.claim()
-    sink = PaigoSink(backend(paigo, timeout="1s"))
-    yield Pipeline(spool, sink, Forwarder(spool, sink, batch_size=32, clock=clock), clock)
-    sink.close()
-    spool.close()
+    p = Pipeline.over(PaigoSink(backend(paigo, timeout="1s")), tmp_path / "spool.db", batch_size=32)
+    yield p
+    p.close()
 
 
 def test_bodies_match_the_documented_contract(pipeline: Pipeline, paigo: PaigoContractServer) -> None:

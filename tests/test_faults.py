@@ -19,7 +19,6 @@ from botocore.stub import Stubber
 
 from agent.config import Measurement
 from agent.credentials import SessionFactory
-from agent.forwarder import Forwarder
 from agent.runtime import Agent
 from agent.samplers.base import Sample, Skipped, Target
 from agent.samplers.ebs import sample_volumes
@@ -50,11 +49,8 @@ def dropped() -> float:
 
 def run_with(url: str, token_url: str, tmp_path: Path, **sink: Any) -> tuple[Pipeline, PaigoSink]:
     clock = FakeClock()
-    spool = Spool(tmp_path / "spool.db", clock=clock)
-    spool.claim()
-    cfg = backend_for(url, token_url, **sink)
-    paigo_sink = PaigoSink(cfg, monotonic=clock)  # token expiry and refusal hold on the same fake time
-    return Pipeline(spool, paigo_sink, Forwarder(spool, paigo_sink, clock=clock, batch_size=64), clock), paigo_sink
+    paigo_sink = PaigoSink(backend_for(url, token_url, **sink), monotonic=clock)  # token times on the same fake clock
+    return Pipeline.over(paigo_sink, tmp_path / "spool.db", clock, batch_size=64), paigo_sink
 
 
 def backend_for(url: str, token_url: str, **overrides: Any):
@@ -235,7 +231,11 @@ def test_throttling_is_retried_and_the_tick_completes(aws: Aws, aws_proxy: AwsPr
     aws_proxy.rules.append(throttled)
     cfg = make_config(paigo, tmp_path)
     spool = Spool(cfg.spool.path)
+    throttled = {"service": "ec2", "operation": "DescribeVolumes", "code": "RequestLimitExceeded"}
+    before = REGISTRY.get_sample_value("usage_agent_aws_api_errors_total", throttled) or 0
     (result,) = Agent(cfg, SessionFactory(), spool).sample_all(datetime(2026, 11, 21, 10, tzinfo=timezone.utc))
     assert aws_proxy.calls.count(("DescribeVolumes", "us-east-1")) == 4  # 3 throttled, then answered
     assert result.ok and [r.value for r in result.records] == [33]
+    # each throttled attempt is counted, though botocore retried it and the tick succeeded
+    assert REGISTRY.get_sample_value("usage_agent_aws_api_errors_total", throttled) == before + 3
     spool.close()

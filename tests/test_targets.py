@@ -221,11 +221,26 @@ def test_an_overrunning_tick_is_skipped_and_counted(aws: Aws, paigo: PaigoContra
     agent = Agent(cfg, SessionFactory(), spool)
     sink = PaigoSink(cfg.backend)
     daemon = Daemon(agent, Forwarder(spool, sink), sink)
-    before = REGISTRY.get_sample_value("usage_agent_ticks_skipped_total", {"measurement": "slow"}) or 0
+    before = REGISTRY.get_sample_value("usage_agent_ticks_skipped_total", {"measurement": "slow", "reason": "overran"}) or 0
     # what APScheduler dispatches when max_instances=1 refuses a run
     daemon.scheduler._dispatch_event(JobSubmissionEvent(EVENT_JOB_MAX_INSTANCES, "sample:slow", None, [AT]))
-    assert REGISTRY.get_sample_value("usage_agent_ticks_skipped_total", {"measurement": "slow"}) == before + 1
+    assert REGISTRY.get_sample_value("usage_agent_ticks_skipped_total", {"measurement": "slow", "reason": "overran"}) == before + 1
     assert daemon.scheduler.get_job("sample:slow").max_instances == 1
     agent.close()
     sink.close()
     spool.close()
+
+
+def test_a_garbled_aws_answer_fails_its_target_only(aws: Aws, aws_proxy: AwsProxy, paigo: PaigoContractServer,
+                                                    tmp_path: Path) -> None:
+    aws.volume("us-east-1", 10, tags={"customer-id": "acme"})
+    aws.volume("eu-west-1", 20, tags={"customer-id": "acme"})
+    aws_proxy.rules.append(lambda action, region: (200, b"<DescribeVolumesResponse><volumeSet><item>")
+                           if action == "DescribeVolumes" and region == "eu-west-1" else None)
+    cfg = make_config(paigo, tmp_path, measurement(regions=["us-east-1", "eu-west-1"], group_by="resource"))
+    agent = Agent(cfg, SessionFactory())
+    result = agent.collect(cfg.measurements[0], AT)
+    agent.close()
+    assert [(f.region, f.reason) for f in result.failed_targets] == [("eu-west-1", "aws")]
+    assert "ResponseParserError" in result.failed_targets[0].error
+    assert [r.value for r in result.records] == [10]

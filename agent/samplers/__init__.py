@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agent.config import Measurement
 from agent.samplers import cloudwatch, dynamodb, ebs, ebs_snapshot, ec2, efs, rds, s3
 from agent.samplers.base import MetricSpec, Sample, SamplerSpec, Skipped, Target
 
@@ -19,4 +20,14 @@ REGISTRY: dict[str, SamplerSpec] = {
     )
 }
 
-__all__ = ["REGISTRY", "MetricSpec", "Sample", "SamplerSpec", "Skipped", "Target"]
+
+
+def required_actions(measurement: Measurement) -> tuple[str, ...]:
+    """The IAM actions sampling this measurement calls in each account."""
+    actions = set(REGISTRY[measurement.resource_type].actions_for(measurement))
+    if measurement.all_regions:
+        actions.add("ec2:DescribeRegions")
+    return tuple(sorted(actions))
+
+
+__all__ = ["REGISTRY", "required_actions", "MetricSpec", "Sample", "SamplerSpec", "Skipped", "Target"]

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, FileBackend, HttpBackend, OpenMeterBackend, PaigoBackend
 from agent.sinks.base import Delivered, Outcome, Rejected, RetryLater, Sink
 
 
 def build_sink(cfg: AgentConfig) -> Sink:
-    """The sink for ``backend.type``; the composition root calls this once."""
-    from agent.sinks.paigo import PaigoSink
+    """The sink for ``backend.type``; the composition root calls this once. Opens nothing yet."""
+    backend = cfg.backend
+    if isinstance(backend, PaigoBackend):
+        from agent.sinks.paigo import PaigoSink
 
-    return PaigoSink(cfg.backend)
+        return PaigoSink(backend)
+    if isinstance(backend, OpenMeterBackend):
+        from agent.sinks.openmeter import OpenMeterSink
+
+        return OpenMeterSink(backend)
+    if isinstance(backend, HttpBackend):
+        from agent.sinks.http import HttpSink
+
+        return HttpSink(backend)
+    assert isinstance(backend, FileBackend)
+    from agent.sinks.file import FileSink
+
+    return FileSink(backend)
 
 
 __all__ = ["Delivered", "Outcome", "Rejected", "RetryLater", "Sink", "build_sink"]

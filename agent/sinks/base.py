@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
 
 from agent.convert import UsageRecord
+from agent.telemetry import BACKEND_RESPONSES
 
 RETRY_AFTER_MAX = 3600.0  # a backend asking for more than an hour is clamped to an hour
 
 
 @dataclass(frozen=True)
 class Delivered:
-    status: int
+    status: int | None = None  # the HTTP status; None for the file sink
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,11 @@ class Sink(Protocol):
     batch_size: int  # records the forwarder leases at a time
 
     def render(self, record: UsageRecord) -> Any:
-        """The JSON body (or the part of a batch body) the backend receives for a record."""
+        """The JSON the backend receives for a record: a whole body, or its element of a batch."""
+
+    def bodies(self, records: Sequence[UsageRecord]) -> list[bytes]:
+        """The exact bytes ``deliver`` sends for these records on a first try: one entry per
+        request body (file sink: per line, without the newline)."""
 
     def deliver(
         self, records: Sequence[UsageRecord], stop: threading.Event | None = None
@@ -82,6 +89,14 @@ _NOT_THE_RECORDS_FAULT = {401: "refused the credentials", 403: "refused the cred
                           415: "does not accept JSON"}
 
 
+def count_response(response: httpx.Response) -> None:
+    """httpx response hook: every answer the backend gives, by status."""
+    BACKEND_RESPONSES.labels(str(response.status_code)).inc()
+
+
+RESPONSE_HOOKS = {"response": [count_response]}  # event_hooks for every sink's httpx client
+
+
 def classify(response: httpx.Response) -> Outcome:
     """2xx delivered; 408/429/5xx retry; 401/403/404/405/415 retry and alert; other 4xx reject."""
     status = response.status_code
@@ -98,4 +113,75 @@ def classify(response: httpx.Response) -> Outcome:
 
 def transport_failure(exc: httpx.HTTPError) -> RetryLater:
     kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection error"
+    BACKEND_RESPONSES.labels(kind.replace(" ", "_")).inc()
     return RetryLater(f"{kind}: {type(exc).__name__}: {exc}")
+
+
+def json_bytes(value: Any) -> bytes:
+    """The one serialisation of every body: compact, UTF-8, key order as built."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def deliver_halving(
+    records: Sequence[UsageRecord],
+    send: Callable[[Sequence[UsageRecord]], Outcome],
+    stop: threading.Event | None = None,
+) -> Iterator[tuple[UsageRecord, Outcome]]:
+    """Send a batch as one request; when the backend rejects it (4xx), send each half again,
+    down to single records, so only the records at fault are dead-lettered.
+
+    A rejected batch of n records with one bad record costs about 2·log2(n) more requests.
+    Retryable outcomes hold the (sub-)batch they answered; the rest go on.
+    """
+    waiting = [records] if records else []
+    while waiting:
+        if stop is not None and stop.is_set():
+            return  # not sent: left leased, sent again later
+        batch = waiting.pop()
+        outcome = send(batch)
+        if isinstance(outcome, Rejected) and len(batch) > 1:
+            middle = len(batch) // 2
+            waiting += [batch[middle:], batch[:middle]]  # first half next: outcomes keep lease order
+            continue
+        for record in batch:
+            yield record, outcome
+
+
+class JsonArraySink(ABC):
+    """A backend that takes a JSON array of rendered records per request, ``batch_size`` at
+    a time; subclasses say how a record renders and how a body is posted."""
+
+    name: str
+    batch_size: int
+    _client: httpx.Client
+
+    @abstractmethod
+    def render(self, record: UsageRecord) -> Any: ...
+
+    @abstractmethod
+    def _post(self, body: bytes) -> httpx.Response: ...
+
+    def _body(self, records: Sequence[UsageRecord]) -> bytes:
+        return json_bytes([self.render(record) for record in records])
+
+    def _batches(self, records: Sequence[UsageRecord]) -> list[Sequence[UsageRecord]]:
+        return [records[i:i + self.batch_size] for i in range(0, len(records), self.batch_size)]
+
+    def bodies(self, records: Sequence[UsageRecord]) -> list[bytes]:
+        return [self._body(batch) for batch in self._batches(records)]
+
+    def _send(self, batch: Sequence[UsageRecord]) -> Outcome:
+        try:
+            response = self._post(self._body(batch))
+        except httpx.HTTPError as exc:
+            return transport_failure(exc)
+        return classify(response)
+
+    def deliver(
+        self, records: Sequence[UsageRecord], stop: threading.Event | None = None
+    ) -> Iterator[tuple[UsageRecord, Outcome]]:
+        for batch in self._batches(records):
+            yield from deliver_halving(batch, self._send, stop)
+
+    def close(self) -> None:
+        self._client.close()

@@ -20,7 +20,8 @@ import structlog
 from agent import __version__
 from agent.config import PaigoBackend
 from agent.convert import UsageRecord, format_decimal, format_timestamp
-from agent.sinks.base import Outcome, RetryLater, classify, transport_failure
+from agent.sinks.base import RESPONSE_HOOKS, Outcome, RetryLater, classify, json_bytes, transport_failure
+from agent.telemetry import TOKEN_REFRESHES
 
 log = structlog.get_logger("agent.sinks.paigo")
 
@@ -102,6 +103,7 @@ class ClientCredentialsToken:
         # renew a little before expiry: 10% of the lifetime, at most five minutes
         self._refresh_at = self._monotonic() + lifetime - min(300.0, lifetime / 10)
         self.fetches += 1
+        TOKEN_REFRESHES.labels("backend").inc()
         log.info("token fetched", token_url=self._cfg.token_url, expires_in=lifetime)
 
 
@@ -115,6 +117,7 @@ class PaigoSink:
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=cfg.max_in_flight, max_keepalive_connections=cfg.max_in_flight),
             headers={"User-Agent": f"usage-agent/{__version__}"},
+            event_hooks=RESPONSE_HOOKS,
         )
         self.token = ClientCredentialsToken(cfg, self._client, monotonic)
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_in_flight, thread_name_prefix="paigo-send")
@@ -128,6 +131,9 @@ class PaigoSink:
             "recordValue": format_decimal(record.value),
             "metadata": {**record.metadata, "recordId": record.record_id},
         }
+
+    def bodies(self, records: Sequence[UsageRecord]) -> list[bytes]:
+        return [json_bytes(self.render(record)) for record in records]  # one request per record
 
     def deliver(
         self, records: Sequence[UsageRecord], stop: threading.Event | None = None
@@ -150,11 +156,12 @@ class PaigoSink:
             for waiting in futures:
                 waiting.cancel()
 
-    def _post(self, token: str, body: dict[str, Any]) -> httpx.Response:
-        return self._client.post(f"{self._cfg.url}/usage", json=body, headers={"Authorization": f"Bearer {token}"})
+    def _post(self, token: str, body: bytes) -> httpx.Response:
+        return self._client.post(f"{self._cfg.url}/usage", content=body, headers={
+            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
 
     def _send(self, record: UsageRecord) -> Outcome:
-        body = self.render(record)
+        body = json_bytes(self.render(record))
         try:
             token = self.token.get()
             response = self._post(token, body)

@@ -14,12 +14,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
 import jsonschema
+
+from agent.testing.server import Fault
 
 AUDIENCE = "https://qnonyh1pc7.execute-api.us-east-1.amazonaws.com"
 
@@ -27,17 +28,6 @@ AUDIENCE = "https://qnonyh1pc7.execute-api.us-east-1.amazonaws.com"
 def usage_record_schema() -> dict[str, Any]:
     text = resources.files("agent.testing").joinpath("contracts/paigo-usage-record.schema.json").read_text()
     return json.loads(text)
-
-
-@dataclass
-class Fault:
-    """What the server does instead of (or besides) its normal answer to one request."""
-
-    status: int | None = None  # answer with this status and no processing
-    retry_after: str | None = None
-    delay: float = 0.0  # sleep before answering
-    drop: bool = False  # close the connection without an answer
-    after_commit: bool = False  # apply the delay/drop after the record was accepted
 
 
 class PaigoContractServer:

@@ -1,0 +1,149 @@
+"""What the contract servers share: a threaded HTTP server on 127.0.0.1 with scripted faults."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+
+import jsonschema
+
+
+def contract_validator(name: str) -> jsonschema.Draft7Validator:
+    """A validator for ``contracts/<name>`` with format checks on (date-time, uri-reference …)."""
+    schema = json.loads(resources.files("agent.testing").joinpath(f"contracts/{name}").read_text())
+    return jsonschema.Draft7Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+def schema_errors(validator: jsonschema.Draft7Validator, instance: Any) -> list[str]:
+    return [f"{'/'.join(map(str, e.path)) or '<root>'}: {e.message}"
+            for e in sorted(validator.iter_errors(instance), key=lambda e: list(e.path))]
+
+
+@dataclass
+class Fault:
+    """What the server does instead of (or besides) its normal answer to one request."""
+
+    status: int | None = None  # answer with this status and no processing
+    retry_after: str | None = None
+    delay: float = 0.0  # sleep before answering
+    drop: bool = False  # close the connection without an answer
+    after_commit: bool = False  # apply the delay/drop after the request was accepted
+
+
+@dataclass
+class Answer:
+    status: int
+    payload: Any = None  # JSON; None for no body
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that gave up (timeout) is expected
+            super().handle_error(request, client_address)
+
+
+class LoopbackServer:
+    """Subclasses implement ``answer`` (and ``error`` for their error body format)."""
+
+    def __init__(self, port: int = 0):
+        self._lock = threading.Lock()
+        self._faults: dict[str, list[Fault]] = defaultdict(list)
+        self.requests = 0
+        self._httpd = _QuietServer(("127.0.0.1", port), self._handler())
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> Any:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def script(self, path: str, *faults: Fault) -> None:
+        with self._lock:
+            self._faults[path].extend(faults)
+
+    def _next_fault(self, path: str) -> Fault | None:
+        with self._lock:
+            queue = self._faults.get(path)
+            return queue.pop(0) if queue else None
+
+    def answer(self, path: str, headers: dict[str, str], raw: bytes) -> Answer:
+        raise NotImplementedError
+
+    def error(self, status: int, detail: str) -> Answer:
+        return Answer(status, {"message": detail})
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output clean
+                return
+
+            def _send(self, answer: Answer) -> None:
+                data = b"" if answer.payload is None else json.dumps(answer.payload).encode()
+                self.send_response(answer.status)
+                if data:
+                    self.send_header("Content-Type", answer.content_type)
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in answer.headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _disrupt(self, fault: Fault) -> bool:
+                """Sleep and/or hang up as scripted; True when the connection is gone."""
+                if fault.delay:
+                    time.sleep(fault.delay)
+                if fault.drop:
+                    self.close_connection = True
+                    self.connection.close()
+                return fault.drop
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = self.path.split("?")[0]
+                with server._lock:
+                    server.requests += 1
+                fault = server._next_fault(path)
+                if fault and not fault.after_commit:
+                    if self._disrupt(fault):
+                        return
+                    if fault.status:
+                        answer = server.error(fault.status, "injected fault")
+                        if fault.retry_after:
+                            answer.headers["Retry-After"] = fault.retry_after
+                        self._send(answer)
+                        return
+                answer = server.answer(path, {k.lower(): v for k, v in self.headers.items()}, raw)
+                if fault and fault.after_commit and self._disrupt(fault):
+                    return
+                self._send(answer)
+
+        return Handler

@@ -1,0 +1,74 @@
+{{- define "usage-agent.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* At most 52 characters: pod names add an ordinal, revision labels a hash. */}}
+{{- define "usage-agent.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "usage-agent.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "usage-agent.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "usage-agent.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "usage-agent.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "usage-agent.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "usage-agent.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the credentials, or nothing when there are none. */}}
+{{- define "usage-agent.credentialsSecret" -}}
+{{- if .Values.credentials.existingSecret -}}
+{{- .Values.credentials.existingSecret -}}
+{{- else if .Values.credentials.values -}}
+{{- printf "%s-credentials" (include "usage-agent.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "usage-agent.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The agent's config: the values' `config` with the spool on the pod's volume and the
+endpoints on metrics.port. JSON (which is YAML) because toYaml turns large integers
+such as spool.max_records into 1e+06.
+*/}}
+{{- define "usage-agent.config" -}}
+{{- if hasKey (default (dict) .Values.config.spool) "path" -}}
+{{- fail "config.spool.path is set by the chart (the pod's spool volume): leave it out" -}}
+{{- end -}}
+{{- if hasKey .Values.config "server" -}}
+{{- fail "config.server is set by the chart (listen on metrics.port): leave it out" -}}
+{{- end -}}
+{{- $config := deepCopy .Values.config -}}
+{{- $spool := deepCopy (default (dict) $config.spool) -}}
+{{- $_ := set $spool "path" "/var/lib/usage-agent/spool.db" -}}
+{{- $_ := set $config "spool" $spool -}}
+{{- $_ := set $config "server" (dict "listen" (printf "0.0.0.0:%d" (int .Values.metrics.port))) -}}
+{{- toPrettyJson $config -}}
+{{- end -}}
