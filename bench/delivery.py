@@ -77,7 +77,42 @@ def _paigo_in_flight() -> int:
 
 PAIGO = DeliveryCase("paigo", ("bench.paigo_process", str(LATENCY)), _paigo_sink, _paigo_in_flight(), _paigo_token,
                      _paigo_body)
-CASES = (PAIGO,)
+
+
+def _openmeter_backend(server: dict[str, Any]) -> Any:
+    from agent.config import OpenMeterBackend
+    from bench.openmeter_process import TOKEN
+
+    return OpenMeterBackend(type="openmeter", url=server["url"], token=TOKEN)  # batch_size: the default, 100
+
+
+def _openmeter_sink(server: dict[str, Any]) -> Any:
+    from agent.sinks.openmeter import OpenMeterSink
+
+    return OpenMeterSink(_openmeter_backend(server))
+
+
+def _openmeter_session(client: httpx.Client, server: dict[str, Any]) -> dict[str, str]:
+    from bench.openmeter_process import TOKEN
+
+    return {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/cloudevents+json"}
+
+
+_renderers: dict[str, Any] = {}
+
+
+def _openmeter_event(server: dict[str, Any], record: UsageRecord) -> tuple[str, Any]:
+    """One CloudEvent per request: what an integration that does not batch sends."""
+    if server["url"] not in _renderers:
+        sink = _openmeter_sink(server)
+        sink.close()  # only its render is used
+        _renderers[server["url"]] = sink.render
+    return f"{server['url']}/api/v1/events", _renderers[server["url"]](record)
+
+
+OPENMETER = DeliveryCase("openmeter", ("bench.openmeter_process", str(LATENCY)), _openmeter_sink, 1,
+                         _openmeter_session, _openmeter_event)
+CASES = (PAIGO, OPENMETER)
 
 
 def agent_forwarder(case: DeliveryCase, server: dict[str, Any], batches: list[list[UsageRecord]]) -> Timing:
@@ -145,15 +180,17 @@ def run(case: DeliveryCase, records: int, naive_records: int, threaded_records: 
         # each contender sends records of its own: the server counts no duplicates
         return [r for batch in ticks(PER_TICK, -(-count // PER_TICK), first) for r in batch][:count]
 
+    if case.in_flight == 1:  # a sink that sends one request at a time: the threaded reference is the naive loop
+        threaded_records = 0
     batches = ticks(PER_TICK, records // PER_TICK)
     naive = other(naive_records, len(batches))
     threaded = other(threaded_records, len(batches) + 1 + naive_records // PER_TICK)
+    contenders = {"naive": lambda: naive_loop(case, server, naive),
+                  "agent": lambda: agent_forwarder(case, server, batches)}
+    if threaded_records:
+        contenders["httpx_threads"] = lambda: threaded_loop(case, server, threaded)
     with helper_process(*case.server) as (server, received):
-        series = interleave(repeats, {
-            "naive": lambda: naive_loop(case, server, naive),
-            "agent": lambda: agent_forwarder(case, server, batches),
-            "httpx_threads": lambda: threaded_loop(case, server, threaded),
-        })
+        series = interleave(repeats, contenders)
     distinct = records + naive_records + threaded_records  # every repeat sends the same records again
     if received.get("accepted") != distinct or received.get("rejected"):
         raise RuntimeError(f"the server did not accept exactly the {distinct} records sent: {received}")

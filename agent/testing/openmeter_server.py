@@ -30,8 +30,9 @@ def event_validator() -> Any:
 
 class OpenMeterContractServer(LoopbackServer):
     def __init__(self, token: str | None = "om-test-token",
-                 reject: Callable[[dict[str, Any]], str | None] | None = None, port: int = 0):
-        super().__init__(port)
+                 reject: Callable[[dict[str, Any]], str | None] | None = None, port: int = 0,
+                 latency: float = 0.0):
+        super().__init__(port, latency)
         self.token = token
         self.reject = reject  # a reason to refuse an event (and so its whole batch), or None
         self._validator = event_validator()

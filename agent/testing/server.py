@@ -56,7 +56,8 @@ class _QuietServer(ThreadingHTTPServer):
 class LoopbackServer:
     """Subclasses implement ``answer`` (and ``error`` for their error body format)."""
 
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, latency: float = 0.0):
+        self.latency = latency  # seconds every request waits before it is handled: a backend's round trip
         self._lock = threading.Lock()
         self._faults: dict[str, list[Fault]] = defaultdict(list)
         self.requests = 0
@@ -102,6 +103,7 @@ class LoopbackServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall
 
             def log_message(self, *args: Any) -> None:  # keep test output clean
                 return
@@ -131,6 +133,8 @@ class LoopbackServer:
                 path = self.path.split("?")[0]
                 with server._lock:
                     server.requests += 1
+                if server.latency:
+                    time.sleep(server.latency)
                 fault = server._next_fault(path)
                 if fault and not fault.after_commit:
                     if self._disrupt(fault):
