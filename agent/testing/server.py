@@ -6,7 +6,8 @@ import json
 import sys
 import threading
 import time
-from collections import defaultdict
+from abc import ABC, abstractmethod
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -53,7 +54,7 @@ class _QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-class LoopbackServer:
+class LoopbackServer(ABC):
     """Subclasses implement ``answer`` (and ``error`` for their error body format)."""
 
     def __init__(self, port: int = 0, latency: float = 0.0):
@@ -61,6 +62,9 @@ class LoopbackServer:
         self._lock = threading.Lock()
         self._faults: dict[str, list[Fault]] = defaultdict(list)
         self.requests = 0
+        self.requests_by_path: Counter[str] = Counter()
+        self.in_flight_by_path: Counter[str] = Counter()  # requests being handled now
+        self.max_in_flight_by_path: Counter[str] = Counter()
         self._httpd = _QuietServer(("127.0.0.1", port), self._handler())
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -87,13 +91,18 @@ class LoopbackServer:
         with self._lock:
             self._faults[path].extend(faults)
 
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
     def _next_fault(self, path: str) -> Fault | None:
         with self._lock:
             queue = self._faults.get(path)
             return queue.pop(0) if queue else None
 
+    @abstractmethod
     def answer(self, path: str, headers: dict[str, str], raw: bytes) -> Answer:
-        raise NotImplementedError
+        """The contract: the answer to a POST of ``raw`` to ``path`` (header names lowercased)."""
 
     def error(self, status: int, detail: str) -> Answer:
         return Answer(status, {"message": detail})
@@ -133,6 +142,17 @@ class LoopbackServer:
                 path = self.path.split("?")[0]
                 with server._lock:
                     server.requests += 1
+                    server.requests_by_path[path] += 1
+                    server.in_flight_by_path[path] += 1
+                    server.max_in_flight_by_path[path] = max(server.max_in_flight_by_path[path],
+                                                             server.in_flight_by_path[path])
+                try:
+                    self._serve(path, raw)
+                finally:
+                    with server._lock:
+                        server.in_flight_by_path[path] -= 1
+
+            def _serve(self, path: str, raw: bytes) -> None:
                 if server.latency:
                     time.sleep(server.latency)
                 fault = server._next_fault(path)
