@@ -41,27 +41,5 @@ class ServeError(AgentError):
     """``server.listen`` cannot be served (the address is taken or not on this host)."""
 
 
-class SinkError(AgentError):
-    """Delivery to the backend failed."""
-
-
-class RetryableSinkError(SinkError):
-    """The backend may accept the same request later (timeouts, 429, 5xx, auth outages)."""
-
-    def __init__(self, message: str, retry_after: float | None = None, status: int | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.status = status
-
-
-class PermanentSinkError(SinkError):
-    """The backend rejected the record itself; retrying the same body cannot succeed."""
-
-    def __init__(self, message: str, status: int, body: str):
-        super().__init__(message)
-        self.status = status
-        self.body = body
-
-
 class AuditError(AgentError):
     """The audit copy cannot be written; delivery outcomes are held until it can."""
