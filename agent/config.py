@@ -90,6 +90,10 @@ def _read_secret_file(value: str | None, info: ValidationInfo) -> SecretStr | No
     return SecretStr(content)
 
 
+SecretFile = Annotated[SecretStr | None, BeforeValidator(_read_secret_file)]
+"""A ``*_file`` key: the path is read at load time and only the content is kept."""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -110,14 +114,10 @@ class PaigoBackend(_Model):
     audience: str = "https://qnonyh1pc7.execute-api.us-east-1.amazonaws.com"
     client_id: str = Field(min_length=1)
     client_secret: SecretStr | None = None
-    client_secret_file: SecretStr | None = None
+    client_secret_file: SecretFile = None
     timeout: Duration = timedelta(seconds=10)
     max_in_flight: int = Field(default=8, ge=1, le=256)
 
-    @field_validator("client_secret_file", mode="before")
-    @classmethod
-    def _read_file(cls, value: str | None, info: ValidationInfo) -> SecretStr | None:
-        return _read_secret_file(value, info)
 
     @model_validator(mode="after")
     def _one_secret(self) -> PaigoBackend:
@@ -151,15 +151,11 @@ class OpenMeterBackend(_Model):
     type: Literal["openmeter"]
     url: HttpUrl = "https://openmeter.cloud"
     token: SecretStr | None = None
-    token_file: SecretStr | None = None
+    token_file: SecretFile = None
     source: str = Field(default="usage-agent", max_length=255)
     batch_size: int = Field(default=100, ge=1, le=1000)
     timeout: Duration = timedelta(seconds=10)
 
-    @field_validator("token_file", mode="before")
-    @classmethod
-    def _read_file(cls, value: str | None, info: ValidationInfo) -> SecretStr | None:
-        return _read_secret_file(value, info)
 
     @field_validator("source")
     @classmethod
@@ -192,14 +188,10 @@ class HttpBackend(_Model):
     headers: dict[str, Annotated[SecretStr, BeforeValidator(_stringify)]] = Field(default_factory=dict)
     header_files: dict[str, SecretStr] = Field(default_factory=dict)  # header name -> file holding the value
     hmac_secret: SecretStr | None = None
-    hmac_secret_file: SecretStr | None = None
+    hmac_secret_file: SecretFile = None
     batch_size: int = Field(default=100, ge=1, le=1000)
     timeout: Duration = timedelta(seconds=10)
 
-    @field_validator("hmac_secret_file", mode="before")
-    @classmethod
-    def _read_file(cls, value: str | None, info: ValidationInfo) -> SecretStr | None:
-        return _read_secret_file(value, info)
 
     @field_validator("header_files", mode="before")
     @classmethod

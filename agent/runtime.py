@@ -33,7 +33,7 @@ from agent.convert import Tally, UsageRecord, format_timestamp, parse_timestamp,
 from agent.credentials import SessionFactory, describe_aws_error, utc_now
 from agent.errors import AssumeRoleError, SamplingError, SpoolError, SpoolFullError
 from agent.forwarder import Forwarder
-from agent.samplers import REGISTRY, Skipped, Target
+from agent.samplers import REGISTRY, Skipped, Target, metric_of
 from agent.shard import EVERYTHING, Shard
 from agent.sinks.base import Sink
 from agent.spool import Spool
@@ -153,7 +153,7 @@ class Agent:
             return self.sessions.client(service, region, role.arn, role.external_id)
 
         # samples are tallied as they arrive, not kept: a failed target's tally is dropped whole
-        tally = Tally(m, m.metric or spec.default_metric, {account: role.customer} if role.customer else None)
+        tally = Tally(m, metric_of(m), {account: role.customer} if role.customer else None)
         samples = 0
         skipped: list[Skipped] = []
         context = structlog.contextvars.bound_contextvars(
@@ -185,7 +185,7 @@ class Agent:
                 continue
             for region in (r for r in regions if self.shard.owns(m, role.arn, r)):
                 futures[self._pool.submit(self._sample_target, m, role, account, region, tick)] = (role, account, region)
-        tally = Tally(m, m.metric or REGISTRY[m.resource_type].default_metric)
+        tally = Tally(m, metric_of(m))
         skipped: list[Skipped] = []
         for future in as_completed(futures):
             role, account, region = futures[future]
@@ -224,9 +224,7 @@ class Agent:
             reason = "assume_role" if all(f.reason == "assume_role" for f in failures) else "aws"
             TICKS_FAILED.labels(m.name, reason).inc()
             return result
-        spec = REGISTRY[m.resource_type]
-        metric = m.metric or spec.default_metric
-        unit = m.cloudwatch.unit if m.cloudwatch else spec.metrics[metric].unit
+        unit = m.cloudwatch.unit if m.cloudwatch else REGISTRY[m.resource_type].metrics[metric_of(m)].unit
         conversion = tally.convert(unit, tick)
         result.sampled = conversion.sampled
         result.records = _without_partial_totals(m, conversion.records, failures)
@@ -243,7 +241,7 @@ class Agent:
         invalid = dict(conversion.invalid_customer)
         for resource in self._first_time(m, list(invalid)):
             log.warning("resource skipped: its customer tag is not a usable customer id",
-                          resource_id=resource, tag=tag, value=invalid[resource][:300])
+                        resource_id=resource, tag=tag, value=invalid[resource][:300])
         for reason, count in (("unreadable", len(skipped)), ("untagged", len(conversion.untagged)),
                               ("invalid_customer", len(invalid))):
             if count:

@@ -55,6 +55,11 @@ class Target:
     region: str
     tick: datetime
 
+    def sample(self, resource_id: str, values: Mapping[str, Decimal], tags: Mapping[str, str],
+               facts: Mapping[str, str]) -> Sample:
+        """A resource of this target, as seen now."""
+        return Sample(resource_id, self.region, self.account, values, tags, facts)
+
 
 @dataclass(frozen=True)
 class MetricSpec:

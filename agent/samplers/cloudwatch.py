@@ -189,10 +189,8 @@ def sample_metric(clients: ClientFor, target: Target) -> Iterator[Sample | Skipp
         except ValueError as exc:
             yield Skipped(resource_id, f"metric value {exc}")
             continue
-        yield Sample(
+        yield target.sample(
             resource_id=resource_id,
-            region=target.region,
-            account=target.account,
             values={"value": value},
             tags=resource_tags,
             facts={"namespace": query.namespace, "metric_name": query.metric_name, "statistic": query.statistic,

@@ -61,10 +61,8 @@ def sample_tables(clients: ClientFor, target: Target) -> Iterator[Sample | Skipp
         except ValueError as exc:
             yield Skipped(name, f"table size or item count {exc}")
             continue
-        yield Sample(
+        yield target.sample(
             resource_id=name,
-            region=target.region,
-            account=target.account,
             values=values,
             tags=tags,
             facts={

@@ -40,10 +40,8 @@ def sample_volumes(clients: ClientFor, target: Target) -> Iterator[Sample | Skip
             except ValueError as exc:
                 yield Skipped(volume_id, f"volume size, IOPS or throughput {exc}")
                 continue
-            yield Sample(
+            yield target.sample(
                 resource_id=volume_id,
-                region=target.region,
-                account=target.account,
                 values=values,
                 tags=tags_of(volume),
                 facts={

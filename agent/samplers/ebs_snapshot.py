@@ -41,10 +41,8 @@ def sample_snapshots(clients: ClientFor, target: Target) -> Iterator[Sample | Sk
             except ValueError as exc:
                 yield Skipped(snapshot_id, f"snapshot volume size or full size {exc}")
                 continue
-            yield Sample(
+            yield target.sample(
                 resource_id=snapshot_id,
-                region=target.region,
-                account=target.account,
                 values=values,
                 tags=tags_of(snapshot),
                 facts={

@@ -40,10 +40,8 @@ def sample_instances(clients: ClientFor, target: Target) -> Iterator[Sample | Sk
         elif needs_spec:
             yield Skipped(instance_id, f"instance type {kind!r} is unknown to DescribeInstanceTypes")
             continue
-        yield Sample(
+        yield target.sample(
             resource_id=instance_id,
-            region=target.region,
-            account=target.account,
             values=values,
             tags=tags_of(instance),
             facts={

@@ -29,10 +29,8 @@ def sample_file_systems(clients: ClientFor, target: Target) -> Iterator[Sample |
             except ValueError as exc:
                 yield Skipped(fs_id, f"file system size {exc}")
                 continue
-            yield Sample(
+            yield target.sample(
                 resource_id=fs_id,
-                region=target.region,
-                account=target.account,
                 values={"size_bytes": size, "count": _ONE},
                 tags=tags,
                 facts={

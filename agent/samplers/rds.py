@@ -78,10 +78,8 @@ def sample_instances(clients: ClientFor, target: Target) -> Iterator[Sample | Sk
         if measured == "vcpus" and "count" in values and "vcpus" not in values:
             yield Skipped(db_id, f"instance class {instance_class!r} has no EC2 instance type to read vCPUs from")
             continue
-        yield Sample(
+        yield target.sample(
             resource_id=db_id,
-            region=target.region,
-            account=target.account,
             values=values,
             tags=_tags(db),
             facts={

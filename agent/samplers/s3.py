@@ -168,10 +168,8 @@ def sample_buckets(clients: ClientFor, target: Target) -> Iterator[Sample | Skip
         except ValueError as exc:
             yield Skipped(bucket, f"{_CLOUDWATCH_NAMES[metric]} {exc}")
             continue
-        yield Sample(
+        yield target.sample(
             resource_id=bucket,
-            region=target.region,
-            account=target.account,
             values={metric: value},
             tags=tags,
             facts={"metric_day": day},
