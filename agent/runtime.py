@@ -13,8 +13,9 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -103,6 +104,7 @@ class Agent:
         self._pool = ThreadPoolExecutor(max_workers=cfg.sampling.workers, thread_name_prefix="sample")
         self._limits: dict[tuple[str, str], threading.BoundedSemaphore] = {}
         self._regions: dict[tuple[str | None, str | None], tuple[datetime, list[str]]] = {}
+        self._listing: dict[tuple[str | None, str | None], threading.Lock] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -130,20 +132,23 @@ class Agent:
         if not m.all_regions:
             return list(m.regions)
         key = (role.arn, role.external_id)
-        now = self.clock()
         with self._lock:
-            cached = self._regions.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        ec2 = self.sessions.client("ec2", self.sessions.home_region, role.arn, role.external_id)
-        try:
-            answer = ec2.describe_regions()  # without AllRegions: the regions enabled in the account
-        except (ClientError, BotoCoreError) as exc:
-            raise SamplingError(f"cannot list the account's regions: {describe_aws_error(exc)}") from exc
-        regions = sorted(r["RegionName"] for r in answer["Regions"] if r.get("OptInStatus") != "not-opted-in")
-        with self._lock:
-            self._regions[key] = (now + REGIONS_TTL, regions)
-        return regions
+            listing = self._listing.setdefault(key, threading.Lock())
+        with listing:  # measurements sampling the same account at once list its regions once
+            now = self.clock()
+            with self._lock:
+                cached = self._regions.get(key)
+            if cached is not None and cached[0] > now:
+                return cached[1]
+            ec2 = self.sessions.client("ec2", self.sessions.home_region, role.arn, role.external_id)
+            try:
+                answer = ec2.describe_regions()  # without AllRegions: the regions enabled in the account
+            except (ClientError, BotoCoreError) as exc:
+                raise SamplingError(f"cannot list the account's regions: {describe_aws_error(exc)}") from exc
+            regions = sorted(r["RegionName"] for r in answer["Regions"] if r.get("OptInStatus") != "not-opted-in")
+            with self._lock:
+                self._regions[key] = (now + REGIONS_TTL, regions)
+            return regions
 
     def _sample_target(self, m: Measurement, role: Role, account: str, region: str,
                        tick: datetime) -> tuple[Tally, list[Skipped]]:
@@ -171,32 +176,55 @@ class Agent:
         SAMPLES.labels(m.name).inc(samples)
         return tally, skipped
 
+    def _account(self, m: Measurement, role: Role) -> tuple[str, list[str]]:
+        """A role's account and the regions of it this replica samples: assumes the role (a role
+        we cannot assume fails once, here) and, for ``regions: all``, lists its regions."""
+        self.sessions.credentials(role.arn, role.external_id)
+        account = self.sessions.account_id(role.arn, role.external_id)
+        return account, [r for r in self.regions(m, role) if self.shard.owns(m, role.arn, r)]
+
     def _sample(self, m: Measurement, tick: datetime) -> tuple[Tally, list[Skipped], list[TargetFailure], int]:
-        """Every target of the measurement; returns their tally, skips, failures, targets."""
-        failures: list[TargetFailure] = []
-        futures: dict[Future[tuple[Tally, list[Skipped]]], tuple[Role, str, str]] = {}
-        for role in m.roles():
-            try:
-                self.sessions.session(role.arn, role.external_id)  # a role we cannot assume fails once, here
-                account = self.sessions.account_id(role.arn, role.external_id)
-                regions = self.regions(m, role)
-            except SamplingError as exc:
-                failures.append(_failure(role, role.arn.split(":")[4] if role.arn else "?", "*", exc))
-                continue
-            for region in (r for r in regions if self.shard.owns(m, role.arn, r)):
-                futures[self._pool.submit(self._sample_target, m, role, account, region, tick)] = (role, account, region)
+        """Every target of the measurement; returns their tally, skips, failures, targets.
+
+        Accounts are prepared in the pool too, then their targets are handed to it in turn,
+        one account after another, and only a few workers' worth at a time: a throttled
+        account backing off holds about one worker, never the whole pool."""
         tally = Tally(m, metric_of(m))
         skipped: list[Skipped] = []
-        for future in as_completed(futures):
-            role, account, region = futures[future]
-            try:
-                got, skips = future.result()
-            except SamplingError as exc:
-                failures.append(_failure(role, account, region, exc))
-                continue
-            tally.merge(got)
-            skipped += skips
-        return tally, skipped, failures, len(futures) + sum(f.region == "*" for f in failures)
+        failures: list[TargetFailure] = []
+        roles = deque(m.roles())
+        ready: deque[tuple[Role, str, deque[str]]] = deque()  # accounts with targets left, served in turn
+        in_flight: dict[Future[Any], tuple[Role, str | None, str]] = {}  # -> (role, account or None, region)
+        window = 2 * self.cfg.sampling.workers
+        targets = 0
+        while roles or ready or in_flight:
+            while len(in_flight) < window and (roles or ready):
+                if roles:  # accounts first: the more of them are ready, the more their targets interleave
+                    role = roles.popleft()
+                    in_flight[self._pool.submit(self._account, m, role)] = (role, None, "*")
+                    continue
+                role, account, regions = ready.popleft()
+                region = regions.popleft()
+                if regions:
+                    ready.append((role, account, regions))
+                in_flight[self._pool.submit(self._sample_target, m, role, account, region, tick)] = (role, account, region)
+                targets += 1
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                role, account, region = in_flight.pop(future)
+                try:
+                    if account is None:
+                        account_id, regions = future.result()
+                        if regions:
+                            ready.append((role, account_id, deque(regions)))
+                    else:
+                        got, skips = future.result()
+                        tally.merge(got)
+                        skipped += skips
+                except SamplingError as exc:
+                    where = account or (role.arn.split(":")[4] if role.arn else "?")
+                    failures.append(_failure(role, where, region, exc))
+        return tally, skipped, failures, targets + sum(f.region == "*" for f in failures)
 
     def _first_time(self, m: Measurement, resources: list[str]) -> list[str]:
         """The resources not yet reported for this measurement: each is logged once, not every tick."""

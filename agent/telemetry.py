@@ -131,6 +131,12 @@ TICKS_SKIPPED = Counter("usage_agent_ticks_skipped",
 AWS_API_ERRORS = Counter("usage_agent_aws_api_errors",
                          "Failed AWS API attempts (retried ones included), by error code.",
                          ["service", "operation", "code"], registry=REGISTRY)
+AWS_API_CALLS = Counter("usage_agent_aws_api_calls",
+                        "AWS API requests sent (each attempt, retries included), by service and operation.",
+                        ["service", "operation"], registry=REGISTRY)
+AWS_CLIENTS_BUILT = Counter("usage_agent_aws_clients_built",
+                            "AWS clients built: one per service and region, shared by every account.",
+                            ["service"], registry=REGISTRY)
 BACKEND_RESPONSES = Counter("usage_agent_backend_responses",
                             "Backend answers (token requests included) by HTTP status, or timeout / "
                             "connection_error when none came.", ["status"], registry=REGISTRY)

@@ -35,15 +35,18 @@ def test_assume_role_passes_external_id_and_a_meaningful_session_name(aws: Aws) 
     assert factory.account_id(ROLE_ARN, EXTERNAL_ID) == ACCOUNT
 
 
-def test_one_session_per_role_and_external_id(aws: Aws) -> None:
+def test_one_assumed_role_per_role_and_external_id_and_one_client_per_region(aws: Aws) -> None:
     factory = SessionFactory()
     for region in ("us-east-1", "eu-west-1", "ap-south-1"):
         factory.client("ec2", region, ROLE_ARN, EXTERNAL_ID).describe_volumes()
     assert len(aws.assumed_roles()) == 1
-    assert factory.client("ec2", "us-east-1", ROLE_ARN, EXTERNAL_ID) is factory.client("ec2", "us-east-1", ROLE_ARN, EXTERNAL_ID)
 
-    factory.client("ec2", "us-east-1", ROLE_ARN, "another-external-id").describe_volumes()
+    other = factory.client("ec2", "us-east-1", ROLE_ARN, "another-external-id")
+    other.describe_volumes()
     assert [r.external_id for r in aws.assumed_roles()] == [EXTERNAL_ID, "another-external-id"]
+    # both identities are served by the one us-east-1 EC2 client: its events, its connections
+    assert other.meta is factory.client("ec2", "us-east-1", ROLE_ARN, EXTERNAL_ID).meta
+    assert other.meta is not factory.client("ec2", "eu-west-1", ROLE_ARN, EXTERNAL_ID).meta
 
 
 def test_credentials_are_refreshed_when_they_near_expiry(aws: Aws) -> None:
@@ -103,7 +106,7 @@ def iam_enforced(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Iterator[Aws]:
 
 def test_wrong_external_id_is_denied_and_raises(iam_enforced: Aws) -> None:
     with pytest.raises(AssumeRoleError, match="AccessDenied"):
-        SessionFactory().session(ROLE_ARN, "not-the-external-id")
+        SessionFactory().credentials(ROLE_ARN, "not-the-external-id")
 
 
 def test_a_role_that_cannot_be_assumed_fails_only_its_measurement(
