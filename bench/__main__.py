@@ -11,7 +11,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from bench import delivery, sampling, spooling
+from bench import accounts, delivery, sampling, spooling
 from bench.common import ROOT, load_average, machine
 
 SAMPLING_SIZES = (10_000, 100_000)
@@ -22,7 +22,10 @@ NAIVE_RECORDS = 1_000  # one request at a time: 20k would take over two minutes
 THREADED_RECORDS = 5_000
 # how many interleaved runs each contender gets; the 100k tick and the forwarder are the long ones
 REPEATS = {"sampling_10k": 5, "sampling_100k": 2, "spool": 3, "delivery": 2}
-BENCHMARKS = ("sampling", "spool", "delivery")
+BENCHMARKS = ("sampling", "spool", "delivery", "accounts")
+ACCOUNT_SIZES = (50, 200)  # customer accounts, each with the 17 regions enabled by default
+LATENCY_ACCOUNTS, LATENCY = 20, 0.05  # the floor pays every round trip in turn: 20 accounts take ~20 s
+DAEMON_ACCOUNTS = 20
 
 
 def _ratio(a: float, b: float) -> float:
@@ -107,6 +110,45 @@ def _delivery(results: dict[str, Any], rows: list[list[str]], repeats: dict[str,
         rows.append([f"delivery ({case.name}): client CPU per record", f"{cpu_ms:.2f} ms", compared, "", "", ""])
 
 
+def _accounts(results: dict[str, Any], rows: list[list[str]], repeats: dict[str, int]) -> None:
+    regions = 17
+    measured = accounts.run(ACCOUNT_SIZES)
+    for size in ACCOUNT_SIZES:
+        got = measured[size]
+        agent, floor = got["agent"], got["floor"]
+        results[f"accounts_{size}_wall_ratio"] = _ratio(agent.wall, floor.wall)
+        results[f"accounts_{size}_peak_rss_mb"] = got["agent_peak_mb"]
+        results["raw"][f"accounts_{size}"] = {
+            "accounts": size, "regions": regions, "volumes_per_region": accounts.VOLUMES,
+            "agent": {"wall_s": round(agent.wall, 2), "cpu_s": round(agent.cpu, 2), "peak_rss_mb": got["agent_peak_mb"]},
+            "floor": {"wall_s": round(floor.wall, 2), "cpu_s": round(floor.cpu, 2), "peak_rss_mb": got["floor_peak_mb"]},
+            "agent_aws_calls": got["aws_calls"], "served_both": got["served"]}
+        rows.append([f"accounts: once, {size} x {regions} regions", f"{agent.wall:.1f} s, {got['agent_peak_mb']:.0f} MiB",
+                     f"botocore floor {floor.wall:.1f} s, {got['floor_peak_mb']:.0f} MiB",
+                     f"{results[f'accounts_{size}_wall_ratio']:.2f}", "<= 1.2, < 300 MB" if size == 200 else "",
+                     f"CPU {agent.cpu:.1f} s vs {floor.cpu:.1f} s"])
+    low, high = ACCOUNT_SIZES
+    growth = (measured[high]["agent_peak_mb"] - measured[low]["agent_peak_mb"]) * 1024 / ((high - low) * regions)
+    results["accounts_peak_rss_growth_kib_per_target"] = round(growth, 2)
+    rows.append(["accounts: peak RSS growth per target", f"{growth:+.2f} KiB", f"{low} -> {high} accounts", "", "flat", ""])
+
+    late = accounts.run_latency(LATENCY_ACCOUNTS, LATENCY)
+    results["accounts_latency_wall_ratio"] = _ratio(late["agent"].wall, late["floor"].wall)
+    results["raw"]["accounts_latency"] = {"accounts": LATENCY_ACCOUNTS, "latency_s": LATENCY,
+                                          "agent_wall_s": round(late["agent"].wall, 2),
+                                          "floor_wall_s": round(late["floor"].wall, 2)}
+    rows.append([f"accounts: once, {LATENCY_ACCOUNTS} x {regions}, {LATENCY * 1000:.0f} ms/request",
+                 f"{late['agent'].wall:.1f} s", f"botocore floor {late['floor'].wall:.1f} s",
+                 f"{results['accounts_latency_wall_ratio']:.2f}", "", "sampling.workers: 8"])
+
+    daemon = accounts.run_daemon(DAEMON_ACCOUNTS, accounts.DAEMON_TICKS)
+    rss = daemon["rss_mb"]
+    results["accounts_daemon_rss_growth_mb_tick_10_to_100"] = round(rss[-1] - rss[9], 1)
+    results["raw"]["accounts_daemon"] = {"accounts": DAEMON_ACCOUNTS, "ticks": len(rss), **daemon}
+    rows.append([f"accounts: daemon, {DAEMON_ACCOUNTS} x {regions}, {len(rss)} ticks", f"RSS {rss[-1]:.0f} MiB",
+                 f"after tick 10: {rss[9]:.0f} MiB", "", "flat", f"{rss[-1] - rss[9]:+.1f} MiB"])
+
+
 def table(rows: list[list[str]]) -> str:
     headers = ["benchmark", "agent", "compared with", "ratio", "goal", "note"]
     widths = [max(len(x) for x in column) for column in zip(headers, *rows)]
@@ -131,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine(), "started_at": datetime.now(timezone.utc).isoformat(
         timespec="seconds"), "load_average_at_start": load_average(), "repeats": repeats, "raw": {}}
     rows: list[list[str]] = []
-    steps = {"sampling": _sampling, "spool": _spool, "delivery": _delivery}
+    steps = {"sampling": _sampling, "spool": _spool, "delivery": _delivery, "accounts": _accounts}
     for name in args.only or BENCHMARKS:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         steps[name](results, rows, repeats)

@@ -1,0 +1,217 @@
+"""Many customer accounts through shared clients: each call signed with its own account's key,
+one client per region whatever the number of accounts, AssumeRole limited per caller, targets
+served account after account, and a throttled account backing off alone."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from agent.credentials import SessionFactory
+from agent.runtime import Agent
+from agent.telemetry import REGISTRY
+from agent.testing.paigo_server import PaigoContractServer
+from tests.conftest import Aws, AwsProxy, aws_error, make_config, measurement
+
+AT = datetime(2026, 11, 21, 10, 7, tzinfo=timezone.utc)
+REGIONS = ["us-east-1", "eu-west-1", "ap-south-1"]
+ACCOUNTS = [f"{111111111111 * k:012d}" for k in range(2, 7)]  # 222222222222 ... 666666666666
+
+
+_NO_VOLUMES = (b'<?xml version="1.0" encoding="UTF-8"?><DescribeVolumesResponse xmlns="http://ec2.amazonaws.com/'
+               b'doc/2016-11-15/"><requestId>proxy</requestId><volumeSet/></DescribeVolumesResponse>')
+
+
+def _key(headers: dict[str, str]) -> str:
+    found = re.search(r"Credential=([^/]+)/", headers.get("Authorization", ""))
+    return found.group(1) if found else ""
+
+
+class KeyedProxy(AwsProxy):
+    """An AwsProxy that also records which account's key signed each call (moto's assumed
+    roles name it), and answers an account's first ``throttled[account]`` DescribeVolumes
+    with RequestLimitExceeded."""
+
+    def __init__(self, upstream: str):
+        super().__init__(upstream)
+        self.signed: list[tuple[str, str, str, str]] = []  # (action, region, account of the signing key, key)
+        self.throttled: dict[str, int] = {}
+        self.no_volumes = False  # answer DescribeVolumes with an empty page: moto builds a backend per account and region
+        self.answered: dict[str, int] = {}  # account -> DescribeVolumes answered by moto
+        self.after_answer: Any = lambda answered: None  # called with ``answered`` after each DescribeVolumes
+
+    def forward(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
+        from moto.sts.models import sts_backends
+
+        key = _key(headers)
+        # moto keeps an assumed role with the account of the role
+        roles = {r.access_key_id: r for a in list(sts_backends.keys()) for r in sts_backends[a]["aws"].assumed_roles}
+        account = roles[key].role_arn.split(":")[4] if key in roles else "base"
+        named = re.search(r"Action=(\w+)", body.decode(errors="replace"))
+        action = named.group(1) if named else ""
+        scope = re.search(r"Credential=[^/]+/\d+/([^/]+)/", headers.get("Authorization", ""))
+        with self._lock:
+            self.signed.append((action, scope.group(1) if scope else "", account, key))
+            throttle = action == "DescribeVolumes" and self.throttled.get(account, 0) > 0
+            if throttle:
+                self.throttled[account] -= 1
+        if throttle:
+            return 400, "text/xml", aws_error("RequestLimitExceeded", "Request limit exceeded.")[1]
+        if action == "DescribeVolumes" and self.no_volumes:
+            return 200, "text/xml", _NO_VOLUMES
+        answer = super().forward(path, body, headers)
+        if action == "DescribeVolumes":
+            with self._lock:
+                self.answered[account] = self.answered.get(account, 0) + 1
+                answered = dict(self.answered)
+            self.after_answer(answered)
+        return answer
+
+
+@pytest.fixture
+def keyed(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Iterator[KeyedProxy]:
+    proxy = KeyedProxy(aws.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    yield proxy
+    proxy.stop()
+
+
+def _volumes_in(aws: Aws, account: str, sizes: dict[str, int]) -> None:
+    """Volumes owned by ``account`` (moto: created with credentials of a role in it)."""
+    creds = boto3.client("sts", region_name="us-east-1", endpoint_url=aws.endpoint).assume_role(
+        RoleArn=f"arn:aws:iam::{account}:role/admin", RoleSessionName="setup")["Credentials"]
+    for region, size in sizes.items():
+        boto3.client("ec2", region_name=region, endpoint_url=aws.endpoint, aws_access_key_id=creds["AccessKeyId"],
+                     aws_secret_access_key=creds["SecretAccessKey"], aws_session_token=creds["SessionToken"],
+                     ).create_volume(Size=size, AvailabilityZone=f"{region}a")
+
+
+def _size(account: str, region: str) -> int:
+    return int(account[0]) * 10 + REGIONS.index(region) + 1  # distinct per account and region
+
+
+def _accounts_config(paigo: PaigoContractServer, tmp_path: Path, accounts: list[str], workers: int = 8,
+                     **overrides: Any) -> Any:
+    raw = measurement(**({"regions": REGIONS} | overrides), accounts=[
+        {"iam_role_arn": f"arn:aws:iam::{a}:role/usage-scraper", "external_id": f"ext-{a}",
+         "customer": {"id": f"cust-{a}"}} for a in accounts])
+    del raw["iam_role_arn"], raw["external_id"], raw["customer"]
+    cfg = make_config(paigo, tmp_path, raw)
+    return cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"workers": workers})})
+
+
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_every_call_is_signed_with_its_own_accounts_key_through_one_client_per_region(
+        aws: Aws, keyed: KeyedProxy, paigo: PaigoContractServer, tmp_path: Path) -> None:
+    accounts = ACCOUNTS[:3]
+    for account in accounts:
+        _volumes_in(aws, account, {region: _size(account, region) for region in REGIONS})
+    cfg = _accounts_config(paigo, tmp_path, accounts)
+    built = _metric("usage_agent_aws_clients_built_total", service="ec2")
+    calls = _metric("usage_agent_aws_api_calls_total", service="ec2", operation="DescribeVolumes")
+    keyed.signed.clear()
+
+    agent = Agent(cfg, SessionFactory())
+    result = agent.collect(cfg.measurements[0], AT)
+    agent.close()
+
+    assert result.ok
+    assert {r.customer_id: r.value for r in result.records} == {
+        f"cust-{a}": Decimal(sum(_size(a, region) for region in REGIONS)) for a in accounts}
+    # each account's three regions were listed with that account's key, and with no other
+    listed = sorted((account, region) for action, region, account, _ in keyed.signed if action == "DescribeVolumes")
+    assert listed == sorted((a, region) for a in accounts for region in REGIONS)
+    assert _metric("usage_agent_aws_clients_built_total", service="ec2") - built == len(REGIONS)  # not 3 x 3
+    assert _metric("usage_agent_aws_api_calls_total", service="ec2", operation="DescribeVolumes") - calls == 9
+
+
+def test_assume_role_is_limited_per_caller_once_per_account_and_regions_listed_once(
+        aws: Aws, keyed: KeyedProxy, paigo: PaigoContractServer, tmp_path: Path) -> None:
+    accounts = [f"{100000000000 + i:012d}" for i in range(9)]
+    keyed.rules.append(lambda action, region: time.sleep(0.05) if action == "AssumeRole" else None)  # STS's pace
+    keyed.no_volumes = True
+    cfg = _accounts_config(paigo, tmp_path, accounts, regions="all")
+    refreshes = _metric("usage_agent_token_refreshes_total", kind="aws_role")
+    assumed = _metric("usage_agent_aws_api_calls_total", service="sts", operation="AssumeRole")
+
+    agent = Agent(cfg, SessionFactory(assume_role_in_flight=3))
+    first = agent.collect(cfg.measurements[0], AT)
+    second = agent.collect(cfg.measurements[0], AT + timedelta(minutes=15))
+    agent.close()
+
+    assert first.ok and second.ok and first.failed_targets == []
+    actions = [action for action, *_ in keyed.signed]
+    assert actions.count("AssumeRole") == 9 and actions.count("DescribeRegions") == 9  # for both ticks
+    assert keyed.max_in_flight["AssumeRole", "us-east-1"] == 3  # concurrent, within the caller's limit
+    assert _metric("usage_agent_token_refreshes_total", kind="aws_role") - refreshes == 9
+    assert _metric("usage_agent_aws_api_calls_total", service="sts", operation="AssumeRole") - assumed == 9
+
+
+def test_targets_are_served_one_account_after_another(aws: Aws, keyed: KeyedProxy, paigo: PaigoContractServer,
+                                                      tmp_path: Path) -> None:
+    accounts = ACCOUNTS[:3]
+    cfg = _accounts_config(paigo, tmp_path, accounts, workers=1)
+    agent = Agent(cfg, SessionFactory())
+    assert agent.collect(cfg.measurements[0], AT).ok
+    agent.close()
+    order = [account for action, _, account, _ in keyed.signed if action == "DescribeVolumes"]
+    assert sorted(order) == sorted(accounts * len(REGIONS))
+    # an account's targets follow each other only once no other account has any left
+    assert all(set(order[i + 1:]) == {order[i]} for i in range(len(order) - 1) if order[i] == order[i + 1])
+    assert len(set(order[:len(accounts)])) > 1
+
+
+def test_a_throttled_account_backs_off_while_the_others_go_on(aws: Aws, keyed: KeyedProxy,
+                                                              paigo: PaigoContractServer, tmp_path: Path) -> None:
+    slow, *others = ACCOUNTS[:4]
+    for account in ACCOUNTS[:4]:
+        _volumes_in(aws, account, {"us-east-1": _size(account, "us-east-1")})
+    keyed.throttled[slow] = 3
+    others_done = threading.Event()
+    waited: list[bool] = []
+    delays: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the slow account's backoff lasts until the others are done
+        delays.append(seconds)
+        waited.append(others_done.wait(timeout=20))
+
+    keyed.after_answer = lambda answered: others_done.set() if all(answered.get(a) == 1 for a in others) else None
+    cfg = _accounts_config(paigo, tmp_path, ACCOUNTS[:4], workers=4, regions=["us-east-1"])
+    agent = Agent(cfg, SessionFactory(sleep=sleep))
+    result = agent.collect(cfg.measurements[0], AT)
+    agent.close()
+
+    assert result.ok  # the throttled listing was retried, not failed
+    assert {r.customer_id: r.value for r in result.records} == {
+        f"cust-{a}": Decimal(_size(a, "us-east-1")) for a in ACCOUNTS[:4]}
+    assert len(delays) == 3 and waited == [True, True, True]  # the others finished during the backoff
+    assert all(0 <= d <= 2.0 ** i for i, d in enumerate(delays))  # capped exponential, jittered
+    errors = _metric("usage_agent_aws_api_errors_total", service="ec2", operation="DescribeVolumes",
+                     code="RequestLimitExceeded")
+    assert errors >= 3
+
+
+def test_renewed_credentials_sign_the_next_calls(aws: Aws, keyed: KeyedProxy) -> None:
+    now = [datetime.now(timezone.utc)]
+    factory = SessionFactory(clock=lambda: now[0])
+    role = f"arn:aws:iam::{ACCOUNTS[0]}:role/usage-scraper"
+    factory.client("ec2", "us-east-1", role, "ext").describe_volumes()
+    now[0] += timedelta(minutes=55)  # inside botocore's mandatory refresh window of the first credentials
+    factory.client("ec2", "us-east-1", role, "ext").describe_volumes()
+
+    listed = [(account, key) for action, _, account, key in keyed.signed if action == "DescribeVolumes"]
+    assert [action for action, *_ in keyed.signed].count("AssumeRole") == 2
+    assert [account for account, _ in listed] == [ACCOUNTS[0]] * 2
+    assert listed[0][1] != listed[1][1]  # the second call carries the renewed key
