@@ -203,15 +203,18 @@ def test_a_throttled_account_backs_off_while_the_others_go_on(aws: Aws, keyed: K
     assert errors >= 3
 
 
-def test_renewed_credentials_sign_the_next_calls(aws: Aws, keyed: KeyedProxy) -> None:
+def test_renewed_credentials_sign_the_next_calls_of_their_own_account(aws: Aws, keyed: KeyedProxy) -> None:
     now = [datetime.now(timezone.utc)]
     factory = SessionFactory(clock=lambda: now[0])
-    role = f"arn:aws:iam::{ACCOUNTS[0]}:role/usage-scraper"
-    factory.client("ec2", "us-east-1", role, "ext").describe_volumes()
-    now[0] += timedelta(minutes=55)  # inside botocore's mandatory refresh window of the first credentials
-    factory.client("ec2", "us-east-1", role, "ext").describe_volumes()
+    roles = [f"arn:aws:iam::{a}:role/usage-scraper" for a in ACCOUNTS[:2]]
+    for _ in range(2):
+        clients = [factory.client("ec2", "us-east-1", role, "ext") for role in roles]
+        assert clients[0].meta is clients[1].meta  # one client signs for both
+        for client in clients:
+            client.describe_volumes()
+        now[0] += timedelta(minutes=55)  # inside botocore's mandatory refresh window of both
 
     listed = [(account, key) for action, _, account, key in keyed.signed if action == "DescribeVolumes"]
-    assert [action for action, *_ in keyed.signed].count("AssumeRole") == 2
-    assert [account for account, _ in listed] == [ACCOUNTS[0]] * 2
-    assert listed[0][1] != listed[1][1]  # the second call carries the renewed key
+    assert [action for action, *_ in keyed.signed].count("AssumeRole") == 4  # each role assumed, then renewed
+    assert [account for account, _ in listed] == ACCOUNTS[:2] * 2
+    assert len({key for _, key in listed}) == 4  # the second round carries the renewed keys
