@@ -13,7 +13,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from agent.credentials import SessionFactory
@@ -27,8 +26,21 @@ REGIONS = ["us-east-1", "eu-west-1", "ap-south-1"]
 ACCOUNTS = [f"{111111111111 * k:012d}" for k in range(2, 7)]  # 222222222222 ... 666666666666
 
 
-_NO_VOLUMES = (b'<?xml version="1.0" encoding="UTF-8"?><DescribeVolumesResponse xmlns="http://ec2.amazonaws.com/'
-               b'doc/2016-11-15/"><requestId>proxy</requestId><volumeSet/></DescribeVolumesResponse>')
+_EC2 = '<?xml version="1.0" encoding="UTF-8"?><{0}Response xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">{1}</{0}Response>'
+_REGIONS = _EC2.format("DescribeRegions", "<regionInfo>" + "".join(
+    f"<item><regionName>{r}</regionName><optInStatus>opt-in-not-required</optInStatus></item>" for r in REGIONS
+) + "</regionInfo>").encode()
+
+
+def _size(account: str, region: str) -> int:
+    return int(account[0]) * 10 + REGIONS.index(region) + 1  # distinct per account and region
+
+
+def _volumes(account: str, region: str) -> bytes:
+    """The one volume the account whose key signed the call has in the region."""
+    return _EC2.format("DescribeVolumes", f"<volumeSet><item><volumeId>vol-{account}{REGIONS.index(region)}</volumeId>"
+                       f"<size>{_size(account, region)}</size><availabilityZone>{region}a</availabilityZone>"
+                       f"<status>available</status><volumeType>gp3</volumeType></item></volumeSet>").encode()
 
 
 def _key(headers: dict[str, str]) -> str:
@@ -37,16 +49,17 @@ def _key(headers: dict[str, str]) -> str:
 
 
 class KeyedProxy(AwsProxy):
-    """An AwsProxy that also records which account's key signed each call (moto's assumed
-    roles name it), and answers an account's first ``throttled[account]`` DescribeVolumes
-    with RequestLimitExceeded."""
+    """STS is moto's; EC2 is answered here, as the account of the signing key (moto's assumed
+    roles name it) sees it: three regions, one volume of ``_size(account, region)`` GiB in each
+    (moto is slow to build and reset an EC2 backend per account and region). Records which
+    account's key signed each call, and answers an account's first ``throttled[account]``
+    DescribeVolumes with RequestLimitExceeded."""
 
     def __init__(self, upstream: str):
         super().__init__(upstream)
         self.signed: list[tuple[str, str, str, str]] = []  # (action, region, account of the signing key, key)
         self.throttled: dict[str, int] = {}
-        self.no_volumes = False  # answer DescribeVolumes with an empty page: moto builds a backend per account and region
-        self.answered: dict[str, int] = {}  # account -> DescribeVolumes answered by moto
+        self.answered: dict[str, int] = {}  # account -> DescribeVolumes answered
         self.after_answer: Any = lambda answered: None  # called with ``answered`` after each DescribeVolumes
 
     def forward(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
@@ -66,14 +79,15 @@ class KeyedProxy(AwsProxy):
                 self.throttled[account] -= 1
         if throttle:
             return 400, "text/xml", aws_error("RequestLimitExceeded", "Request limit exceeded.")[1]
-        if action == "DescribeVolumes" and self.no_volumes:
-            return 200, "text/xml", _NO_VOLUMES
-        answer = super().forward(path, body, headers)
-        if action == "DescribeVolumes":
-            with self._lock:
-                self.answered[account] = self.answered.get(account, 0) + 1
-                answered = dict(self.answered)
-            self.after_answer(answered)
+        if action == "DescribeRegions":
+            return 200, "text/xml", _REGIONS
+        if action != "DescribeVolumes":
+            return super().forward(path, body, headers)  # STS: moto's
+        answer = 200, "text/xml", _volumes(account, scope.group(1) if scope else "")
+        with self._lock:
+            self.answered[account] = self.answered.get(account, 0) + 1
+            answered = dict(self.answered)
+        self.after_answer(answered)
         return answer
 
 
@@ -83,20 +97,6 @@ def keyed(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Iterator[KeyedProxy]:
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     yield proxy
     proxy.stop()
-
-
-def _volumes_in(aws: Aws, account: str, sizes: dict[str, int]) -> None:
-    """Volumes owned by ``account`` (moto: created with credentials of a role in it)."""
-    creds = boto3.client("sts", region_name="us-east-1", endpoint_url=aws.endpoint).assume_role(
-        RoleArn=f"arn:aws:iam::{account}:role/admin", RoleSessionName="setup")["Credentials"]
-    for region, size in sizes.items():
-        boto3.client("ec2", region_name=region, endpoint_url=aws.endpoint, aws_access_key_id=creds["AccessKeyId"],
-                     aws_secret_access_key=creds["SecretAccessKey"], aws_session_token=creds["SessionToken"],
-                     ).create_volume(Size=size, AvailabilityZone=f"{region}a")
-
-
-def _size(account: str, region: str) -> int:
-    return int(account[0]) * 10 + REGIONS.index(region) + 1  # distinct per account and region
 
 
 def _accounts_config(paigo: PaigoContractServer, tmp_path: Path, accounts: list[str], workers: int = 8,
@@ -116,8 +116,6 @@ def _metric(name: str, **labels: str) -> float:
 def test_every_call_is_signed_with_its_own_accounts_key_through_one_client_per_region(
         aws: Aws, keyed: KeyedProxy, paigo: PaigoContractServer, tmp_path: Path) -> None:
     accounts = ACCOUNTS[:3]
-    for account in accounts:
-        _volumes_in(aws, account, {region: _size(account, region) for region in REGIONS})
     cfg = _accounts_config(paigo, tmp_path, accounts)
     built = _metric("usage_agent_aws_clients_built_total", service="ec2")
     calls = _metric("usage_agent_aws_api_calls_total", service="ec2", operation="DescribeVolumes")
@@ -141,7 +139,6 @@ def test_assume_role_is_limited_per_caller_once_per_account_and_regions_listed_o
         aws: Aws, keyed: KeyedProxy, paigo: PaigoContractServer, tmp_path: Path) -> None:
     accounts = [f"{100000000000 + i:012d}" for i in range(9)]
     keyed.rules.append(lambda action, region: time.sleep(0.05) if action == "AssumeRole" else None)  # STS's pace
-    keyed.no_volumes = True
     cfg = _accounts_config(paigo, tmp_path, accounts, regions="all")
     refreshes = _metric("usage_agent_token_refreshes_total", kind="aws_role")
     assumed = _metric("usage_agent_aws_api_calls_total", service="sts", operation="AssumeRole")
@@ -176,8 +173,6 @@ def test_targets_are_served_one_account_after_another(aws: Aws, keyed: KeyedProx
 def test_a_throttled_account_backs_off_while_the_others_go_on(aws: Aws, keyed: KeyedProxy,
                                                               paigo: PaigoContractServer, tmp_path: Path) -> None:
     slow, *others = ACCOUNTS[:4]
-    for account in ACCOUNTS[:4]:
-        _volumes_in(aws, account, {"us-east-1": _size(account, "us-east-1")})
     keyed.throttled[slow] = 3
     others_done = threading.Event()
     waited: list[bool] = []
