@@ -34,6 +34,7 @@ from agent.credentials import SessionFactory, describe_aws_error, utc_now
 from agent.errors import AssumeRoleError, SamplingError, SpoolError, SpoolFullError
 from agent.forwarder import Forwarder
 from agent.samplers import REGISTRY, Skipped, Target, metric_of
+from agent.samplers.base import capped
 from agent.shard import EVERYTHING, Shard
 from agent.sinks.base import Sink
 from agent.spool import Spool
@@ -91,11 +92,13 @@ class Agent:
     and region (EC2 throttles Describe calls per account and region)."""
 
     def __init__(self, cfg: AgentConfig, sessions: SessionFactory, spool: Spool | None = None,
-                 clock: Callable[[], datetime] = utc_now, shard: Shard = EVERYTHING):
+                 clock: Callable[[], datetime] = utc_now, shard: Shard = EVERYTHING,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.cfg = cfg
         self.sessions = sessions
         self.spool = spool
         self.clock = clock
+        self.monotonic = monotonic  # measures a tick's deadline: its targets finish inside one interval
         self.shard = shard
         self.last_spooled: dict[str, datetime] = {}  # measurement -> its last tick committed by this process
         self._reported: set[tuple[str, str]] = set()
@@ -146,7 +149,7 @@ class Agent:
         return regions
 
     def _sample_target(self, m: Measurement, role: Role, account: str, region: str,
-                       tick: datetime) -> tuple[Tally, list[Skipped]]:
+                       tick: datetime, deadline: float) -> tuple[Tally, list[Skipped]]:
         spec = REGISTRY[m.resource_type]
 
         def clients(service: str) -> Any:
@@ -160,14 +163,16 @@ class Agent:
             measurement=m.name, tick=format_timestamp(tick), account=account, region=region)
         with context, self._limit(account, region):
             try:
-                for item in spec.sample(clients, Target(m, account, region, tick)):
-                    if isinstance(item, Skipped):
-                        skipped.append(item)
+                for item in spec.sample(clients, Target(m, account, region, tick, deadline, self.monotonic)):
+                    if isinstance(item, Skipped):  # logged and counted by its identity, like its record
+                        skipped.append(Skipped(spec.resource(region, account, item.resource_id), item.reason))
                     else:
                         tally.add(item)
                         samples += 1
-            except (ClientError, BotoCoreError, ResponseParserError) as exc:
-                raise SamplingError(f"{m.resource_type} in {account}/{region}: {describe_aws_error(exc)}") from exc
+            except (ClientError, BotoCoreError, ResponseParserError, KeyError, TypeError, ValueError) as exc:
+                # an answer of a shape no sampler expects fails its target, not the tick
+                raise SamplingError(f"{m.resource_type} in {account}/{region}: "
+                                    f"{capped(describe_aws_error(exc))}") from exc
         SAMPLES.labels(m.name).inc(samples)
         return tally, skipped
 
@@ -175,6 +180,7 @@ class Agent:
         """Every target of the measurement; returns their tally, skips, failures, targets."""
         failures: list[TargetFailure] = []
         futures: dict[Future[tuple[Tally, list[Skipped]]], tuple[Role, str, str]] = {}
+        deadline = self.monotonic() + m.interval_seconds  # a target still listing then fails; the tick completes
         for role in m.roles():
             try:
                 self.sessions.session(role.arn, role.external_id)  # a role we cannot assume fails once, here
@@ -184,7 +190,8 @@ class Agent:
                 failures.append(_failure(role, role.arn.split(":")[4] if role.arn else "?", "*", exc))
                 continue
             for region in (r for r in regions if self.shard.owns(m, role.arn, r)):
-                futures[self._pool.submit(self._sample_target, m, role, account, region, tick)] = (role, account, region)
+                futures[self._pool.submit(self._sample_target, m, role, account, region, tick,
+                                          deadline)] = (role, account, region)
         tally = Tally(m, metric_of(m))
         skipped: list[Skipped] = []
         for future in as_completed(futures):
@@ -235,13 +242,13 @@ class Agent:
         tag = ",".join(sorted({r.customer.tag for r in m.roles() if r.customer and r.customer.tag}))
         reasons = {s.resource_id: s.reason for s in skipped}
         for resource in self._first_time(m, list(reasons)):
-            log.warning("resource skipped", resource_id=resource, reason=reasons[resource])
+            log.warning("resource skipped", resource=resource, reason=reasons[resource])
         for resource in self._first_time(m, conversion.untagged):
-            log.warning("resource has no customer tag; skipped", resource_id=resource, tag=tag)
+            log.warning("resource has no customer tag; skipped", resource=resource, tag=tag)
         invalid = dict(conversion.invalid_customer)
         for resource in self._first_time(m, list(invalid)):
             log.warning("resource skipped: its customer tag is not a usable customer id",
-                        resource_id=resource, tag=tag, value=invalid[resource][:300])
+                        resource=resource, tag=tag, value=invalid[resource][:300])
         for reason, count in (("unreadable", len(skipped)), ("untagged", len(conversion.untagged)),
                               ("invalid_customer", len(invalid))):
             if count:
