@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import botocore.session
 from botocore.exceptions import BotoCoreError, UnknownRegionError
+from botocore.parsers import ResponseParserError
 
 from agent.config import Measurement
 from agent.errors import SamplingError
@@ -115,7 +116,7 @@ class Target:
                               f"({self.measurement.interval_seconds}s)")
         try:
             answer = getattr(client, operation)(**params)
-        except (BotoCoreError, ValueError, TypeError, KeyError) as exc:  # botocore parses 'NaN' with int()
+        except (BotoCoreError, ResponseParserError, ValueError, TypeError, KeyError) as exc:  # botocore parses 'NaN' with int()
             raise AnswerError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: unusable answer: "
                               f"{capped(f'{type(exc).__name__}: {exc}')}") from exc
         if not isinstance(answer, dict):
