@@ -107,16 +107,24 @@ class Target:
         api = client.meta.method_to_api_mapping.get(operation, operation)
         return f"{client.meta.service_model.service_name} {api} in {self.account}/{self.region}"
 
+    def _in_time(self, client: Any, operation: str, what: str) -> None:
+        if self.clock() >= self.deadline:
+            raise AnswerError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: {what}: the target "
+                              f"did not finish inside the measurement's interval ({self.measurement.interval_seconds}s)")
+
     def call(self, client: Any, operation: str, **params: Any) -> dict[str, Any]:
         """One AWS call: refused past the deadline; an answer botocore cannot parse is an AnswerError.
         ClientError passes through: the samplers tell a vanished resource from a failure."""
-        if self.clock() >= self.deadline:
-            raise AnswerError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: not called, "
-                              f"the target did not finish inside the measurement's interval "
-                              f"({self.measurement.interval_seconds}s)")
+        self._in_time(client, operation, "not called")
+        return self._send(client, operation, params)
+
+    def _send(self, client: Any, operation: str, params: dict[str, Any]) -> dict[str, Any]:
         try:
             answer = getattr(client, operation)(**params)
-        except (BotoCoreError, ResponseParserError, ValueError, TypeError, KeyError) as exc:  # botocore parses 'NaN' with int()
+        except BotoCoreError as exc:  # no answer: a connection, timeout or credentials problem
+            raise AnswerError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
+                              f"{capped(f'{type(exc).__name__}: {exc}')}") from exc
+        except (ResponseParserError, ValueError, TypeError, KeyError) as exc:  # botocore parses 'NaN' with int()
             raise AnswerError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: unusable answer: "
                               f"{capped(f'{type(exc).__name__}: {exc}')}") from exc
         if not isinstance(answer, dict):
@@ -135,7 +143,8 @@ class Target:
             params[limit_key] = page_size
         seen: set[Any] = set()
         for page in range(1, max_pages + 1):
-            answer = self.call(client, operation, **params)
+            self._in_time(client, operation, f"stopped after {page - 1} pages" if page > 1 else "not called")
+            answer = self._send(client, operation, params)
             items = answer.get(key)
             if not isinstance(items, list):
                 present = ", ".join(sorted(k for k in answer if k != "ResponseMetadata")) or "none"
