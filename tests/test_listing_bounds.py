@@ -16,7 +16,7 @@ from botocore.stub import Stubber
 from agent.config import Measurement
 from agent.credentials import SessionFactory
 from agent.runtime import Agent
-from agent.samplers.base import MAX_DETAIL, AnswerError, Target
+from agent.samplers.base import MAX_DETAIL, CallError, Target
 from agent.samplers.ebs import PAGE_SIZE, sample_volumes
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, TICK, Aws, AwsProxy, make_config, measurement, offline_client, only
@@ -61,7 +61,7 @@ def test_endless_paging_fails_its_target_at_the_end_of_the_interval() -> None:
     _endless(stubber, 200)
     target = _target(clock, deadline=60.0, interval="1m")
     read = []
-    with stubber, pytest.raises(AnswerError) as failed:
+    with stubber, pytest.raises(CallError) as failed:
         for item in sample_volumes(only(ec2), target):
             read.append(item)
     assert str(failed.value) == ("ebs: ec2 DescribeVolumes in 123456789012/us-east-1: stopped after 59 pages: the "
@@ -75,7 +75,7 @@ def test_a_listing_stops_at_its_page_cap() -> None:
     stubber = Stubber(ec2)
     _endless(stubber, 3)
     target = _target()
-    with stubber, pytest.raises(AnswerError) as failed:
+    with stubber, pytest.raises(CallError) as failed:
         for _ in target.pages(ec2, "describe_volumes", "Volumes", PAGE_SIZE, max_pages=3, Filters=[]):
             pass
     stubber.assert_no_pending_responses()  # three pages read, and the third still said there was more
@@ -88,7 +88,7 @@ def test_a_repeated_token_is_an_error_at_once(tokens: list[str]) -> None:
     ec2 = offline_client("ec2")
     stubber = Stubber(ec2)
     _endless(stubber, len(tokens), token=lambda n: tokens[n])
-    with stubber, pytest.raises(AnswerError) as failed:
+    with stubber, pytest.raises(CallError) as failed:
         list(sample_volumes(only(ec2), _target()))
     stubber.assert_no_pending_responses()
     assert str(failed.value) == (f"ebs: ec2 DescribeVolumes in 123456789012/us-east-1: page {len(tokens)} repeats "

@@ -82,8 +82,8 @@ def _paging(service: str, operation: str) -> tuple[str, str, str | None]:
     return config["input_token"], config["output_token"], config.get("limit_key")
 
 
-class AnswerError(SamplingError):
-    """AWS answered, but not with something the target can be sampled from."""
+class CallError(SamplingError):
+    """A target's AWS call was not made in time, got no answer, or got one it cannot be sampled from."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +109,11 @@ class Target:
 
     def _in_time(self, client: Any, operation: str, what: str) -> None:
         if self.clock() >= self.deadline:
-            raise AnswerError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: {what}: the target "
+            raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: {what}: the target "
                               f"did not finish inside the measurement's interval ({self.measurement.interval_seconds}s)")
 
     def call(self, client: Any, operation: str, **params: Any) -> dict[str, Any]:
-        """One AWS call: refused past the deadline; an answer botocore cannot parse is an AnswerError.
+        """One AWS call: refused past the deadline; an answer botocore cannot parse is an CallError.
         ClientError passes through: the samplers tell a vanished resource from a failure."""
         self._in_time(client, operation, "not called")
         return self._send(client, operation, params)
@@ -122,13 +122,13 @@ class Target:
         try:
             answer = getattr(client, operation)(**params)
         except BotoCoreError as exc:  # no answer: a connection, timeout or credentials problem
-            raise AnswerError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
+            raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
                               f"{capped(f'{type(exc).__name__}: {exc}')}") from exc
         except (ResponseParserError, ValueError, TypeError, KeyError) as exc:  # botocore parses 'NaN' with int()
-            raise AnswerError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: unusable answer: "
+            raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: unusable answer: "
                               f"{capped(f'{type(exc).__name__}: {exc}')}") from exc
         if not isinstance(answer, dict):
-            raise AnswerError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
+            raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
                               f"unusable answer: {capped(repr(answer))}")
         return answer
 
@@ -136,7 +136,7 @@ class Target:
               max_pages: int = MAX_PAGES, **params: Any) -> Iterator[list[Any]]:
         """The ``key`` list of every page of a listing. An answer without it (an HTML page,
         say), a token seen before, more than ``max_pages`` pages or the deadline end the
-        listing with an AnswerError: a listing that never ends must not hold up the tick."""
+        listing with an CallError: a listing that never ends must not hold up the tick."""
         input_token, output_token, limit_key = _paging(client.meta.service_model.service_name,
                                                        client.meta.method_to_api_mapping[operation])
         if page_size is not None and limit_key:
@@ -148,19 +148,19 @@ class Target:
             items = answer.get(key)
             if not isinstance(items, list):
                 present = ", ".join(sorted(k for k in answer if k != "ResponseMetadata")) or "none"
-                raise AnswerError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
+                raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
                                   f"page {page} has no {key} list (keys: {capped(present)})")
             yield items
             token = answer.get(output_token)
             if not token:
                 return
             if token in seen:
-                raise AnswerError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: page {page} "
+                raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: page {page} "
                                   f"repeats the {output_token} of an earlier page ({capped(str(token))}); "
                                   "the listing would never end")
             seen.add(token)
             params[input_token] = token
-        raise AnswerError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: more than "
+        raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: more than "
                           f"{max_pages} pages; the listing is cut off rather than run forever")
 
 

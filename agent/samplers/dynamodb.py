@@ -8,18 +8,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from agent.samplers.base import (
-    AnswerError,
-    ClientFor,
-    MetricSpec,
-    Sample,
-    SamplerSpec,
-    Skipped,
-    Target,
-    capped,
-    quantity,
-    tags_of,
-)
+from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, quantity
 
 PAGE_SIZE = 100
 # A table being deleted, or archived (its data moved to a backup), is not billed as table storage.
@@ -34,21 +23,17 @@ def _gone(exc: ClientError) -> bool:
 
 def _describe(target: Target, dynamodb: Any, name: str) -> dict[str, Any] | None:
     try:
-        table = target.call(dynamodb, "describe_table", TableName=name).get("Table")
+        return target.call(dynamodb, "describe_table", TableName=name)["Table"]
     except ClientError as exc:
         if _gone(exc):
             return None
         raise
-    if not isinstance(table, dict) or not table.get("TableArn"):
-        raise AnswerError(f"dynamodb: dynamodb DescribeTable in {target.account}/{target.region}: "
-                          f"the answer for {capped(name)} has no Table with a TableArn")
-    return table
 
 
 def _tags(target: Target, dynamodb: Any, arn: str) -> dict[str, str] | None:
     try:
         pages = target.pages(dynamodb, "list_tags_of_resource", "Tags", ResourceArn=arn)
-        return {k: v for page in pages for k, v in tags_of({"Tags": page}).items()}
+        return {tag["Key"]: tag.get("Value", "") for page in pages for tag in page}
     except ClientError as exc:
         if _gone(exc):
             return None

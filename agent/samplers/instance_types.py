@@ -14,7 +14,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from agent.samplers.base import AnswerError, Target, capped
+from agent.samplers.base import CallError, Target, capped
 
 BATCH = 100
 
@@ -42,8 +42,8 @@ def _describe(target: Target, ec2: Any, names: list[str]) -> None:
         pages = target.pages(ec2, "describe_instance_types", "InstanceTypes", InstanceTypes=names)
         found = {e["InstanceType"]: _parse(e) for page in pages for e in page}
     except (KeyError, TypeError, ArithmeticError) as exc:
-        raise AnswerError(f"{target.measurement.resource_type}: ec2 DescribeInstanceTypes in "
-                          f"{target.account}/{target.region}: unusable answer: {capped(repr(exc))}") from exc
+        raise CallError(f"{target.measurement.resource_type}: ec2 DescribeInstanceTypes in "
+                        f"{target.account}/{target.region}: unusable answer: {capped(repr(exc))}") from exc
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") != "InvalidInstanceType":
             raise
