@@ -176,3 +176,19 @@ def test_an_endless_listing_fails_its_target_and_the_tick_completes(
     assert clock.now <= 150
     assert 20 <= next(tokens) <= 60  # it paged, and stopped
     assert [(r.metadata["region"], r.value) for r in result.records] == [("us-east-1", Decimal(10))]
+
+
+def test_an_answer_missing_a_field_fails_its_target_not_the_tick(
+        aws: Aws, aws_proxy: AwsProxy, paigo: PaigoContractServer, tmp_path: Path) -> None:
+    for region in ("us-east-1", "eu-west-1"):
+        aws.client("dynamodb", region).create_table(
+            TableName="orders", BillingMode="PAY_PER_REQUEST", KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+            Tags=[{"Key": "customer-id", "Value": "acme"}])
+    aws_proxy.rules.append(lambda action, region: (200, b'{"Table": {"TableName": "orders"}}')
+                           if action == "DescribeTable" and region == "eu-west-1" else None)
+    result = _tick(paigo, tmp_path, resource_type="dynamodb", metric="count")
+    assert [(f.region, f.error) for f in result.failed_targets] == [
+        ("eu-west-1", "dynamodb in 123456789012/eu-west-1: KeyError: 'TableArn'")]
+    assert [(r.metadata["region"], r.resource) for r in result.records] == [
+        ("us-east-1", "arn:aws:dynamodb:us-east-1:123456789012:table/orders")]
