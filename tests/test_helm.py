@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 import yaml
 
 from agent.cli import build_parser, main
-from agent.config import BACKEND_TYPES, load_config
+from agent.config import BACKEND_TYPES, Backend, load_config
 from agent.shard import Shard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,8 +98,18 @@ def test_the_chart_has_no_default_config() -> None:
         render({"config": {"backend": {"type": "file", "path": "/var/lib/usage-agent/usage.jsonl"}}})
     with pytest.raises(helm.HelmValuesError, match="at '/config/backend/type': value must be one of"):
         render({"config": {**minimal()["config"], "backend": {"type": "paigoo"}}})
-    schema = json.loads((CHART / "values.schema.json").read_text())
-    assert schema["properties"]["config"]["properties"]["backend"]["properties"]["type"]["enum"] == list(BACKEND_TYPES)
+
+
+def test_the_schema_takes_the_keys_of_each_backend_and_no_others() -> None:
+    models = {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in typing.get_args(typing.get_args(Backend)[0])}
+    backend = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]["properties"]["backend"]
+    assert backend["properties"]["type"]["enum"] == list(BACKEND_TYPES) == list(models)
+    keys = {rule["if"]["properties"]["type"]["const"]: rule["then"]["propertyNames"]["enum"] for rule in backend["allOf"]}
+    assert {name: set(names) for name, names in keys.items()} == {name: set(m.model_fields) for name, m in models.items()}
+    http = yaml.safe_load((CHART / "ci" / "http-values.yaml").read_text())
+    http["config"]["backend"]["client_id"] = "${PAIGO_CLIENT_ID}"  # a Paigo key in an http backend
+    with pytest.raises(helm.HelmValuesError, match=r"(?s)at '/config/backend'.*invalid propertyName 'client_id'"):
+        render(http)
 
 
 def test_default_values_render_valid_manifests(tmp_path: Path) -> None:
