@@ -65,6 +65,19 @@ def _duration_seconds(value: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _bounded_int(low: int, high: int) -> Any:
+    def parse(value: str) -> int:
+        try:
+            number: int | None = int(value)
+        except ValueError:
+            number = None
+        if number is None or not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {value[:40]!r}")
+        return number
+
+    return parse
+
+
 def _shard(value: str) -> Shard:
     from agent.shard import Shard
 
@@ -114,10 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(spool_commands.add_parser("stats", help="counts per state, oldest unsent age, file size"))
     listing = with_config(spool_commands.add_parser("list", help="records in one state, oldest first"))
     listing.add_argument("--state", choices=("pending", "leased", "delivered", "dead"), default="pending")
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--limit", type=_bounded_int(1, 1_000_000), default=100)
     replay = with_config(spool_commands.add_parser("replay", help="dead-lettered records back to pending"))
     replay.add_argument("--id", action="append", default=[], metavar="ID", help="only this record (repeatable)")
-    replay.add_argument("--status", type=int, metavar="N", help="only records the backend rejected with status N")
+    replay.add_argument("--status", type=_bounded_int(100, 599), metavar="N", help="only records the backend rejected with status N")
     purge = with_config(spool_commands.add_parser("purge", help="delete delivered records"))
     purge.add_argument("--delivered-before", type=parse_time, required=True, metavar="TIME")
     with_config(spool_commands.add_parser(

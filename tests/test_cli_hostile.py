@@ -128,3 +128,12 @@ def test_unusable_config_files_exit_2_without_a_traceback(tmp_path: Path, comman
         assert done.returncode == 2, (name, done.stderr)
         assert done.stderr.startswith(f"{path}: 1 error(s)\n  <root>: {message}"), (name, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("flags", [["list", "--limit", "99999999999999999999999"], ["list", "--limit", "-1"],
+                                   ["replay", "--status", "99999999999999999999999"]])
+def test_spool_command_numbers_are_bounded(tmp_path: Path, flags: list[str]) -> None:
+    Spool(tmp_path / "spool.db").close()
+    done = usage_agent("spool", flags[0], "-c", str(file_config(tmp_path)), *flags[1:])
+    assert done.returncode == 2  # -1 was SQLite's "no limit"; 10**23 an OverflowError traceback
+    assert f"argument {flags[1]}: expected a whole number from" in done.stderr and "Traceback" not in done.stderr
