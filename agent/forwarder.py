@@ -115,8 +115,8 @@ class Forwarder:
         if isinstance(outcome, RetryLater) and outcome.alert:
             if self._alerting is None:
                 self._alerting = (self._clock(), outcome.reason)
-        elif not isinstance(outcome, RetryLater):
-            self._alerting = None
+        elif isinstance(outcome, Delivered) or (isinstance(outcome, Rejected) and outcome.status is not None):
+            self._alerting = None  # the backend judged a record: the configuration works
 
     def delivery_check(self, alert_after: float) -> Check:
         """Readiness: not ready once an alert has held every send back for longer than ``alert_after``."""

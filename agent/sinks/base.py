@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import httpcore
 import httpx
 import structlog
+from httpx._utils import get_environment_proxies  # the rules httpx itself applies to HTTPS_PROXY, NO_PROXY
 
 from agent import __version__
 from agent.convert import UsageRecord
@@ -181,19 +182,13 @@ class _DeadlineBackend(httpcore.NetworkBackend):
 
 
 class _DeadlineTransport(httpx.HTTPTransport):
-    """httpx's own transport (its exception mapping and streams) over a pool whose sockets
+    """httpx's own transport (its proxies, exception mapping and streams) over sockets that
     honour each request's total deadline."""
 
-    def __init__(self, limits: httpx.Limits):
-        super().__init__(limits=limits)
-        # httpx takes no network backend yet (encode/httpx#3749): the pool it builds, with ours
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=_DeadlineBackend(),
-        )
+    def __init__(self, limits: httpx.Limits, proxy: str | None = None):
+        super().__init__(limits=limits, proxy=proxy)
+        # httpx takes no network backend yet (encode/httpx#3749): the pool it built gets ours
+        self._pool._network_backend = _DeadlineBackend()  # type: ignore[union-attr]
 
 
 def count_response(response: httpx.Response) -> None:
@@ -204,9 +199,14 @@ def count_response(response: httpx.Response) -> None:
 def http_client(timeout: float, headers: dict[str, str] | None = None, connections: int = 8) -> httpx.Client:
     """The client a sink sends with: redirects not followed, answers not compressed (a
     capped read of a compressed answer could inflate far past the cap)."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    # the environment's proxies (HTTPS_PROXY, NO_PROXY …), mounted as httpx mounts them for its own transport
+    proxies = {pattern: _DeadlineTransport(limits, proxy) if proxy else None
+               for pattern, proxy in get_environment_proxies().items()}
     return httpx.Client(
         timeout=httpx.Timeout(timeout),
-        transport=_DeadlineTransport(httpx.Limits(max_connections=connections, max_keepalive_connections=connections)),
+        transport=_DeadlineTransport(limits),
+        mounts=proxies,
         headers={"User-Agent": f"usage-agent/{__version__}", "Accept-Encoding": "identity", **(headers or {})},
         event_hooks={"response": [count_response]},
         follow_redirects=False,
