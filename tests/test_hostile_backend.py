@@ -365,6 +365,7 @@ MALFORMED_TOKENS = {
     "expires_in absurd": ({"access_token": "t", "expires_in": 10**12}, "expires_in 1000000000000"),
     "expires_in a boolean": ({"access_token": "t", "expires_in": True}, "expires_in true"),
     "not an object": (["t"], "not a JSON object"),
+    "nested past the parser": (None, "not a JSON object"),
 }
 
 
@@ -373,7 +374,8 @@ def test_a_malformed_token_answer_keeps_records_pending_and_names_the_peer(
     name: str, paigo: PaigoContractServer, tmp_path: Path
 ) -> None:
     payload, problem = MALFORMED_TOKENS[name]
-    paigo.script("/oauth/token", *[Fault(answer=ServerAnswer(200, payload)) for _ in range(50)])
+    answer = ServerAnswer(200, payload) if payload is not None else ServerAnswer(200, raw=b"[" * 10_000)
+    paigo.script("/oauth/token", *[Fault(answer=answer) for _ in range(50)])
     pipeline = Pipeline.over(PaigoSink(backend(paigo)), tmp_path / "spool.db")
     pipeline.enqueue(make_records(50))
     pipeline.forwarder.drain()

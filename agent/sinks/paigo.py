@@ -81,7 +81,7 @@ def _json_object(answer: Answer) -> dict[str, Any] | None:
         return None
     try:
         payload = json.loads(answer.body)
-    except ValueError:
+    except (ValueError, RecursionError):  # 16 KiB of "[" nests too deep for the parser
         return None
     return payload if isinstance(payload, dict) else None
 
