@@ -126,7 +126,8 @@ def test_audit_config_paths_are_relative_to_the_config_file(tmp_path: Path) -> N
     same = backend_config({"type": "file", "path": "usage.jsonl"}, tmp_path, audit={"path": "usage.jsonl"})
     with pytest.raises(ConfigError) as info:
         load_config(write_yaml(tmp_path / "same.yaml", same), {})
-    assert info.value.problems == [("", "audit.path is the file backend's path; give the audit copy its own file")]
+    assert info.value.problems == [
+        ("audit.path", f"is the same file as backend.path ({tmp_path / 'usage.jsonl'}); give each its own file")]
 
 
 def test_once_with_the_file_backend_and_an_audit_copy(aws: Aws, tmp_path: Path) -> None:
