@@ -435,9 +435,9 @@ class Daemon:
         because APScheduler's shutdown takes locks the interrupted main thread may hold."""
         if self._stop_requested.is_set():
             return
-        log.info("stopping", signal=signal.Signals(signum).name if signum else None)
         self._stop_requested.set()
         self.forwarder.stopping.set()
+        log.info("stopping", signal=signal.Signals(signum).name if signum else None)  # once /readyz says so
         self._shutdown_thread = threading.Thread(target=self._shutdown, name="shutdown", daemon=True)
         self._shutdown_thread.start()
 

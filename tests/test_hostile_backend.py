@@ -157,6 +157,8 @@ def test_sigterm_holds_against_trickled_headers(aws: Aws, paigo: PaigoContractSe
         address = _listen_address(log)
         agent.send_signal(signal.SIGTERM)
         stopping = time.monotonic()
+        while '"stopping"' not in log.read_text() and agent.poll() is None:  # the signal is handled
+            time.sleep(0.01)
         statuses = set()
         while agent.poll() is None and time.monotonic() - stopping < 20:
             statuses.add(_readyz(address))
