@@ -23,7 +23,7 @@ from agent.sinks.base import Delivered, Outcome, Rejected, RetryLater, Sink
 from agent.errors import AuditError, SpoolError
 from agent.sinks.file import AuditLog
 from agent.spool import Dead, Retry, Spool
-from agent.telemetry import AUDIT_WRITE_ERRORS, RECORDS_DEAD, RECORDS_DELIVERED
+from agent.telemetry import AUDIT_WRITE_ERRORS, RECORDS_DEAD, RECORDS_DELIVERED, Check
 
 log = structlog.get_logger("agent.forwarder")
 
@@ -71,6 +71,7 @@ class Forwarder:
         self._audit = audit
         self._audited: set[str] = set()  # in the audit copy, outcome not yet in the spool
         self._waits: dict[tuple[RetryLater, int], float] = {}  # this pump's backoffs
+        self._alerting: tuple[float, str] | None = None  # since when, and why, no send got past an alert
 
     def backoff(self, attempts: int) -> float:
         """Exponential in the attempts made, capped, with the upper half jittered."""
@@ -101,12 +102,30 @@ class Forwarder:
         result.leased = len(leased)
         settled: list[tuple[UsageRecord, Outcome]] = []
         for record, outcome in self._sink.deliver([item.record for item in leased], self.stopping):
+            self._watch(outcome)
             settled.append((record, outcome))
             if len(settled) >= self._settle_every:
                 self._settle(settled, result)
                 settled = []
         self._settle(settled, result)
         return result
+
+    def _watch(self, outcome: Outcome) -> None:
+        """Track an alert (a configuration problem: redirect, refused credentials) until a record gets through."""
+        if isinstance(outcome, RetryLater) and outcome.alert:
+            if self._alerting is None:
+                self._alerting = (self._clock(), outcome.reason)
+        elif isinstance(outcome, Delivered) or (isinstance(outcome, Rejected) and outcome.status is not None):
+            self._alerting = None  # the backend judged a record: the configuration works
+
+    def delivery_check(self, alert_after: float) -> Check:
+        """Readiness: not ready once an alert has held every send back for longer than ``alert_after``."""
+        if self._alerting is None:
+            return Check("delivery", True, "no configuration problem seen since the last delivery")
+        since, reason = self._alerting
+        age = self._clock() - since
+        return Check("delivery", age <= alert_after,
+                     f"for {age:.0f}s (spool.alert_after={alert_after:.0f}s): {reason}")
 
     def _settle(self, done: list[tuple[UsageRecord, Outcome]], result: Pumped) -> None:
         """Write outcomes; if the spool (or the audit copy) cannot take the write (disk full),
@@ -186,13 +205,23 @@ class Forwarder:
         return total
 
     def drain_until(self, deadline: float, sleep: Callable[[float], None] = time.sleep) -> Pumped:
-        """Send, waiting out backoffs, until the spool holds nothing pending or ``deadline`` passes."""
+        """Send, waiting out backoffs, until the spool holds nothing pending or ``deadline`` passes.
+
+        At the deadline the forwarder stops for good (``stopping``): sends not started are
+        not made, and those in flight end within their own total deadline.
+        """
         total = Pumped()
-        while not self.stopping.is_set():
-            total.add(self.drain())
-            due = self._spool.next_due()
-            now = self._clock()
-            if due is None or due > deadline or now >= deadline:
-                return total
-            sleep(max(0.0, due - now))
-        return total
+        timer = threading.Timer(max(0.0, deadline - self._clock()), self.stopping.set)
+        timer.daemon = True
+        timer.start()
+        try:
+            while not self.stopping.is_set():
+                total.add(self.drain())
+                due = self._spool.next_due()
+                now = self._clock()
+                if due is None or due > deadline or now >= deadline:
+                    return total
+                sleep(max(0.0, due - now))
+            return total
+        finally:
+            timer.cancel()

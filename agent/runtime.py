@@ -367,7 +367,8 @@ class Daemon:
         return age
 
     def readiness(self) -> list[Check]:
-        """Config loaded, spool writable and below its cap, every measurement of this shard ticking."""
+        """Config loaded, spool writable and below its cap, no configuration problem holding
+        delivery back past spool.alert_after, not stopping, every measurement of this shard ticking."""
         spool = self.agent.spool
         assert spool is not None
         owned = [m.name for m in self.agent.measurements]
@@ -381,6 +382,9 @@ class Daemon:
         checks.append(Check("spool_not_full", not spool.full,
                             f"spool.max_records={spool.max_records}; new ticks are refused until records drain"
                             if spool.full else f"spool.max_records={spool.max_records}"))
+        checks.append(self.forwarder.delivery_check(self.agent.cfg.spool.alert_after.total_seconds()))
+        if self._stop_requested.is_set():
+            checks.append(Check("running", False, "stopping: finishing the sends in flight"))
         now = self.clock()
         for m in self.agent.measurements:
             last = self.agent.last_spooled.get(m.name)
@@ -438,9 +442,9 @@ class Daemon:
         because APScheduler's shutdown takes locks the interrupted main thread may hold."""
         if self._stop_requested.is_set():
             return
-        log.info("stopping", signal=signal.Signals(signum).name if signum else None)
         self._stop_requested.set()
         self.forwarder.stopping.set()
+        log.info("stopping", signal=signal.Signals(signum).name if signum else None)  # once /readyz says so
         self._shutdown_thread = threading.Thread(target=self._shutdown, name="shutdown", daemon=True)
         self._shutdown_thread.start()
 
