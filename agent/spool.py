@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from agent.convert import UsageRecord, format_timestamp
+from agent.convert import UsageRecord, format_decimal, format_timestamp
 from agent.errors import SpoolError, SpoolFullError
 from agent.telemetry import SPOOL_FULL, SPOOL_WRITE_ERRORS
 
@@ -59,12 +59,23 @@ CREATE TABLE IF NOT EXISTS sampler_state (
 
 
 def parse_body(record_id: str, body: bytes | str) -> UsageRecord:
-    """A spooled body back into a record; ValueError if it is not (or no longer) one."""
+    """A spooled body back into a record that can be sent; ValueError if it is not (or no longer) one.
+
+    The value must render too: a row whose value parses but cannot be written as a plain decimal
+    (``1e99999999950``) would otherwise fail every send of every batch it is leased in.
+    """
     try:
         text = body.decode("utf-8") if isinstance(body, bytes) else body
         record = UsageRecord.from_json(json.loads(text))
     except (UnicodeDecodeError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    if not record.value.is_finite():
+        raise ValueError(f"value {record.value} is not a finite number")
+    try:
+        format_decimal(record.value)
+    except ArithmeticError as exc:
+        raise ValueError(f"value {str(record.value)[:40]} cannot be rendered as a plain decimal "
+                         f"({type(exc).__name__})") from None
     if record.record_id != record_id:
         raise ValueError(f"body holds id {record.record_id!r}, row is {record_id!r}")
     return record
