@@ -9,9 +9,10 @@ end stops it), so no single read is trusted:
 - both indexes (by state, by id) are walked the same way, as witnesses of which rows
   existed: a row a witness lists that no read returned is lost, and reported with its seq,
   id and state as far as the witnesses know them;
-- where no witness was read completely, every skipped slot no read accounted for counts as
-  possibly lost. So ``lost_at_most`` is an upper bound; ``None`` when the end of the table
-  is gone too and nothing says how many rows followed.
+- where no witness was read completely, a seq counts as possibly lost unless the state index
+  walked past it cleanly (in every state) without listing it. So ``lost_at_most`` is an
+  upper bound; ``None`` when the end of the table is gone too and nothing says how many
+  rows followed.
 
 Every row copied is validated as the forwarder would lease it (parsed and rendered); a row
 that is not (or no longer) a record is copied dead-lettered with the reason, never pending.
@@ -23,6 +24,7 @@ is renamed to ``<name>.corrupt-<UTC time>``, never deleted.
 from __future__ import annotations
 
 import bisect
+import json
 import re
 import sqlite3
 from collections import Counter
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import SpoolError
-from agent.convert import format_timestamp
+from agent.convert import UsageRecord, format_timestamp
 from agent.spool import STATES, Spool, parse_body, spool_lock
 
 _COLUMNS = (
@@ -43,6 +45,7 @@ _COLUMNS = (
 _RECORD_ID = re.compile(rb"[0-9a-f]{32}")  # record_id(): 32 hex digits; garbage never looks like one
 _MAX_SEQ = 1 << 62  # an unknown table end: skipping ahead gives up past this
 _LOST_LISTED = 1000  # lost rows named in the report; the count is always exact
+_LOOKUP_BUDGET = 5_000_000  # seqs looked up one by one where no index witness covers them
 
 
 @dataclass
@@ -108,9 +111,12 @@ def _walk(db: sqlite3.Connection, sql: str, start: Any, key: Callable[[tuple[Any
         damaged_from = None
         try:
             for row in db.execute(sql, after if isinstance(after, tuple) else (after,)):
+                if not plausible(row):
+                    damaged_from = keys[-1] if keys else after
+                    break
                 k = key(row)
-                if not plausible(row) or (keys and k <= keys[-1]):
-                    below = keys[: bisect.bisect_left(keys, k)] if plausible(row) else keys
+                if keys and k <= keys[-1]:  # a garbled key: the stretch from the last key below it is suspect
+                    below = keys[: bisect.bisect_left(keys, k)]
                     damaged_from = below[-1] if below else after
                     break
                 keys.append(k)
@@ -189,6 +195,13 @@ def _stored(body: bytes) -> str | bytes:
         return body
 
 
+def _whole_body(body: bytes) -> UsageRecord | None:
+    try:
+        return parse_body(json.loads(body.decode("utf-8"))["id"], body)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _row(raw: tuple[Any, ...]) -> _Row | None:
     """A read row as it will be copied, or None when it has no usable id (it cannot be a row)."""
     seq, rid, measurement, tick, body, state, attempts, created, updated, not_before, status, error = raw
@@ -200,6 +213,11 @@ def _row(raw: tuple[Any, ...]) -> _Row | None:
     try:
         record = parse_body(record_id, body)
     except ValueError as exc:
+        record = _whole_body(body)  # the id column may be what is garbled: a whole record names its own id
+        if record is not None:
+            return _row((seq, record.record_id.encode(), *raw[2:]))
+        if not body.startswith(b'{"id":"' + rid + b'"'):  # id and body disagree: not known to be this row
+            return None
         if known_state in ("delivered", "dead"):  # never sent again: kept as it was
             values = (seq, record_id, _text(measurement) or "?", _text(tick) or "?", _stored(body), known_state,
                       attempts or 0, created or 0.0, updated or 0.0, not_before or 0, status, _text(error))
@@ -294,14 +312,18 @@ def _read(source: sqlite3.Connection, salvager: _Salvager, report: SalvageReport
                   probes=_id_probes, visit=lambda row: witness(row[1], id=row[0].decode()))
     complete = [name for name, walk in (("records_by_state", by_state), ("id", by_id)) if not walk.trouble]
     report.complete_witness = complete[0] if complete else None
-    end_known = table_max is not None or bool(complete) or not table.trouble or table.trouble[-1][1] is not None
     last_row = max([*(m for m in index_max if m is not None), *witnessed, *salvager.recovered, 0])
 
     # the slots the table walk skipped, one by one; then every row a witness lists
     slots: list[int] = []
     for last, resumed in table.trouble:
-        high = resumed if resumed is not None else (min(limit, last_row) if end_known else None)
-        if high is None:
+        if resumed is not None:
+            high = resumed
+        elif table_max is not None:
+            high = table_max
+        elif complete:
+            high = last_row  # a whole index lists every row there was
+        else:  # the table's end is gone and no witness says what followed
             report.unreadable_after_seq = last
             high = max(last, last_row)
         if high > last:
@@ -321,10 +343,42 @@ def _read(source: sqlite3.Connection, salvager: _Salvager, report: SalvageReport
         salvager._insert(row)
 
     report.lost = {seq: facts for seq, facts in witnessed.items() if seq not in salvager.recovered}
-    if not complete:
-        report.possibly_lost = len({s for s in slots if s not in salvager.recovered and s not in report.lost})
-    if report.unreadable_after_seq is not None and complete:
-        report.unreadable_after_seq = None  # a whole index says what followed
+    if complete:
+        return
+    # a seq the state index walked past cleanly, in every state, and does not list, was not a row;
+    # every other seq no read returned may have been one
+    end = table_max if table_max is not None else last_row
+    uncovered = _uncovered_seqs(by_state.trouble, end)
+    if sum(high - low + 1 for low, high in uncovered) <= _LOOKUP_BUDGET:
+        for low, high in uncovered:
+            for seq in range(low, high + 1):
+                salvager.look_up(seq)
+    found = sorted(salvager.recovered | set(report.lost))
+    report.possibly_lost = sum(high - low + 1 - (bisect.bisect_right(found, high) - bisect.bisect_left(found, low))
+                               for low, high in uncovered)
+
+
+def _uncovered_seqs(trouble: list[tuple[Any, Any]], end: int) -> list[tuple[int, int]]:
+    """The seqs (1..end, as merged inclusive ranges) that some state's stretch of the state index
+    skipped: there the index cannot say a row was absent."""
+    order = sorted(STATES)
+    spans: list[tuple[int, int]] = []
+    for (state, seq), resumed in trouble:
+        to_state, to_seq = resumed if resumed is not None else ("~", end)  # "~" sorts after every state
+        for each in order:
+            if each < state or each > to_state:
+                continue
+            low = seq + 1 if each == state else 1
+            high = to_seq if each == to_state else end
+            if low <= high:
+                spans.append((max(low, 1), min(high, end)))
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(spans):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        elif low <= high:
+            merged.append((low, high))
+    return merged
 
 
 def _state_in_index(db: sqlite3.Connection, seq: int) -> str | None:
