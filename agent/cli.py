@@ -276,7 +276,7 @@ def cmd_spool(args: argparse.Namespace) -> int:
         report = salvage(spool_cfg.path)
         print(json.dumps(report.as_dict(), indent=2))
         return EXIT_OK
-    spool = Spool(spool_cfg.path, spool_cfg.max_records)
+    spool = Spool.open_existing(spool_cfg.path, spool_cfg.max_records)  # and refuses a file that is not a spool
     try:
         if args.spool_command == "stats":
             print(json.dumps(spool.stats(), indent=2))

@@ -31,7 +31,7 @@ from botocore.parsers import ResponseParserError
 from agent.config import AgentConfig, Customer, Measurement, Role
 from agent.convert import Tally, UsageRecord, format_timestamp, parse_timestamp, tick_floor
 from agent.credentials import SessionFactory, describe_aws_error, utc_now
-from agent.errors import AssumeRoleError, SamplingError, SpoolError, SpoolFullError
+from agent.errors import AssumeRoleError, SamplingError, SpoolDiskLowError, SpoolError, SpoolFullError
 from agent.forwarder import Forwarder
 from agent.samplers import REGISTRY, Skipped, Target, metric_of
 from agent.samplers.base import capped
@@ -273,7 +273,9 @@ class Agent:
             commit = self.spool.commit_tick(m.name, result.tick, result.records)
         except SpoolError as exc:
             result.error = str(exc)
-            TICKS_FAILED.labels(m.name, "spool_full" if isinstance(exc, SpoolFullError) else "spool_write").inc()
+            reason = ("disk_low" if isinstance(exc, SpoolDiskLowError) else
+                      "spool_full" if isinstance(exc, SpoolFullError) else "spool_write")
+            TICKS_FAILED.labels(m.name, reason).inc()
             log.error("tick not spooled; the sampler state stays where it was", error=result.error)
             return result
         result.inserted = commit.inserted
