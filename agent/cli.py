@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
@@ -21,6 +22,13 @@ if TYPE_CHECKING:
     from agent.shard import Shard
 
 EXIT_OK, EXIT_UNDELIVERED, EXIT_CONFIG = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # as a process killed by SIGPIPE: `usage-agent spool list | head`
+EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class UsageError(Exception):
+    """A command line the agent refuses to act on (exit 2)."""
+
 
 # Set by SIGTERM/SIGINT from the first moment of `run`, before the heavy imports: a stop
 # requested while the agent is still starting is honoured once it has started.
@@ -38,9 +46,14 @@ def parse_time(value: str) -> datetime:
     """ISO 8601 / RFC 3339; a time without an offset is taken as UTC."""
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        parsed = parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time such as 2026-11-21T10:00:00Z, got {value!r}") from None
-    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time such as 2026-11-21T10:00:00Z, got {value[:40]!r}") from None
+    except OverflowError:  # an offset that takes it past year 9999 in UTC
+        parsed = datetime.max.replace(tzinfo=timezone.utc)
+    if not EARLIEST <= parsed < datetime.max.replace(tzinfo=timezone.utc):
+        raise argparse.ArgumentTypeError(f"expected a time from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z, got {value[:40]!r}")
+    return parsed
 
 
 def _duration_seconds(value: str) -> float:
@@ -50,6 +63,19 @@ def _duration_seconds(value: str) -> float:
         return parse_duration(value).total_seconds()
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _bounded_int(low: int, high: int) -> Any:
+    def parse(value: str) -> int:
+        try:
+            number: int | None = int(value)
+        except ValueError:
+            number = None
+        if number is None or not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {value[:40]!r}")
+        return number
+
+    return parse
 
 
 def _shard(value: str) -> Shard:
@@ -84,10 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sample only the targets of shard I of N (replica index from 0); default: all")
         return sub
 
-    with_config(commands.add_parser("validate", help="check the configuration; exit 2 when invalid"))
+    validate = with_config(commands.add_parser("validate", help="check the configuration; exit 2 when invalid"))
+    validate.add_argument("--no-env", action="store_true",
+                          help="structure only: ${VAR}s need not be set and *_file secrets need not exist")
     once = with_shard(with_config(commands.add_parser(
         "once", help="sample one tick of every measurement, spool, forward until drained")))
-    once.add_argument("--at", type=parse_time, metavar="TIME", help="a time inside the tick to sample (default: now)")
+    once.add_argument("--at", type=parse_time, metavar="TIME",
+                      help="a time inside the tick to sample, which must have begun (default: now)")
     once.add_argument("--dry-run", action="store_true", help="print the backend bodies to stdout; write and send nothing")
     once.add_argument("--timeout", type=_duration_seconds, default=60.0, metavar="DURATION",
                       help="how long to keep retrying delivery before giving up (default 60s)")
@@ -98,10 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(spool_commands.add_parser("stats", help="counts per state, oldest unsent age, file size"))
     listing = with_config(spool_commands.add_parser("list", help="records in one state, oldest first"))
     listing.add_argument("--state", choices=("pending", "leased", "delivered", "dead"), default="pending")
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--limit", type=_bounded_int(1, 1_000_000), default=100)
     replay = with_config(spool_commands.add_parser("replay", help="dead-lettered records back to pending"))
     replay.add_argument("--id", action="append", default=[], metavar="ID", help="only this record (repeatable)")
-    replay.add_argument("--status", type=int, metavar="N", help="only records the backend rejected with status N")
+    replay.add_argument("--status", type=_bounded_int(100, 599), metavar="N", help="only records the backend rejected with status N")
     purge = with_config(spool_commands.add_parser("purge", help="delete delivered records"))
     purge.add_argument("--delivered-before", type=parse_time, required=True, metavar="TIME")
     with_config(spool_commands.add_parser(
@@ -127,6 +156,14 @@ def _load(path: str) -> AgentConfig:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    if args.no_env:
+        from agent.config import check_structure
+
+        raw = check_structure(args.config, dict(os.environ))
+        backend = raw["backend"] if isinstance(raw["backend"], dict) else {}  # a whole section may be an unset ${VAR}
+        print(f"{args.config}: structure ok ({len(raw['measurements'])} measurement(s), backend "
+              f"{backend.get('type') or '${...}'}); unset ${{VAR}}s and secret files not checked")
+        return EXIT_OK
     cfg = _load(args.config)
     print(f"{args.config}: ok ({len(cfg.measurements)} measurement(s), backend {cfg.backend.type})")
     return EXIT_OK
@@ -155,8 +192,25 @@ def _forwarder(cfg: AgentConfig, spool: Any, sink: Any) -> tuple[Any, Any]:
     return Forwarder(spool, sink, clock=CLOCK, audit=audit), audit
 
 
+def _refuse_unbegun_ticks(cfg: AgentConfig, at: datetime) -> None:
+    """A tick sampled before it begins (before T + delay for CloudWatch) spools an early value,
+    and the first sampling of a tick is the one billed."""
+    from agent.convert import format_timestamp, tick_floor
+
+    now = datetime.now(timezone.utc)
+    for m in cfg.measurements:
+        tick = tick_floor(at, m.interval_seconds)
+        if tick > now - m.delay:  # not tick + delay > now: near year 9999 that overflows
+            delay = f" + {m.delay.total_seconds():g}s" if m.delay else ""
+            raise UsageError(f"--at {format_timestamp(at)}: tick {format_timestamp(tick)} of measurement {m.name} "
+                             f"is due at {format_timestamp(tick)}{delay}, after now ({format_timestamp(now)}); "
+                             f"an early sample would become the tick's billed value")
+
+
 def cmd_once(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    if args.at is not None:
+        _refuse_unbegun_ticks(cfg, args.at)
     if args.dry_run:
         agent, sink, _ = _wire(cfg, with_spool=False, shard=args.shard)
         failed = False
@@ -211,15 +265,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_spool(args: argparse.Namespace) -> int:
+    from agent.config import load_spool_config
     from agent.salvage import salvage
     from agent.spool import Spool
 
-    cfg = _load(args.config)
+    spool_cfg = load_spool_config(args.config, dict(os.environ))  # not the backend's variables or secrets
+    if not Path(spool_cfg.path).is_file():  # a mistyped path must not create an empty spool that reports zeros
+        raise ConfigError(args.config, [("spool.path", f"no spool at {spool_cfg.path}; spool commands never create one")])
     if args.spool_command == "salvage":
-        report = salvage(cfg.spool.path)
+        report = salvage(spool_cfg.path)
         print(json.dumps(report.as_dict(), indent=2))
         return EXIT_OK
-    spool = Spool(cfg.spool.path, cfg.spool.max_records)
+    spool = Spool.open_existing(spool_cfg.path, spool_cfg.max_records)  # and refuses a file that is not a spool
     try:
         if args.spool_command == "stats":
             print(json.dumps(spool.stats(), indent=2))
@@ -302,7 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     # the demo prints a report; its logs only say what went wrong unless asked for more
     configure_logging(os.environ.get("LOG_LEVEL", "warning") if args.command == "demo" else None)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, so a closed pipe is seen inside this try and not at exit
+        return code
+    except BrokenPipeError:
+        # stdout's reader went away (`| head`): stop quietly; later flushes go nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except UsageError as exc:
+        print(f"usage-agent {args.command}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG

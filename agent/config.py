@@ -7,6 +7,7 @@ collected with its YAML path (``measurements[1].interval``) into one ``ConfigErr
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +42,11 @@ _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+$")
 PER_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 ALL_REGIONS = "all"
 
+MAX_DURATION = timedelta(days=366)
+MAX_CONFIG_BYTES = 2**20  # read at most this much of a config file
+MAX_DEPTH = 64  # nesting levels of YAML collections
+MAX_ALIAS_NODES = 10_000  # nodes that YAML aliases may add, all aliases together
+
 
 def parse_duration(value: Any) -> timedelta:
     """``30s``, ``5m``, ``1h``, ``1d``, ``1h30m`` or a number of seconds."""
@@ -51,11 +57,16 @@ def parse_duration(value: Any) -> timedelta:
     if isinstance(value, int):
         seconds = value
     elif isinstance(value, str) and value and _DURATION_PART.sub("", value) == "":
-        seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(value))
+        parts = _DURATION_PART.findall(value)
+        if any(len(n) > 12 for n, _ in parts):  # past any bound, and int() refuses thousands of digits
+            raise ValueError(f"a duration must be at most {MAX_DURATION.days}d")
+        seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in parts)
     else:
-        raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {value!r}")
+        raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {value!r:.60}")
     if seconds <= 0:
         raise ValueError("a duration must be longer than 0s")
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"a duration must be at most {MAX_DURATION.days}d")
     return timedelta(seconds=seconds)
 
 
@@ -73,11 +84,32 @@ def _stringify(value: Any) -> Any:
 MetadataValue = Annotated[str, BeforeValidator(_stringify)]
 
 
+def _printable(value: str) -> str:
+    if not value.isprintable() or value != value.strip():
+        raise ValueError(f"expected printable text without line breaks or surrounding spaces, got {value[:80]!r}")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_printable)]
+"""A value that goes into requests as an id: no control characters, no surrounding spaces."""
+
+
+def _non_empty(secret: SecretStr) -> SecretStr:
+    if not secret.get_secret_value().strip():
+        raise ValueError("a secret must not be empty (is its variable set to an empty value?)")
+    return secret
+
+
+Secret = Annotated[SecretStr, AfterValidator(_non_empty)]
+
+
 def _read_secret_file(value: str | None, info: ValidationInfo) -> SecretStr | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
         raise ValueError("expected the path of a file holding the secret")
+    if info.context and info.context.get("no_env"):
+        return SecretStr("unread")  # validate --no-env: the file need not exist
     path = Path(value)
     if not path.is_absolute() and info.context and info.context.get("base_dir"):
         path = Path(info.context["base_dir"]) / path
@@ -111,9 +143,9 @@ class PaigoBackend(_Model):
     type: Literal["paigo"]
     url: HttpUrl = "https://api.prod.paigo.tech"
     token_url: HttpUrl = "https://auth.paigo.tech/oauth/token"
-    audience: str = "https://qnonyh1pc7.execute-api.us-east-1.amazonaws.com"
-    client_id: str = Field(min_length=1)
-    client_secret: SecretStr | None = None
+    audience: Text = "https://qnonyh1pc7.execute-api.us-east-1.amazonaws.com"
+    client_id: Text = Field(min_length=1)
+    client_secret: Secret | None = None
     client_secret_file: SecretFile = None
     timeout: Duration = timedelta(seconds=10)
     max_in_flight: int = Field(default=8, ge=1, le=256)
@@ -150,7 +182,7 @@ _URI_REFERENCE = re.compile(SOURCE_PATTERN)
 class OpenMeterBackend(_Model):
     type: Literal["openmeter"]
     url: HttpUrl = "https://openmeter.cloud"
-    token: SecretStr | None = None
+    token: Secret | None = None
     token_file: SecretFile = None
     source: str = Field(default="usage-agent", max_length=255)
     batch_size: int = Field(default=100, ge=1, le=1000)
@@ -185,9 +217,9 @@ def _header_value(name: str, value: str) -> str:
 class HttpBackend(_Model):
     type: Literal["http"]
     url: HttpUrl
-    headers: dict[str, Annotated[SecretStr, BeforeValidator(_stringify)]] = Field(default_factory=dict)
+    headers: dict[str, Annotated[Secret, BeforeValidator(_stringify)]] = Field(default_factory=dict)
     header_files: dict[str, SecretStr] = Field(default_factory=dict)  # header name -> file holding the value
-    hmac_secret: SecretStr | None = None
+    hmac_secret: Secret | None = None
     hmac_secret_file: SecretFile = None
     batch_size: int = Field(default=100, ge=1, le=1000)
     timeout: Duration = timedelta(seconds=10)
@@ -228,8 +260,8 @@ class HttpBackend(_Model):
 
 class JsonlFile(_Model):
     path: str = Field(min_length=1)  # relative paths: relative to the config file
-    max_bytes: ByteSize = Field(default=ByteSize(100 * 2**20), ge=1024)  # rotate before a file would pass this
-    keep: int = Field(default=10, ge=1)  # rotated files kept; older ones are deleted
+    max_bytes: ByteSize = Field(default=ByteSize(100 * 2**20), ge=1024, le=2**50)  # rotate before a file would pass this
+    keep: int = Field(default=10, ge=1, le=100_000)  # rotated files kept; older ones are deleted
 
 
 class FileBackend(JsonlFile):
@@ -245,9 +277,9 @@ BACKEND_TYPES = ("paigo", "openmeter", "http", "file")
 
 
 class Customer(_Model):
-    id: str | None = Field(default=None, min_length=1)
-    tag: str | None = Field(default=None, min_length=1)
-    untagged: str = Field(default="skip", min_length=1)
+    id: Text | None = Field(default=None, min_length=1)
+    tag: Text | None = Field(default=None, min_length=1)
+    untagged: Text = Field(default="skip", min_length=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> Customer:
@@ -292,7 +324,7 @@ def _as_region_list(value: Any) -> Any:
 
 
 RoleArn = Annotated[str, AfterValidator(lambda arn: _check_role_arn(arn))]
-ExternalId = Annotated[str, Field(min_length=2, max_length=1224)]
+ExternalId = Annotated[Text, Field(min_length=2, max_length=1224)]
 
 
 def _check_role_arn(arn: str) -> str:
@@ -335,7 +367,7 @@ class CloudWatchQuery(_Model):
     dimensions: dict[str, str] = Field(default_factory=dict, max_length=30)
     statistic: str = "Sum"
     period: Duration | None = None  # default: the measurement's interval
-    unit: str = Field(default="None", min_length=1)  # the unit the records carry
+    unit: Text = Field(default="None", min_length=1)  # the unit the records carry
     delay: Duration = timedelta(minutes=5)  # tick T is sampled at T + delay, once CloudWatch has the data
 
     @field_validator("statistic")
@@ -359,7 +391,7 @@ class CloudWatchQuery(_Model):
 
 class Measurement(_Model):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=63)
-    dimension_id: str = Field(
+    dimension_id: Text = Field(
         min_length=1, validation_alias=AliasChoices("dimension_id", "dimensionId")
     )
     cloud_platform: Literal["aws"] = Field(
@@ -380,7 +412,7 @@ class Measurement(_Model):
     filters: Filters = Field(default_factory=Filters)
     group_by: Literal["customer", "resource"] = "customer"
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
-    event_type: str | None = Field(default=None, min_length=1)
+    event_type: Text | None = Field(default=None, min_length=1)
     decimals: int = Field(default=9, ge=0, le=18)
     cloudwatch: CloudWatchQuery | None = None
 
@@ -448,7 +480,7 @@ class Sampling(_Model):
 
 class Spool(_Model):
     path: str = "/var/lib/usage-agent/spool.db"
-    max_records: int = Field(default=1_000_000, ge=1)
+    max_records: int = Field(default=1_000_000, ge=1, le=10**12)
     retention: Duration = timedelta(days=7)  # delivered records are kept this long, then deleted
     alert_after: Duration = timedelta(hours=1)  # an error is logged while a record waits longer
 
@@ -465,11 +497,11 @@ class AgentConfig(_Model):
     audit: Audit | None = None
     measurements: list[Measurement] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _distinct_files(self) -> AgentConfig:
-        if self.audit and isinstance(self.backend, FileBackend) and self.audit.path == self.backend.path:
-            raise ValueError("audit.path is the file backend's path; give the audit copy its own file")
-        return self
+
+class SpoolSection(_Model):
+    """Only what the ``spool`` commands read: the rest of the file is not looked at."""
+
+    spool: Spool = Field(default_factory=Spool)
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
@@ -589,48 +621,144 @@ def _path_order(problem: tuple[str, str]) -> list[Any]:
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[\[\].]+", problem[0]) if p]
 
 
-def parse_config(
-    raw: Any, source: str, env: dict[str, str], base_dir: Path | None = None
-) -> AgentConfig:
-    """Validate an already-loaded YAML document; raises ConfigError with every problem."""
-    if not isinstance(raw, dict):
-        raise ConfigError(source, [("", "expected a mapping with backend, spool, server and measurements")])
-    problems: list[tuple[str, str]] = []
-    expanded = expand_env(raw, env, "", problems)
-    cfg: AgentConfig | None = None
+def _under(where: str, paths: set[str]) -> bool:
+    """``where`` is one of ``paths`` or inside one of them."""
+    return any(where == p or where.startswith((f"{p}.", f"{p}[")) for p in paths)
+
+
+def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        where = _format_loc(err["loc"])
+        if err["type"] == "union_tag_not_found":
+            problems.append((f"{where}.type", f"required key is missing; expected one of: {', '.join(BACKEND_TYPES)}"))
+        elif err["type"] == "union_tag_invalid":
+            problems.append((f"{where}.type", f"unknown backend type; expected one of: {', '.join(BACKEND_TYPES)}"))
+        else:
+            problems.append((where, _MESSAGES.get(err["type"], err["msg"].removeprefix("Value error, "))))
+    return problems
+
+
+_SPOOL_COMPANIONS = ("-wal", "-shm", "-journal", ".lock")  # SQLite's files beside the spool, and its lock
+_SALVAGE_COPY = re.compile(r"\.(corrupt|salvage|reading)-")  # what `spool salvage` writes beside it
+_ROTATION = re.compile(r"\.\d+")  # what a JSON Lines file rotates to (agent/sinks/file.py)
+
+
+@dataclass(frozen=True)
+class _Files:
+    """The files one path setting writes: the file itself and what is named after it."""
+
+    where: str  # its YAML path
+    path: Path  # resolved: symlinks and .. followed
+    spool: bool
+
+    def members(self) -> list[Path]:
+        return [self.path, *(self.path.with_name(self.path.name + s) for s in _SPOOL_COMPANIONS if self.spool)]
+
+    def owns(self, other: Path) -> bool:
+        if other in self.members():
+            return True
+        rest = other.name.removeprefix(self.path.name)
+        if other.parent != self.path.parent or rest == other.name:
+            return False
+        return bool(_SALVAGE_COPY.match(rest) if self.spool else _ROTATION.fullmatch(rest))
+
+    def describe(self) -> str:
+        return f"{self.path} and its " + ("-wal, -shm, -journal, .lock and salvage copies" if self.spool
+                                          else "rotations <path>.<n>")
+
+
+def _same_file(a: Path, b: Path) -> bool:
     try:
-        cfg = AgentConfig.model_validate(
-            expanded, context={"base_dir": str(base_dir) if base_dir else None}
-        )
-    except ValidationError as exc:
-        unset = {where for where, _ in problems}  # a missing ${VAR} is reported once, not twice
-        for err in exc.errors(include_url=False):
-            where = _format_loc(err["loc"])
-            if where in unset:
+        return a == b or os.path.samefile(a, b)  # hard links too
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def _overlaps(raw: dict[str, Any], base_dir: Path, skip: set[str]) -> list[tuple[str, str]]:
+    """Two settings naming one file (or one's -wal, rotation, …): each would corrupt the other.
+    Read from the expanded YAML, so these are reported beside any other problem."""
+    def section(key: str) -> Any:
+        value = raw.get(key)
+        return value if isinstance(value, dict) else {}
+
+    settings = [("spool.path", section("spool").get("path", Spool.model_fields["path"].default), True)]
+    if section("backend").get("type") == "file":
+        settings.append(("backend.path", section("backend").get("path"), False))
+    if "audit" in raw:
+        settings.append(("audit.path", section("audit").get("path"), False))
+    files = [_Files(where, Path(os.path.realpath(base_dir / path)), spool)
+             for where, path, spool in settings if isinstance(path, str) and path and where not in skip]
+    problems = []
+    for i, a in enumerate(files):
+        for b in files[i + 1:]:
+            if _same_file(a.path, b.path):
+                problems.append((b.where, f"is the same file as {a.where} ({a.path}); give each its own file"))
                 continue
-            if err["type"] == "union_tag_not_found":
-                problems.append((f"{where}.type", f"required key is missing; expected one of: {', '.join(BACKEND_TYPES)}"))
-                continue
-            if err["type"] == "union_tag_invalid":
-                problems.append((f"{where}.type", f"unknown backend type; expected one of: {', '.join(BACKEND_TYPES)}"))
-                continue
-            message = _MESSAGES.get(err["type"], err["msg"].removeprefix("Value error, "))
-            problems.append((where, message))
-    problems += _registry_problems(expanded.get("measurements"))
-    if problems:
-        raise ConfigError(source, sorted(problems, key=_path_order))
-    assert cfg is not None
+            if mine := next((m for m in b.members() if a.owns(m)), None):
+                problems.append((b.where, f"{mine} is among the files of {a.where} ({a.describe()}); "
+                                          f"give each its own file"))
+            elif theirs := next((m for m in a.members() if b.owns(m)), None):
+                problems.append((b.where, f"{a.where}'s file {theirs} is among this setting's files "
+                                          f"({b.describe()}); give each its own file"))
+    return problems
+
+
+def _expanded(raw: Any, env: dict[str, str], no_env: bool) -> tuple[Any, list[tuple[str, str]], set[str]]:
+    """``raw`` with ``${VAR}`` expanded; the problems; the YAML paths built from an unset variable,
+    whose other errors are not reported (once is enough; with ``no_env``, not at all)."""
+    unset: list[tuple[str, str]] = []
+    expanded = expand_env(raw, env, "", unset)
+    return expanded, [] if no_env else unset, {where for where, _ in unset}
+
+
+def parse_config(raw: Any, source: str, env: dict[str, str], base_dir: Path | None = None) -> AgentConfig:
+    """Validate an already-loaded YAML document; raises ConfigError with every problem."""
+    cfg, _ = _validate(raw, source, env, base_dir, no_env=False)
+    assert cfg is not None  # without no_env, every value was checked
     return cfg
 
 
-class _StrictLoader(yaml.SafeLoader):
+def _validate(
+    raw: Any, source: str, env: dict[str, str], base_dir: Path | None, no_env: bool
+) -> tuple[AgentConfig | None, Any]:
+    """The config and the expanded document; ConfigError with every problem. ``no_env``: an
+    unset ``${VAR}`` and what is built from it are not checked, ``*_file`` secrets are not read,
+    and the config is None when a value from an unset variable kept it from being built."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [("", "expected a mapping with backend, spool, server and measurements")])
+    expanded, problems, skip = _expanded(raw, env, no_env)
+    cfg: AgentConfig | None = None
+    try:
+        cfg = AgentConfig.model_validate(
+            expanded, context={"base_dir": str(base_dir) if base_dir else None, "no_env": no_env}
+        )
+    except ValidationError as exc:
+        problems += [p for p in _pydantic_problems(exc) if not _under(p[0], skip)]
+    problems += [p for p in _registry_problems(expanded.get("measurements")) if not _under(p[0], skip)]
+    problems += _overlaps(expanded, base_dir or Path.cwd(), skip)
+    if problems:
+        raise ConfigError(source, sorted(problems, key=_path_order))
+    return cfg, expanded
+
+
+_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when installed
+
+
+class _StrictLoader(_SafeLoader):  # type: ignore[misc,valid-type]
     """SafeLoader that refuses duplicate keys: a second ``measurements:`` must not win silently."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                duplicate = key in seen
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "a key must be a plain value", key_node.start_mark) from None
+            if duplicate:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
@@ -638,29 +766,100 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path, env: dict[str, str]) -> AgentConfig:
-    path = Path(path)
+def _check_shape(text: str) -> None:
+    """Refuse, from the event stream alone, nesting past MAX_DEPTH and aliases that expand past
+    MAX_ALIAS_NODES (a "billion laughs" document is small on disk and huge once loaded)."""
+    sizes: dict[str, int] = {}  # anchor -> nodes in its subtree, once it is complete
+    stack: list[list[Any]] = [[0, None]]  # open collections: [nodes so far, anchor]
+    via_aliases = 0
+    for event in yaml.parse(text, Loader=_StrictLoader):
+        if isinstance(event, yaml.AliasEvent):
+            size = sizes.get(event.anchor)
+            if size is None:
+                raise yaml.composer.ComposerError(
+                    None, None, f"alias *{event.anchor} refers to an anchor that is undefined or contains the alias",
+                    event.start_mark)
+            via_aliases += size
+            if via_aliases > MAX_ALIAS_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases expand to more than {MAX_ALIAS_NODES} nodes", event.start_mark)
+            stack[-1][0] += size
+        elif isinstance(event, yaml.ScalarEvent):
+            stack[-1][0] += 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            if len(stack) > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+            stack.append([1, event.anchor])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            count, anchor = stack.pop()
+            if anchor is not None:
+                sizes[anchor] = count
+            stack[-1][0] += count
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``, bounded in size, depth and alias expansion."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(str(path), [("", f"cannot read file: {exc.strerror}")]) from None
+        raise ConfigError(str(path), [("", f"cannot read file: {exc.strerror or exc}")]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(str(path), [("", f"file is larger than {MAX_CONFIG_BYTES // 2**20} MiB")])
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), [("", f"file is not valid UTF-8 (byte {exc.start})")]) from None
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        _check_shape(text)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(str(path), [("", f"invalid YAML{where}: {problem}")]) from None
-    cfg = parse_config(raw, str(path), env, base_dir=path.parent)
+    except ValueError as exc:  # a scalar YAML types but Python cannot build: 2026-13-45, 5000 digits
+        raise ConfigError(str(path), [("", f"invalid YAML value: {str(exc).split(';')[0]}")]) from None
 
-    def resolved(section: Any) -> Any:  # relative file paths are relative to the config file
-        return section.model_copy(update={"path": str(path.parent / section.path)})
 
-    update: dict[str, Any] = {"spool": resolved(cfg.spool)}
+def _resolved(section: Any, base_dir: Path) -> Any:
+    """Relative file paths are relative to the config file."""
+    return section.model_copy(update={"path": str(base_dir / section.path)})
+
+
+def load_config(path: str | Path, env: dict[str, str]) -> AgentConfig:
+    path = Path(path)
+    cfg = parse_config(read_yaml(path), str(path), env, base_dir=path.parent)
+    update: dict[str, Any] = {"spool": _resolved(cfg.spool, path.parent)}
     if isinstance(cfg.backend, FileBackend):
-        update["backend"] = resolved(cfg.backend)
+        update["backend"] = _resolved(cfg.backend, path.parent)
     if cfg.audit is not None:
-        update["audit"] = resolved(cfg.audit)
+        update["audit"] = _resolved(cfg.audit, path.parent)
     return cfg.model_copy(update=update)
+
+
+def check_structure(path: str | Path, env: dict[str, str]) -> dict[str, Any]:
+    """``validate --no-env``: every check but those that need the deployment's environment
+    (unset ``${VAR}``s, ``*_file`` secrets); returns the document, ``${VAR}``s expanded."""
+    path = Path(path)
+    _, expanded = _validate(read_yaml(path), str(path), env, path.parent, no_env=True)
+    return expanded
+
+
+def load_spool_config(path: str | Path, env: dict[str, str]) -> Spool:
+    """Only the ``spool`` section: the backend's variables and secret files are not needed."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), [("", "expected a mapping with backend, spool, server and measurements")])
+    expanded, problems, skip = _expanded({k: v for k, v in raw.items() if k == "spool"}, env, no_env=False)
+    try:
+        section = SpoolSection.model_validate(expanded)
+    except ValidationError as exc:
+        problems += [p for p in _pydantic_problems(exc) if not _under(p[0], skip)]
+    if problems:
+        raise ConfigError(str(path), sorted(problems, key=_path_order))
+    return _resolved(section.spool, path.parent)

@@ -5,7 +5,9 @@
 - ``gauge``: the value at T. ``time_weighted``: value x interval, in units of ``per``.
 - Values are Decimals end to end, summed exactly, rounded once (half-even, ``decimals``
   places), and serialised as plain strings without exponent or trailing zeros.
-- A record id is a stable hash of (measurement, dimension, customer, resource, T).
+- A record id is a stable hash of (measurement, dimension, customer, resource, T), where a
+  resource is its identity (the registry's: an ARN, with its account and region where the
+  type's ids need them), so same-named resources in two regions or accounts stay apart.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
 from agent.config import PER_SECONDS, Customer, Measurement
+from agent.samplers import REGISTRY
 
 AGGREGATE = "aggregate"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -110,9 +113,9 @@ class UsageRecord:
 @dataclass(frozen=True)
 class Conversion:
     records: list[UsageRecord]
-    untagged: list[str]  # resources skipped for lack of the customer tag
+    untagged: list[str]  # resources (identities) skipped for lack of the customer tag
     sampled: int  # resources that carried the measured metric
-    invalid_customer: list[tuple[str, str]] = field(default_factory=list)  # (resource, tag value)
+    invalid_customer: list[tuple[str, str]] = field(default_factory=list)  # (resource identity, tag value)
 
 
 def valid_customer_id(value: str) -> bool:
@@ -146,6 +149,7 @@ class Tally:
         self.measurement = measurement
         self.metric = metric
         self.customers = customers or {}
+        self._resource = REGISTRY[measurement.resource_type].resource
         self.groups: dict[tuple[str, str], _Group] = {}
         self.untagged: list[str] = []
         self.invalid: list[tuple[str, str]] = []
@@ -160,13 +164,14 @@ class Tally:
         assert customer is not None, "config validation requires a customer for every account"
         customer_id = customer.id or sample.tags.get(customer.tag or "") or customer.fallback_id
         if not customer_id:
-            self.untagged.append(sample.resource_id)
+            self.untagged.append(self._resource(sample.region, sample.account, sample.resource_id))
             return
         if not valid_customer_id(customer_id):
-            self.invalid.append((sample.resource_id, customer_id))
+            self.invalid.append((self._resource(sample.region, sample.account, sample.resource_id), customer_id))
             return
         per_resource = self.measurement.group_by == "resource"
-        key = (customer_id, sample.resource_id if per_resource else AGGREGATE)
+        key = (customer_id, self._resource(sample.region, sample.account, sample.resource_id) if per_resource
+               else AGGREGATE)
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = _Group(sample) if per_resource else _Group(sample, regions=set(), accounts=set())

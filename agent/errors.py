@@ -37,6 +37,10 @@ class SpoolFullError(SpoolError):
     """The spool holds max_records unsent records; new ticks are refused."""
 
 
+class SpoolDiskLowError(SpoolFullError):
+    """The spool's disk is below the free space kept for delivery outcomes; new ticks are refused."""
+
+
 class ServeError(AgentError):
     """``server.listen`` cannot be served (the address is taken or not on this host)."""
 

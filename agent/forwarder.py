@@ -23,9 +23,11 @@ from agent.sinks.base import Delivered, Outcome, Rejected, RetryLater, Sink
 from agent.errors import AuditError, SpoolError
 from agent.sinks.file import AuditLog
 from agent.spool import Dead, Retry, Spool
-from agent.telemetry import AUDIT_WRITE_ERRORS, RECORDS_DEAD, RECORDS_DELIVERED
+from agent.telemetry import AUDIT_WRITE_ERRORS, RECORDS_DEAD, RECORDS_DELIVERED, Check
 
 log = structlog.get_logger("agent.forwarder")
+
+MAX_PAUSE = 60.0  # a paused forwarder (spool or audit copy not writable) tries again at least this often
 
 
 @dataclass
@@ -71,6 +73,9 @@ class Forwarder:
         self._audit = audit
         self._audited: set[str] = set()  # in the audit copy, outcome not yet in the spool
         self._waits: dict[tuple[RetryLater, int], float] = {}  # this pump's backoffs
+        self._alerting: tuple[float, str] | None = None  # since when, and why, no send got past an alert
+        self.paused_until: float | None = None  # delivery paused (a write failed) until then
+        self._pauses = 0  # failed attempts in a row: the pause doubles with each, up to MAX_PAUSE
 
     def backoff(self, attempts: int) -> float:
         """Exponential in the attempts made, capped, with the upper half jittered."""
@@ -101,12 +106,30 @@ class Forwarder:
         result.leased = len(leased)
         settled: list[tuple[UsageRecord, Outcome]] = []
         for record, outcome in self._sink.deliver([item.record for item in leased], self.stopping):
+            self._watch(outcome)
             settled.append((record, outcome))
             if len(settled) >= self._settle_every:
                 self._settle(settled, result)
                 settled = []
         self._settle(settled, result)
         return result
+
+    def _watch(self, outcome: Outcome) -> None:
+        """Track an alert (a configuration problem: redirect, refused credentials) until a record gets through."""
+        if isinstance(outcome, RetryLater) and outcome.alert:
+            if self._alerting is None:
+                self._alerting = (self._clock(), outcome.reason)
+        elif isinstance(outcome, Delivered) or (isinstance(outcome, Rejected) and outcome.status is not None):
+            self._alerting = None  # the backend judged a record: the configuration works
+
+    def delivery_check(self, alert_after: float) -> Check:
+        """Readiness: not ready once an alert has held every send back for longer than ``alert_after``."""
+        if self._alerting is None:
+            return Check("delivery", True, "no configuration problem seen since the last delivery")
+        since, reason = self._alerting
+        age = self._clock() - since
+        return Check("delivery", age <= alert_after,
+                     f"for {age:.0f}s (spool.alert_after={alert_after:.0f}s): {reason}")
 
     def _settle(self, done: list[tuple[UsageRecord, Outcome]], result: Pumped) -> None:
         """Write outcomes; if the spool (or the audit copy) cannot take the write (disk full),
@@ -164,19 +187,21 @@ class Forwarder:
         self._audited.update(r.record_id for r in records)
 
     def drain(self) -> Pumped:
-        """Send until nothing is due (or stop is requested); the daemon's forwarder job."""
+        """Send until nothing is due (or stop is requested); the daemon's forwarder job.
+
+        While paused (the spool or the audit copy could not be written), it returns at once
+        until the pause ends; each failure doubles the pause, up to ``MAX_PAUSE``.
+        """
         total = Pumped()
+        if self.paused_until is not None and self._clock() < self.paused_until:
+            return total
         while not self.stopping.is_set():
             try:
                 step = self.pump()
-            except SpoolError as exc:
-                log.error("spool unavailable; delivery paused until it can be written again",
-                          error=str(exc), outcomes_held=len(self._unwritten))
+            except (SpoolError, AuditError) as exc:
+                self._pause(exc)
                 break
-            except AuditError as exc:
-                log.error("audit copy unavailable; delivery paused until it can be written again",
-                          error=str(exc), outcomes_held=len(self._unwritten))
-                break
+            self.paused_until, self._pauses = None, 0
             total.add(step)
             if step.leased == 0 or step.delivered + step.dead == 0:
                 break  # nothing due, or the backend is failing: wait for the next run
@@ -185,14 +210,34 @@ class Forwarder:
             log.info("forwarded", delivered=total.delivered, retried=total.retried, dead=total.dead)
         return total
 
+    def _pause(self, exc: SpoolError | AuditError) -> None:
+        wait = min(MAX_PAUSE, self._base_backoff * 2 ** min(self._pauses, 32))
+        self._pauses += 1
+        self.paused_until = self._clock() + wait
+        what = "audit copy" if isinstance(exc, AuditError) else "spool"
+        log.error(f"{what} unavailable; delivery paused until it can be written again",
+                  error=str(exc), outcomes_held=len(self._unwritten), retry_in_seconds=round(wait, 3))
+
     def drain_until(self, deadline: float, sleep: Callable[[float], None] = time.sleep) -> Pumped:
-        """Send, waiting out backoffs, until the spool holds nothing pending or ``deadline`` passes."""
+        """Send, waiting out backoffs (and pauses), until the spool holds nothing pending or ``deadline`` passes.
+
+        At the deadline the forwarder stops for good (``stopping``): sends not started are
+        not made, and those in flight end within their own total deadline.
+        """
         total = Pumped()
-        while not self.stopping.is_set():
-            total.add(self.drain())
-            due = self._spool.next_due()
-            now = self._clock()
-            if due is None or due > deadline or now >= deadline:
-                return total
-            sleep(max(0.0, due - now))
-        return total
+        timer = threading.Timer(max(0.0, deadline - self._clock()), self.stopping.set)
+        timer.daemon = True
+        timer.start()
+        try:
+            while not self.stopping.is_set():
+                total.add(self.drain())
+                due = self._spool.next_due()
+                if due is not None and self.paused_until is not None:
+                    due = max(due, self.paused_until)
+                now = self._clock()
+                if due is None or due > deadline or now >= deadline:
+                    return total
+                sleep(max(0.0, due - now))
+            return total
+        finally:
+            timer.cancel()

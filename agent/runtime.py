@@ -32,9 +32,10 @@ from botocore.parsers import ResponseParserError
 from agent.config import AgentConfig, Customer, Measurement, Role
 from agent.convert import Tally, UsageRecord, format_timestamp, parse_timestamp, tick_floor
 from agent.credentials import SessionFactory, describe_aws_error, utc_now
-from agent.errors import AssumeRoleError, SamplingError, SpoolError, SpoolFullError
+from agent.errors import AssumeRoleError, SamplingError, SpoolDiskLowError, SpoolError, SpoolFullError
 from agent.forwarder import Forwarder
 from agent.samplers import REGISTRY, Skipped, Target, metric_of
+from agent.samplers.base import capped
 from agent.shard import EVERYTHING, Shard
 from agent.sinks.base import Sink
 from agent.spool import Spool
@@ -92,11 +93,13 @@ class Agent:
     and region (EC2 throttles Describe calls per account and region)."""
 
     def __init__(self, cfg: AgentConfig, sessions: SessionFactory, spool: Spool | None = None,
-                 clock: Callable[[], datetime] = utc_now, shard: Shard = EVERYTHING):
+                 clock: Callable[[], datetime] = utc_now, shard: Shard = EVERYTHING,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.cfg = cfg
         self.sessions = sessions
         self.spool = spool
         self.clock = clock
+        self.monotonic = monotonic  # measures a tick's deadline: its targets finish inside one interval
         self.shard = shard
         self.last_spooled: dict[str, datetime] = {}  # measurement -> its last tick committed by this process
         self._reported: set[tuple[str, str]] = set()
@@ -151,7 +154,7 @@ class Agent:
             return regions
 
     def _sample_target(self, m: Measurement, role: Role, account: str, region: str,
-                       tick: datetime) -> tuple[Tally, list[Skipped]]:
+                       tick: datetime, deadline: float) -> tuple[Tally, list[Skipped]]:
         spec = REGISTRY[m.resource_type]
 
         def clients(service: str) -> Any:
@@ -165,14 +168,16 @@ class Agent:
             measurement=m.name, tick=format_timestamp(tick), account=account, region=region)
         with context, self._limit(account, region):
             try:
-                for item in spec.sample(clients, Target(m, account, region, tick)):
-                    if isinstance(item, Skipped):
-                        skipped.append(item)
+                for item in spec.sample(clients, Target(m, account, region, tick, deadline, self.monotonic)):
+                    if isinstance(item, Skipped):  # logged and counted by its identity, like its record
+                        skipped.append(Skipped(spec.resource(region, account, item.resource_id), item.reason))
                     else:
                         tally.add(item)
                         samples += 1
-            except (ClientError, BotoCoreError, ResponseParserError) as exc:
-                raise SamplingError(f"{m.resource_type} in {account}/{region}: {describe_aws_error(exc)}") from exc
+            except (ClientError, BotoCoreError, ResponseParserError, KeyError, TypeError, ValueError) as exc:
+                # an answer of a shape no sampler expects fails its target, not the tick
+                raise SamplingError(f"{m.resource_type} in {account}/{region}: "
+                                    f"{capped(describe_aws_error(exc))}") from exc
         SAMPLES.labels(m.name).inc(samples)
         return tally, skipped
 
@@ -197,6 +202,7 @@ class Agent:
         in_flight: dict[Future[Any], tuple[Role, str | None, str]] = {}  # -> (role, account or None, region)
         window = 2 * self.cfg.sampling.workers
         targets = 0
+        deadline = self.monotonic() + m.interval_seconds  # a target still listing then fails; the tick completes
         while roles or ready or in_flight:
             while len(in_flight) < window and (roles or ready):
                 if roles:  # accounts first: the more of them are ready, the more their targets interleave
@@ -207,7 +213,8 @@ class Agent:
                 region = regions.popleft()
                 if regions:
                     ready.append((role, account, regions))
-                in_flight[self._pool.submit(self._sample_target, m, role, account, region, tick)] = (role, account, region)
+                in_flight[self._pool.submit(self._sample_target, m, role, account, region, tick,
+                                            deadline)] = (role, account, region)
                 targets += 1
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in done:
@@ -263,13 +270,13 @@ class Agent:
         tag = ",".join(sorted({r.customer.tag for r in m.roles() if r.customer and r.customer.tag}))
         reasons = {s.resource_id: s.reason for s in skipped}
         for resource in self._first_time(m, list(reasons)):
-            log.warning("resource skipped", resource_id=resource, reason=reasons[resource])
+            log.warning("resource skipped", resource=resource, reason=reasons[resource])
         for resource in self._first_time(m, conversion.untagged):
-            log.warning("resource has no customer tag; skipped", resource_id=resource, tag=tag)
+            log.warning("resource has no customer tag; skipped", resource=resource, tag=tag)
         invalid = dict(conversion.invalid_customer)
         for resource in self._first_time(m, list(invalid)):
             log.warning("resource skipped: its customer tag is not a usable customer id",
-                        resource_id=resource, tag=tag, value=invalid[resource][:300])
+                        resource=resource, tag=tag, value=invalid[resource][:300])
         for reason, count in (("unreadable", len(skipped)), ("untagged", len(conversion.untagged)),
                               ("invalid_customer", len(invalid))):
             if count:
@@ -294,7 +301,9 @@ class Agent:
             commit = self.spool.commit_tick(m.name, result.tick, result.records)
         except SpoolError as exc:
             result.error = str(exc)
-            TICKS_FAILED.labels(m.name, "spool_full" if isinstance(exc, SpoolFullError) else "spool_write").inc()
+            reason = ("disk_low" if isinstance(exc, SpoolDiskLowError) else
+                      "spool_full" if isinstance(exc, SpoolFullError) else "spool_write")
+            TICKS_FAILED.labels(m.name, reason).inc()
             log.error("tick not spooled; the sampler state stays where it was", error=result.error)
             return result
         result.inserted = commit.inserted
@@ -388,7 +397,8 @@ class Daemon:
         return age
 
     def readiness(self) -> list[Check]:
-        """Config loaded, spool writable and below its cap, every measurement of this shard ticking."""
+        """Config loaded, spool writable and below its cap, no configuration problem holding
+        delivery back past spool.alert_after, not stopping, every measurement of this shard ticking."""
         spool = self.agent.spool
         assert spool is not None
         owned = [m.name for m in self.agent.measurements]
@@ -402,6 +412,9 @@ class Daemon:
         checks.append(Check("spool_not_full", not spool.full,
                             f"spool.max_records={spool.max_records}; new ticks are refused until records drain"
                             if spool.full else f"spool.max_records={spool.max_records}"))
+        checks.append(self.forwarder.delivery_check(self.agent.cfg.spool.alert_after.total_seconds()))
+        if self._stop_requested.is_set():
+            checks.append(Check("running", False, "stopping: finishing the sends in flight"))
         now = self.clock()
         for m in self.agent.measurements:
             last = self.agent.last_spooled.get(m.name)
@@ -459,9 +472,9 @@ class Daemon:
         because APScheduler's shutdown takes locks the interrupted main thread may hold."""
         if self._stop_requested.is_set():
             return
-        log.info("stopping", signal=signal.Signals(signum).name if signum else None)
         self._stop_requested.set()
         self.forwarder.stopping.set()
+        log.info("stopping", signal=signal.Signals(signum).name if signum else None)  # once /readyz says so
         self._shutdown_thread = threading.Thread(target=self._shutdown, name="shutdown", daemon=True)
         self._shutdown_thread.start()
 

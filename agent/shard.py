@@ -5,9 +5,10 @@ The hash is sha256 (stable across processes, machines and Python versions, unlik
 
 The unit that is hashed is the smallest one whose records do not depend on anything else:
 
-- ``group_by: resource``: each record comes from one resource, so each target
-  (measurement, role, region) is its own unit and the targets of one measurement spread
-  over the replicas.
+- ``group_by: resource``: each record comes from one resource, and a resource's identity
+  (its account, region and id: the registry's) lies in exactly one target (measurement,
+  role, region), so each target is its own unit and the targets of one measurement spread
+  over the replicas; same-named resources in two regions are two units and two records.
 - ``group_by: customer``: a customer's record for a tick is the sum over every target of
   the measurement (its resources in every region). Split over replicas, each would send a
   partial sum under the same record id, which a backend that deduplicates on the id keeps

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -23,14 +24,16 @@ from typing import Any
 
 import structlog
 
-from agent.convert import UsageRecord, format_timestamp
-from agent.errors import SpoolError, SpoolFullError
+from agent.convert import UsageRecord, format_decimal, format_timestamp
+from agent.errors import SpoolDiskLowError, SpoolError, SpoolFullError
 from agent.telemetry import SPOOL_FULL, SPOOL_WRITE_ERRORS
 
 log = structlog.get_logger("agent.spool")
 
 SCHEMA_VERSION = 1
 STATES = ("pending", "leased", "delivered", "dead")
+MIN_FREE_BYTES = 64 * 2**20  # below this much free disk, new ticks are refused: outcomes keep the room
+RESERVE_BYTES = 8 * 2**20  # the ballast beside the spool that only delivery outcomes may use
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -59,12 +62,23 @@ CREATE TABLE IF NOT EXISTS sampler_state (
 
 
 def parse_body(record_id: str, body: bytes | str) -> UsageRecord:
-    """A spooled body back into a record; ValueError if it is not (or no longer) one."""
+    """A spooled body back into a record that can be sent; ValueError if it is not (or no longer) one.
+
+    The value must render too: a row whose value parses but cannot be written as a plain decimal
+    (``1e99999999950``) would otherwise fail every send of every batch it is leased in.
+    """
     try:
         text = body.decode("utf-8") if isinstance(body, bytes) else body
         record = UsageRecord.from_json(json.loads(text))
     except (UnicodeDecodeError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    if not record.value.is_finite():
+        raise ValueError(f"value {record.value} is not a finite number")
+    try:
+        format_decimal(record.value)
+    except ArithmeticError as exc:
+        raise ValueError(f"value {str(record.value)[:40]} cannot be rendered as a plain decimal "
+                         f"({type(exc).__name__})") from None
     if record.record_id != record_id:
         raise ValueError(f"body holds id {record.record_id!r}, row is {record_id!r}")
     return record
@@ -100,7 +114,11 @@ class Dead:
 def acquire_lock(path: Path) -> Any:
     """The single-writer lock beside a spool (``<path>.lock``, flock); released when the process dies."""
     lock_path = path.with_name(path.name + ".lock")
-    handle = open(lock_path, "a+")
+    try:
+        handle = open(lock_path, "a+")
+    except OSError as exc:
+        raise SpoolError(f"spool {path}: cannot create its lock file {lock_path}: {access_problem(path)} "
+                         f"({exc.strerror or exc}). {_FIX_ACCESS}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -122,8 +140,108 @@ def spool_lock(path: Path) -> Iterator[None]:
         handle.close()
 
 
+_FIX_ACCESS = ("The agent reads and writes the spool file and creates <file>-wal, <file>-shm and <file>.lock beside "
+               "it: fix the permissions or mount a writable volume there. The spool is not damaged; salvage cannot help.")
+
+
+def access_problem(path: Path) -> str:
+    """What keeps this process from writing the spool at ``path``, as far as the filesystem says."""
+    parent = path.parent
+    try:
+        if os.statvfs(parent).f_flag & os.ST_RDONLY:
+            return f"{parent} is on a read-only filesystem"
+    except OSError as exc:
+        return f"{parent} cannot be examined ({exc.strerror or exc})"
+    for item in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if item.exists() and not os.access(item, os.R_OK | os.W_OK):
+            return f"{item} is not readable and writable by this process (uid {os.geteuid()})"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"its directory {parent} is not writable by this process (uid {os.geteuid()})"
+    return "the file or its directory cannot be written"
+
+
+def free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def open_failure(path: Path, exc: sqlite3.Error) -> str:
+    """Why a spool cannot be opened, and what to do about it: salvage only for a damaged file."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    cause = str(exc)
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return damaged_message(path, cause)
+    if code == sqlite3.SQLITE_FULL:
+        try:
+            room = f"{free_bytes(path.parent)} bytes free on {path.parent}"
+        except OSError:
+            room = f"{path.parent} cannot be examined"
+        return (f"spool {path} cannot be written: the disk is full ({room}; {cause}). Free space on that volume or "
+                f"grow it, then start again. The spool is not damaged; salvage cannot help.")
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH):
+        return f"spool {path} cannot be opened for writing: {access_problem(path)} ({cause}). {_FIX_ACCESS}"
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return (f"spool {path} is locked by another process ({cause}): stop whatever else has it open "
+                f"(another agent, an sqlite3 shell) and start again.")
+    if code == sqlite3.SQLITE_IOERR:
+        return (f"spool {path}: the disk returned an I/O error ({cause}). Check the device and the volume "
+                f"(kernel log); if they are sound and the error stays, stop the agent and run "
+                f"`usage-agent spool salvage -c CONFIG`.")
+    return f"spool {path} cannot be opened: {cause}"
+
+
+def damaged_message(path: Path, cause: str) -> str:
+    return (f"spool {path} is damaged or not a spool ({cause}). It is left as it is. To recover, stop the agent "
+            f"and run `usage-agent spool salvage -c CONFIG`: it copies every readable record into a fresh spool "
+            f"and keeps the damaged file beside it.")
+
+
+class Reserve:
+    """A ballast file beside the spool (``<path>.reserve``): disk space only delivery outcomes may use.
+
+    Released when an outcome cannot be written (a full disk), so a record the backend accepted is
+    recorded as delivered rather than sent again; put back before the next tick once there is room.
+    """
+
+    def __init__(self, path: Path, size: int = RESERVE_BYTES):
+        self.path = path
+        self.size = size
+
+    @property
+    def held(self) -> bool:
+        try:
+            return self.path.stat().st_size >= self.size
+        except OSError:
+            return False
+
+    def restore(self) -> bool:
+        """Allocate the ballast (real blocks, not a sparse file); False when the disk has no room for it."""
+        if self.held:
+            return True
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            self.path.unlink(missing_ok=True)
+            return False
+        return True
+
+    def release(self) -> bool:
+        """Give the space back to the disk; False if there was none held."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+
 class Spool:
-    def __init__(self, path: str | Path, max_records: int = 1_000_000, clock: Callable[[], float] = time.time):
+    def __init__(self, path: str | Path, max_records: int = 1_000_000, clock: Callable[[], float] = time.time,
+                 create: bool = True, min_free_bytes: int = MIN_FREE_BYTES, reserve: Reserve | None = None,
+                 free_space: Callable[[], int] | None = None):
         self.path = Path(path)
         self.max_records = max_records
         self._clock = clock
@@ -131,8 +249,24 @@ class Spool:
         self._lock_file: Any = None
         self.full = False  # a tick was refused for max_records; cleared once the unsent fall below it
         self.write_error: str | None = None  # the last write that changed something failed with this
+        self.min_free_bytes = min_free_bytes
+        self.reserve = reserve or Reserve(self.path.with_name(self.path.name + ".reserve"))
+        self._free_space = free_space or (lambda: free_bytes(self.path.parent))
+        self._disk_low = False  # the last tick was refused for disk space
+        # outcomes a write could not record: record id -> None (delivered) | Retry | Dead
+        self._held: dict[str, Retry | Dead | None] = {}
+        if self.path.is_dir():
+            raise SpoolError(f"spool {self.path} is a directory, not a spool file: spool.path must name the file "
+                             f"(for example {self.path / 'spool.db'})")
+        if not create and not self.path.exists():
+            raise SpoolError(f"no spool at {self.path}: the file does not exist. Check spool.path in the config "
+                             f"(`usage-agent run` and `once` create the spool; inspecting it does not)")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"spool {self.path}: cannot create its directory {self.path.parent}: "
+                             f"{exc.strerror or exc}. {_FIX_ACCESS}") from exc
+        try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -145,18 +279,25 @@ class Spool:
                 )
             problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
             if problems != ["ok"]:
-                raise sqlite3.DatabaseError("; ".join(problems))
+                self._close_db()
+                raise SpoolError(damaged_message(self.path, "; ".join(problems)))
+            if not create and self._db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone() is None:
+                self._close_db()
+                raise SpoolError(f"{self.path} is not a usage-agent spool (it holds no records table): "
+                                 f"check spool.path in the config")
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             self._close_db()
-            raise SpoolError(
-                f"spool {self.path} is damaged or not a spool ({exc}). It is left as it is. "
-                f"To recover, stop the agent and run `usage-agent spool salvage -c CONFIG`: it copies every "
-                f"readable record into a fresh spool and keeps the damaged file beside it."
-            ) from exc
-        except OSError as exc:
-            raise SpoolError(f"cannot create spool directory for {self.path}: {exc}") from exc
+            raise SpoolError(open_failure(self.path, exc)) from exc
+
+    @classmethod
+    def open_existing(cls, path: str | Path, max_records: int = 1_000_000,
+                      clock: Callable[[], float] = time.time) -> Spool:
+        """A spool that must exist already (inspection, repair): a mistyped path is an error naming it,
+        never a new empty spool."""
+        return cls(path, max_records, clock, create=False)
 
     def _close_db(self) -> None:
         db = getattr(self, "_db", None)  # absent when connect() itself failed
@@ -172,9 +313,22 @@ class Spool:
         self._lock_file = acquire_lock(self.path)
         with self._write() as db:
             db.execute("UPDATE records SET state = 'pending', lease_until = NULL WHERE state = 'leased'")
+        if not self.reserve.restore():
+            log.warning("no room for the disk reserve kept for delivery outcomes; new ticks wait until there is",
+                        reserve=str(self.reserve.path), reserve_bytes=self.reserve.size)
 
     def close(self) -> None:
+        """Write the delivery outcomes still held (with the disk reserve, if need be), then close."""
         with self._lock:
+            if self._held:
+                held = len(self._held)
+                try:
+                    self._write_held()
+                except SpoolError as exc:
+                    log.error("delivery outcomes could not be written at exit; those records will be sent again",
+                              outcomes=held, error=str(exc))
+                else:
+                    log.warning("held delivery outcomes written at exit", outcomes=held)
             self._db.close()
             if self._lock_file is not None:
                 self._lock_file.close()
@@ -221,6 +375,12 @@ class Spool:
         """Spool a tick's records and advance the measurement's sampler state, atomically."""
         now = self._clock()
         tick_text = format_timestamp(tick)
+        low = self._disk_room()
+        if low is not None:
+            self.full = self._disk_low = True
+            SPOOL_FULL.set(1)
+            raise SpoolDiskLowError(f"spool {self.path}: {low}. Tick {tick_text} of {measurement} is refused; "
+                                    f"delivery outcomes keep the room")
         with self._write() as db:
             most_unsent = self._unsent_at_most(db)
             row = db.execute("SELECT last_tick FROM sampler_state WHERE measurement = ?", (measurement,)).fetchone()
@@ -251,10 +411,23 @@ class Spool:
                 "last_tick = max(last_tick, excluded.last_tick)",
                 (measurement, tick_text, json.dumps(state or {})),
             )
-        self.full = False
+        self.full = self._disk_low = False
         SPOOL_FULL.set(0)
         self.checkpoint()  # a lost -wal must not lose what was sampled
         return TickCommit(inserted=inserted, previous_tick=previous)
+
+    def _disk_room(self) -> str | None:
+        """Why a new tick may not take disk space now, or None: outcomes come first."""
+        try:
+            free = self._free_space()
+        except OSError as exc:
+            return f"the free space of {self.path.parent} cannot be read ({exc.strerror or exc})"
+        if free < self.min_free_bytes:
+            return f"{free} bytes free on its disk, below the {self.min_free_bytes} kept for delivery outcomes"
+        if self._lock_file is not None and not self.reserve.restore():
+            return (f"the {self.reserve.size}-byte disk reserve for delivery outcomes ({self.reserve.path}) "
+                    f"was used and there is no room to put it back")
+        return None
 
     @staticmethod
     def _unsent_at_most(db: sqlite3.Connection) -> int:
@@ -327,27 +500,56 @@ class Spool:
         return leased
 
     def settle(self, delivered: Iterable[str] = (), retries: Iterable[Retry] = (), dead: Iterable[Dead] = ()) -> None:
-        """Record the outcome of sends for leased records, in one transaction."""
+        """Record the outcome of sends for leased records, in one transaction.
+
+        Outcomes come first for disk space: when the write fails, the disk reserve is released and
+        the write tried again. Outcomes that still cannot be written are held, and written before
+        any later ones (or by ``close``), so a record the backend accepted is not sent again.
+        """
+        for rid, outcome in [*((rid, None) for rid in delivered), *((r.record_id, r) for r in retries),
+                             *((d.record_id, d) for d in dead)]:
+            self._held.setdefault(rid, outcome)  # an id in several lists: the first one wins
+        with self._lock:
+            self._write_held()
+        if self.full and not self._disk_low and self.unsent() < self.max_records:  # room again: take the next tick
+            self.full = False
+            SPOOL_FULL.set(0)
+
+    @property
+    def held_outcomes(self) -> int:
+        """Delivery outcomes a failed write left in memory (written by the next settle or by close)."""
+        return len(self._held)
+
+    def _write_held(self) -> None:
+        try:
+            self._write_outcomes()
+        except SpoolError:
+            if self._lock_file is None or not self.reserve.release():
+                raise
+            log.error("spool write failed; the disk reserve is released so delivery outcomes can be written",
+                      reserve=str(self.reserve.path), reserve_bytes=self.reserve.size, outcomes=len(self._held))
+            self._write_outcomes()
+
+    def _write_outcomes(self) -> None:
         now = self._clock()
+        outcomes = list(self._held.items())
         with self._write() as db:
             db.executemany(
                 "UPDATE records SET state = 'delivered', updated_at = ?, lease_until = NULL, "
                 "attempts = attempts + 1, last_status = NULL, last_error = NULL WHERE id = ? AND state = 'leased'",
-                [(now, rid) for rid in delivered],
+                [(now, rid) for rid, o in outcomes if o is None],
             )
             db.executemany(
                 "UPDATE records SET state = 'pending', updated_at = ?, lease_until = NULL, attempts = attempts + 1, "
                 "not_before = ?, last_status = ?, last_error = ? WHERE id = ? AND state = 'leased'",
-                [(now, r.not_before, r.status, r.error, r.record_id) for r in retries],
+                [(now, r.not_before, r.status, r.error, rid) for rid, r in outcomes if isinstance(r, Retry)],
             )
             db.executemany(
                 "UPDATE records SET state = 'dead', updated_at = ?, lease_until = NULL, attempts = attempts + 1, "
                 "last_status = ?, last_error = ? WHERE id = ? AND state = 'leased'",
-                [(now, d.status, d.error, d.record_id) for d in dead],
+                [(now, d.status, d.error, rid) for rid, d in outcomes if isinstance(d, Dead)],
             )
-        if self.full and self.unsent() < self.max_records:  # room again: the next tick may be taken
-            self.full = False
-            SPOOL_FULL.set(0)
+        self._held.clear()
 
     def next_due(self) -> float | None:
         """When the earliest unsent record may be sent (a leased one: when its lease ends); None if none is unsent."""

@@ -28,8 +28,9 @@ from agent import __version__
 from agent.errors import ServeError
 
 REDACTED = "[redacted]"
-_SECRET_KEYS = re.compile(r"(secret|token|password|authorization|credential|api_key)", re.IGNORECASE)
-_SECRET_NAME = r"[\w-]*(?:secret|token|password|authorization|api_key)[\w-]*"
+# a name that ends in _url (token_url) names an address, which is not a secret
+_SECRET_KEYS = re.compile(r"(secret|token|password|authorization|credential|api_key)(?![\w-]*_url$)", re.IGNORECASE)
+_SECRET_NAME = r"[\w-]*(?:secret|token|password|authorization|api_key)(?![\w-]*_url\b)[\w-]*"
 # secrets inside text, as libraries log them at debug (botocore dumps STS answers and signed headers)
 _IN_TEXT = [
     (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+"), rf"\1{REDACTED}"),

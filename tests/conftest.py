@@ -80,7 +80,7 @@ def moto_endpoint() -> Iterator[str]:
 @pytest.fixture
 def aws(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Aws:
     """A clean moto account, reached the way the agent reaches AWS: AWS_ENDPOINT_URL."""
-    httpx.post(f"{moto_endpoint}/moto-api/reset").raise_for_status()
+    httpx.post(f"{moto_endpoint}/moto-api/reset", timeout=60).raise_for_status()  # a reset of every backend is slow on a loaded machine
     for name, value in {
         "AWS_ENDPOINT_URL": moto_endpoint,
         "AWS_ACCESS_KEY_ID": "testing",

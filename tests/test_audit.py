@@ -82,6 +82,7 @@ def test_an_unwritable_audit_copy_pauses_delivery_and_resends_nothing(
 
     blocker.unlink()
     blocker.mkdir()
+    p.clock.now = p.forwarder.paused_until  # a paused forwarder tries again once its pause ends
     p.forwarder.drain()
     assert p.spool.counts()["delivered"] == 7
     assert openmeter.duplicates() == 0
@@ -108,6 +109,7 @@ def test_a_spool_failure_after_the_audit_does_not_archive_twice(openmeter: OpenM
     assert p.spool.counts()["leased"] == 4
 
     p.spool._db.execute("PRAGMA query_only=0")
+    p.clock.now = p.forwarder.paused_until  # a paused forwarder tries again once its pause ends
     p.forwarder.drain()
     assert p.spool.counts()["delivered"] == 4
     assert [line["id"] for line in read_jsonl(audit_path).objects] == [r.record_id for r in records]
@@ -126,7 +128,8 @@ def test_audit_config_paths_are_relative_to_the_config_file(tmp_path: Path) -> N
     same = backend_config({"type": "file", "path": "usage.jsonl"}, tmp_path, audit={"path": "usage.jsonl"})
     with pytest.raises(ConfigError) as info:
         load_config(write_yaml(tmp_path / "same.yaml", same), {})
-    assert info.value.problems == [("", "audit.path is the file backend's path; give the audit copy its own file")]
+    assert info.value.problems == [
+        ("audit.path", f"is the same file as backend.path ({tmp_path / 'usage.jsonl'}); give each its own file")]
 
 
 def test_once_with_the_file_backend_and_an_audit_copy(aws: Aws, tmp_path: Path) -> None:

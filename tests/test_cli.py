@@ -107,7 +107,7 @@ def test_once_exits_1_when_the_backend_stays_down(aws: Aws, paigo: PaigoContract
 def test_invalid_config_exits_2_for_every_command(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("backend: {type: paigo}\nmeasurements: []\n")
-    for command in (["validate"], ["once"], ["once", "--dry-run"], ["run"], ["spool", "stats"]):
+    for command in (["validate"], ["once"], ["once", "--dry-run"], ["run"], ["iam-policy"]):
         done = usage_agent(*command, "-c", str(config))
         assert done.returncode == 2, command
         assert "backend.client_id: required key is missing" in done.stderr

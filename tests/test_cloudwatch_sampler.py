@@ -83,7 +83,9 @@ def test_statistics_combine_across_periods_and_empty_series_are_skipped(aws: Aws
         query = {"namespace": "AWS/EC2", "metric_name": "NetworkOut", "dimensions": {"InstanceId": "*"},
                  "statistic": statistic, **({"period": period} if period else {})}
         out = sample_metric(only(cw), _target(cloudwatch=query, customer={"id": "acme"}))
-        return {s.resource_id: s.reason if isinstance(s, Skipped) else s.values["value"] for s in out}
+        # a series is named by its whole dimension set
+        return {s.resource_id.removeprefix("InstanceId="): s.reason if isinstance(s, Skipped) else s.values["value"]
+                for s in out}
 
     assert values("Maximum") == {busy: 70, idle: "no datapoints in the window"}
     assert values("Minimum") == {busy: 10, idle: "no datapoints in the window"}
@@ -113,7 +115,7 @@ def test_more_than_500_series_are_fetched_in_batches() -> None:
     with stubber:
         samples = list(sample_metric(only(cw), _target(customer={"id": "acme"})))
     stubber.assert_no_pending_responses()
-    assert [(s.resource_id, s.values["value"]) for s in samples] == [(i, n) for n, i in enumerate(ids)]
+    assert [(s.resource_id, s.values["value"]) for s in samples] == [(f"InstanceId={i}", n) for n, i in enumerate(ids)]
 
 
 @pytest.mark.parametrize(("overrides", "path", "fragment"), [

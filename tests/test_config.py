@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.config import FileBackend, HttpBackend, OpenMeterBackend, PaigoBackend, load_config, parse_duration
+from agent.config import (
+    FileBackend,
+    HttpBackend,
+    OpenMeterBackend,
+    PaigoBackend,
+    check_structure,
+    load_config,
+    parse_duration,
+)
 from agent.errors import ConfigError
 from agent.samplers import REGISTRY
 
@@ -106,6 +114,36 @@ BAD_CONFIGS = [
     ("invalid YAML", "backend:\n  type: paigo\n client_id: x\n", [("", "line 3")]),
     ("list document", "- backend\n- measurements\n", [("", "expected a mapping")]),
     ("empty measurements", doc(measurements=[]), [("measurements", "at least 1 item")]),
+    # durations past any sensible bound: once an OverflowError traceback
+    ("interval past the bound", doc(measurements=[measurement(interval="99999999999d")]),
+     [(f"{M0}.interval", "a duration must be at most 366d")]),
+    ("retention past the bound", doc(spool={"retention": "367d"}), [("spool.retention", "at most 366d")]),
+    ("duration in seconds past the bound", doc(backend(timeout=10**20)), [("backend.timeout", "at most 366d")]),
+    ("duration with thousands of digits", doc(measurements=[measurement(interval="9" * 5000 + "s")]),
+     [(f"{M0}.interval", "at most 366d")]),
+    # empty secrets: an empty variable must not become an empty credential
+    ("empty client_secret", doc(backend(client_secret="")), [("backend.client_secret", "a secret must not be empty")]),
+    ("blank hmac_secret", doc({"type": "http", "url": "https://b.example", "hmac_secret": "  "}),
+     [("backend.hmac_secret", "a secret must not be empty")]),
+    ("empty openmeter token", doc({"type": "openmeter", "token": ""}), [("backend.token", "a secret must not be empty")]),
+    ("empty header value", doc({"type": "http", "url": "https://b.example", "headers": {"Authorization": ""}}),
+     [("backend.headers.Authorization", "a secret must not be empty")]),
+    # ids that go into requests: no line breaks, control characters or surrounding spaces
+    ("newline in dimension_id", doc(measurements=[measurement(dimension_id="dim-1\nX-Injected: 1")]),
+     [(f"{M0}.dimension_id", "expected printable text without line breaks")]),
+    ("control character in customer.id", doc(measurements=[measurement(customer={"id": "acme\x07"})]),
+     [(f"{M0}.customer.id", "expected printable text")]),
+    ("tab in client_id", doc(backend(client_id="client\t1")), [("backend.client_id", "expected printable text")]),
+    ("carriage return in external_id", doc(measurements=[measurement(
+        iam_role_arn="arn:aws:iam::123456789012:role/r", external_id="ext-1\r")]),
+     [(f"{M0}.external_id", "expected printable text")]),
+    ("leading space in event_type", doc(measurements=[measurement(event_type=" ebs")]),
+     [(f"{M0}.event_type", "surrounding spaces")]),
+    # YAML a safe loader types but Python cannot build: once a ValueError/TypeError traceback
+    ("integer of 5000 digits", "backend: " + "1" * 5000 + "\n", [("", "invalid YAML value: Exceeds the limit")]),
+    ("impossible date", "backend: 2026-13-45\n", [("", "invalid YAML value: month must be in 1..12")]),
+    ("collection as a key", "? [a, b]\n: c\n", [("", "a key must be a plain value")]),
+    ("nesting past the bound", "backend: " + "[" * 100 + "]" * 100 + "\n", [("", "nested deeper than 64 levels")]),
 ]
 
 
@@ -145,12 +183,12 @@ def test_all_problems_are_reported_together_in_path_order(tmp_path: Path) -> Non
 # --------------------------------------------------------------------------- 2. CLI
 
 
-def _validate(config: Path) -> subprocess.CompletedProcess[str]:
+def _validate(config: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).parent / "usage-agent"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
     return subprocess.run(
-        [*command, "validate", "-c", str(config)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "LOG_LEVEL": "warning"},
+        [*command, "validate", *flags, "-c", str(config)],
+        capture_output=True, text=True, timeout=120, env={**(os.environ if env is None else env), "LOG_LEVEL": "warning"},
     )
 
 
@@ -282,6 +320,23 @@ EXAMPLES = sorted(CONFIG_DIR.glob("*.yaml"))
 
 def test_example_configs_exist() -> None:
     assert len(EXAMPLES) >= 2, f"no example configs found in {CONFIG_DIR}"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_config_structure_validates_without_its_environment(example: Path) -> None:
+    """`validate --no-env`: the examples' ${VAR}s are unset and their secret files do not exist here."""
+    document = check_structure(example, {})
+    assert document["measurements"]
+
+
+def test_cli_validate_no_env_passes_an_example_whose_variables_are_unset() -> None:
+    example = CONFIG_DIR / "http-ebs.yaml"
+    env = {k: v for k, v in os.environ.items() if k not in ("BILLING_API_TOKEN", "USAGE_HMAC_FILE")}
+    strict = _validate(example, env=env)
+    assert strict.returncode == 2 and "BILLING_API_TOKEN is not set" in strict.stderr
+    loose = _validate(example, "--no-env", env=env)
+    assert loose.returncode == 0, loose.stderr
+    assert "structure ok (1 measurement(s), backend http)" in loose.stdout
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])

@@ -204,7 +204,8 @@ def test_untagged_resources_are_skipped_and_listed():
     samples = [volume("vol-a", 10, "acme"), volume("vol-x", 99), volume("vol-y", 1)]
     conversion = convert(measurement(customer={"tag": "customer-id", "untagged": "skip"}), "size_gib", "GiB",
                          samples, TICK)
-    assert conversion.untagged == ["vol-x", "vol-y"]
+    assert conversion.untagged == [f"arn:aws:ec2:us-east-1:{ACCOUNT_A}:volume/vol-x",
+                                   f"arn:aws:ec2:us-east-1:{ACCOUNT_A}:volume/vol-y"]
     assert conversion.sampled == 3
     assert [(r.customer_id, r.value) for r in conversion.records] == [("acme", Decimal(10))]
     assert conversion.records[0].metadata["resource_count"] == "1"
@@ -237,8 +238,10 @@ def test_group_by_resource_makes_one_record_per_volume_with_its_facts():
         volume("vol-1", 10, "acme", "us-east-1", ACCOUNT_A, volume_type="io2"),
     ]
     conversion = convert(measurement(group_by="resource"), "size_gib", "GiB", samples, TICK)
-    by_resource = {r.resource: r for r in conversion.records}
+    by_resource = {r.metadata["resource_id"]: r for r in conversion.records}
     assert sorted(by_resource) == ["vol-1", "vol-2"]
+    assert by_resource["vol-1"].resource == f"arn:aws:ec2:us-east-1:{ACCOUNT_A}:volume/vol-1"
+    assert by_resource["vol-2"].resource == f"arn:aws:ec2:eu-west-1:{ACCOUNT_B}:volume/vol-2"
     assert by_resource["vol-1"].value == Decimal(10)
     assert by_resource["vol-2"].value == Decimal(20)
     assert by_resource["vol-2"].metadata == {
@@ -255,6 +258,39 @@ def test_group_by_resource_makes_one_record_per_volume_with_its_facts():
     }
     assert "resource_count" not in by_resource["vol-1"].metadata
     assert by_resource["vol-1"].record_id != by_resource["vol-2"].record_id
+
+
+def _db(name, gib, region, account=ACCOUNT_A):
+    return Sample(name, region, account, {"allocated_storage_gib": Decimal(gib)}, {"customer-id": "acme"}, {})
+
+
+@pytest.mark.parametrize("group_by", ["resource", "customer"])
+def test_same_named_resources_in_two_regions_or_accounts_stay_apart(group_by):
+    """prod-db in us-east-1 and in eu-west-1 (and in a second account) are three databases."""
+    m = measurement(resource_type="rds", group_by=group_by)
+    samples = [_db("prod-db", 20, "us-east-1"), _db("prod-db", 50, "eu-west-1"), _db("prod-db", 7, "eu-west-1", ACCOUNT_B)]
+    records = convert(m, "allocated_storage_gib", "GiB", samples, TICK).records
+    if group_by == "customer":  # the totals are what they always were
+        assert [(r.customer_id, r.value, r.resource) for r in records] == [("acme", Decimal(77), AGGREGATE)]
+        return
+    got = {(r.metadata["region"], r.metadata["account"]): (r.value, r.resource) for r in records}
+    assert got == {
+        ("us-east-1", ACCOUNT_A): (Decimal(20), f"arn:aws:rds:us-east-1:{ACCOUNT_A}:db:prod-db"),
+        ("eu-west-1", ACCOUNT_A): (Decimal(50), f"arn:aws:rds:eu-west-1:{ACCOUNT_A}:db:prod-db"),
+        ("eu-west-1", ACCOUNT_B): (Decimal(7), f"arn:aws:rds:eu-west-1:{ACCOUNT_B}:db:prod-db"),
+    }
+    assert {r.metadata["resource_id"] for r in records} == {"prod-db"}
+    assert len({r.record_id for r in records}) == 3
+    assert {r.record_id for r in records} == {
+        record_id(m.name, m.dimension_id, "acme", resource, TICK) for _, resource in got.values()}
+
+
+def test_the_partition_follows_the_region():
+    m = measurement(group_by="resource", regions=["cn-north-1", "us-gov-west-1"])
+    records = convert(m, "size_gib", "GiB", [volume("vol-1", 1, "acme", "cn-north-1"),
+                                             volume("vol-1", 2, "acme", "us-gov-west-1")], TICK).records
+    assert sorted(r.resource for r in records) == [f"arn:aws-cn:ec2:cn-north-1:{ACCOUNT_A}:volume/vol-1",
+                                                   f"arn:aws-us-gov:ec2:us-gov-west-1:{ACCOUNT_A}:volume/vol-1"]
 
 
 def test_samples_without_the_metric_are_ignored_and_not_counted():
@@ -300,8 +336,10 @@ def test_tallies_of_separate_targets_merge_into_what_one_pass_makes(group_by):
         assert records["acme", AGGREGATE].metadata["accounts"] == f"{ACCOUNT_A},{ACCOUNT_B}"
         assert records["acme", AGGREGATE].metadata["resource_count"] == "3"
     else:
-        assert records["acme", "vol-a2"].metadata["region"] == "eu-west-1"
-    assert (merged.sampled, sorted(merged.untagged), merged.invalid) == (7, ["vol-u1"], [("vol-x1", " padded ")])
+        assert records["acme", f"arn:aws:ec2:eu-west-1:{ACCOUNT_A}:volume/vol-a2"].metadata["region"] == "eu-west-1"
+    assert (merged.sampled, sorted(merged.untagged), merged.invalid) == (
+        7, [f"arn:aws:ec2:us-east-1:{ACCOUNT_A}:volume/vol-u1"],
+        [(f"arn:aws:ec2:eu-west-1:{ACCOUNT_A}:volume/vol-x1", " padded ")])
 
 
 def test_a_tally_keeps_one_entry_per_record_not_per_resource():

@@ -56,8 +56,11 @@ def test_sigkill_at_random_points_loses_nothing(aws: Aws, paigo: PaigoContractSe
     log = tmp_path / "agent.log"
     kills = 0
     for _ in range(10):
+        started = log.read_text().count("agent started") if log.exists() else 0
         agent = start(config, log)
         try:
+            # the random point is measured from the agent's start, not from a loaded machine's exec
+            wait_for(lambda: log.read_text().count("agent started") > started, timeout=60)
             time.sleep(rng.uniform(1.2, 3.5))
         finally:
             agent.send_signal(signal.SIGKILL)
@@ -70,8 +73,11 @@ def test_sigkill_at_random_points_loses_nothing(aws: Aws, paigo: PaigoContractSe
         measurement(name="gauge", interval="1h", group_by="resource"),
         measurement(name="hours", interval="1h", mode="time_weighted", per="hour", dimension_id="dim-h"),
     )
+    started = log.read_text().count("agent started")
     agent = start(quiet, log)
     try:
+        # SIGTERM before the handler is installed would kill it (-15): wait for its start line first
+        wait_for(lambda: log.read_text().count("agent started") > started, timeout=60)
         wait_for(lambda: not (spool_ids(tmp_path / "spool.db")["pending"] | spool_ids(tmp_path / "spool.db")["leased"]))
     finally:
         agent.send_signal(signal.SIGTERM)

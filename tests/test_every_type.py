@@ -15,7 +15,7 @@ import boto3
 import yaml
 
 from agent.testing.paigo_server import PaigoContractServer
-from tests.conftest import ACCOUNT, ROLE_ARN, Aws, agent_command, config_dict, measurement
+from tests.conftest import ACCOUNT, ROLE_ARN, Aws, agent_command, backend_config, config_dict, measurement, write_yaml
 
 T = datetime(2026, 11, 21, 10, 0, tzinfo=timezone.utc)
 OTHER = "222222222222"
@@ -130,3 +130,131 @@ def test_every_resource_type(aws: Aws, paigo: PaigoContractServer, tmp_path: Pat
     by_name = {(b["metadata"]["measurement"], b["customerId"]): b["metadata"] for b in bodies}
     assert by_name[("ebs-gib", "globex")]["accounts"] == OTHER
     assert by_name[("ebs-gib", "acme")]["accounts"] == ACCOUNT
+
+
+# -- one resource, one record (issue: same-named resources in two regions or accounts) ------------
+
+REGIONS = ("us-east-1", "eu-west-1")
+
+
+def _client(aws: Aws, service: str, region: str, account: str) -> Any:
+    if account == ACCOUNT:
+        return aws.client(service, region)
+    creds = boto3.client("sts", region_name="us-east-1", endpoint_url=aws.endpoint).assume_role(
+        RoleArn=f"arn:aws:iam::{account}:role/admin", RoleSessionName="setup")["Credentials"]
+    return boto3.client(service, region_name=region, endpoint_url=aws.endpoint, aws_access_key_id=creds["AccessKeyId"],
+                        aws_secret_access_key=creds["SecretAccessKey"], aws_session_token=creds["SessionToken"])
+
+
+def _seed_twins(aws: Aws) -> dict[str, list[tuple[str, str, str, Decimal]]]:
+    """For one customer (acme, by tag): resources of every type in both regions of 123456789012 and
+    in eu-west-1 of 222222222222, named alike wherever AWS lets a customer name them. Returns, per
+    resource type, the (account, region, resource id, value) a per-resource record must carry."""
+    want: dict[str, list[tuple[str, str, str, Decimal]]] = {t: [] for t in
+                                                             ("ebs", "ebs_snapshot", "ec2", "s3", "rds", "efs", "dynamodb", "cloudwatch")}
+    day = T.replace(hour=0) - timedelta(days=1)
+    places = [(ACCOUNT, "us-east-1", 20), (ACCOUNT, "eu-west-1", 50), (OTHER, "eu-west-1", 7)]
+    for account, region, size in places:
+        ec2 = _client(aws, "ec2", region, account)
+        volume = ec2.create_volume(Size=size, AvailabilityZone=f"{region}a", TagSpecifications=_tags("volume"))["VolumeId"]
+        want["ebs"].append((account, region, volume, Decimal(size)))
+        snapshot = ec2.create_snapshot(VolumeId=volume, TagSpecifications=_tags("snapshot"))["SnapshotId"]
+        want["ebs_snapshot"].append((account, region, snapshot, Decimal(size)))
+        (instance,) = ec2.run_instances(ImageId="ami-12c6146b", InstanceType="t3.micro", MinCount=1, MaxCount=1,
+                                        TagSpecifications=_tags("instance"))["Instances"]
+        want["ec2"].append((account, region, instance["InstanceId"], Decimal(1)))
+        _client(aws, "rds", region, account).create_db_instance(
+            DBInstanceIdentifier="prod-db", DBInstanceClass="db.m5.large", Engine="postgres", AllocatedStorage=size,
+            MasterUsername="admin", MasterUserPassword="password123", Tags=[{"Key": "customer-id", "Value": "acme"}])
+        want["rds"].append((account, region, "prod-db", Decimal(size)))
+        fs = _client(aws, "efs", region, account).create_file_system(
+            CreationToken=f"acme-{region}", Tags=[{"Key": "customer-id", "Value": "acme"}])["FileSystemId"]
+        want["efs"].append((account, region, fs, Decimal(1)))
+        dynamodb = _client(aws, "dynamodb", region, account)
+        dynamodb.create_table(TableName="orders", BillingMode="PAY_PER_REQUEST",
+                              KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+                              AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+                              Tags=[{"Key": "customer-id", "Value": "acme"}])
+        for n in range(size):
+            dynamodb.put_item(TableName="orders", Item={"id": {"S": f"order-{n}"}})
+        want["dynamodb"].append((account, region, "orders", Decimal(size)))
+        cw = _client(aws, "cloudwatch", region, account)
+        cw.put_metric_data(Namespace="Acme/Orders", MetricData=[
+            {"MetricName": "Placed", "Timestamp": T - timedelta(minutes=10), "Value": size, "Unit": "Count",
+             "Dimensions": [{"Name": "TableName", "Value": "orders"}]}])
+        want["cloudwatch"].append((account, region, "TableName=orders", Decimal(size)))
+        # bucket names are unique across accounts and regions: one per place
+        bucket = f"acme-{account}-{region}"
+        s3 = _client(aws, "s3", region, account)
+        s3.create_bucket(Bucket=bucket, **({} if region == "us-east-1" else
+                                          {"CreateBucketConfiguration": {"LocationConstraint": region}}))
+        s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": [{"Key": "customer-id", "Value": "acme"}]})
+        cw.put_metric_data(Namespace="AWS/S3", MetricData=[
+            {"MetricName": "NumberOfObjects", "Timestamp": day, "Value": size, "Unit": "Count",
+             "Dimensions": [{"Name": "BucketName", "Value": bucket}, {"Name": "StorageType", "Value": "AllStorageTypes"}]}])
+        want["s3"].append((account, region, bucket, Decimal(size)))
+    return want
+
+
+ARNS = {
+    "ebs": "arn:aws:ec2:{region}:{account}:volume/{id}",
+    "ebs_snapshot": "arn:aws:ec2:{region}::snapshot/{id}",
+    "ec2": "arn:aws:ec2:{region}:{account}:instance/{id}",
+    "s3": "arn:aws:s3:::{id}",
+    "rds": "arn:aws:rds:{region}:{account}:db:{id}",
+    "efs": "arn:aws:elasticfilesystem:{region}:{account}:file-system/{id}",
+    "dynamodb": "arn:aws:dynamodb:{region}:{account}:table/{id}",
+    "cloudwatch": "{account}:{region}:{id}",
+}
+METRICS = {"ebs": "size_gib", "ebs_snapshot": "size_gib", "ec2": "count", "s3": "object_count",
+           "rds": "allocated_storage_gib", "efs": "count", "dynamodb": "item_count", "cloudwatch": "value"}
+
+
+def _per_type(group_by: str) -> list[dict[str, Any]]:
+    measurements = []
+    for resource_type, metric in METRICS.items():
+        extra: dict[str, Any] = {}
+        if resource_type == "cloudwatch":
+            extra = {"interval": "1h", "cloudwatch": {"namespace": "Acme/Orders", "metric_name": "Placed",
+                                                      "dimensions": {"TableName": "*"}, "unit": "Count"}}
+        raw = _both_accounts(name=f"{resource_type.replace('_', '-')}-{group_by}", resource_type=resource_type,
+                             metric=metric, group_by=group_by, **extra)
+        raw["accounts"][1]["customer"] = {"tag": "customer-id"}  # acme in both accounts
+        measurements.append(raw)
+    return measurements
+
+
+def _once(tmp_path: Path, measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records ``once --dry-run`` would write to a file backend (the agent's own record shape)."""
+    path = write_yaml(tmp_path / "agent.yaml", backend_config({"type": "file", "path": str(tmp_path / "usage.jsonl")},
+                                                              tmp_path, *measurements))
+    out = subprocess.run([*agent_command(), "once", "-c", str(path), "--at", "2026-11-21T10:00:00Z", "--dry-run"],
+                         capture_output=True, text=True, timeout=180, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_same_named_resources_in_two_regions_and_accounts_are_records_of_their_own(aws: Aws, tmp_path: Path) -> None:
+    want = _seed_twins(aws)
+    bodies = _once(tmp_path, _per_type("resource") + _per_type("customer"))
+    by_measurement: dict[str, list[dict[str, Any]]] = {}
+    for body in bodies:
+        by_measurement.setdefault(body["metadata"]["measurement"], []).append(body)
+
+    for resource_type, expected in want.items():
+        name = resource_type.replace("_", "-")
+        records = by_measurement[f"{name}-resource"]
+        got = sorted((r["metadata"]["account"], r["metadata"]["region"], r["metadata"]["resource_id"],
+                      Decimal(r["value"]), r["resource"]) for r in records)
+        assert got == sorted((account, region, rid, value, ARNS[resource_type].format(region=region, account=account,
+                                                                                        id=rid))
+                             for account, region, rid, value in expected), resource_type
+        assert len({r["id"] for r in records}) == 3, resource_type
+        assert {r["customer_id"] for r in records} == {"acme"}
+        # the customer total is the sum, as it always was
+        (total,) = by_measurement[f"{name}-customer"]
+        assert (Decimal(total["value"]), total["resource"]) == (sum(v for *_, v in expected), "aggregate"), resource_type
+        assert total["metadata"]["resource_count"] == "3"
+    rds = sorted((r["metadata"]["region"], r["value"]) for r in by_measurement["rds-resource"]
+                 if r["metadata"]["account"] == ACCOUNT)
+    assert rds == [("eu-west-1", "50"), ("us-east-1", "20")]

@@ -1,13 +1,16 @@
 """The Helm chart: linted and rendered with Helm's own library (helm-python-sdk), every manifest
-validated with `kubernetes-validate --strict`, and the rendered config loaded by the agent itself."""
+validated with `kubernetes-validate --strict`, and the rendered config checked by the agent's own
+`validate` in the environment the pod would have."""
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
 import sys
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,12 +20,15 @@ import pytest
 import yaml
 
 from agent.cli import build_parser
-from agent.config import load_config
+from agent.config import BACKEND_TYPES, Backend, load_config
 from agent.shard import Shard
+from tests.conftest import agent_command
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "usage-agent"
 ALL_OPTIONS = CHART / "ci" / "all-options-values.yaml"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))  # one per backend, and every option on
+SECRETS_MOUNT = "/run/secrets/usage-agent/"
 KUBERNETES_VERSION = "1.37.0"  # the newest release kubernetes-validate carries schemas for
 
 
@@ -34,6 +40,11 @@ def quiet_helm() -> Iterator[None]:
 
 def all_options() -> dict[str, Any]:
     return yaml.safe_load(ALL_OPTIONS.read_text())
+
+
+def minimal() -> dict[str, Any]:
+    """Only the required `config` (the file backend: no credentials), every other value the chart's default."""
+    return yaml.safe_load((CHART / "ci" / "file-values.yaml").read_text())
 
 
 def render(values: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
@@ -72,16 +83,38 @@ def container(rendered: dict[str, Any]) -> dict[str, Any]:
     return agent
 
 
-@pytest.mark.parametrize("values", [None, all_options()], ids=["defaults", "all-options"])
-def test_helm_lint_is_clean(values: dict[str, Any] | None) -> None:
-    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBERNETES_VERSION}")
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=[p.stem for p in CI_VALUES])
+def test_helm_lint_is_clean(values_file: Path) -> None:
+    report = helm.lint(CHART, yaml.safe_load(values_file.read_text()), strict=True, kube_version=f"v{KUBERNETES_VERSION}")
     assert report["errors"] == []
     # severity 1 is INFO ("icon is recommended": the project has no icon); nothing from WARNING up
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
+def test_the_chart_has_no_default_config() -> None:
+    # a default backend would merge into the user's (Helm merges maps): http would inherit client_id
+    with pytest.raises(helm.HelmValuesError, match="at '/config': missing properties 'backend', 'measurements'"):
+        render()
+    with pytest.raises(helm.HelmValuesError, match="at '/config': missing property 'measurements'"):
+        render({"config": {"backend": {"type": "file", "path": "/var/lib/usage-agent/usage.jsonl"}}})
+    with pytest.raises(helm.HelmValuesError, match="at '/config/backend/type': value must be one of"):
+        render({"config": {**minimal()["config"], "backend": {"type": "paigoo"}}})
+
+
+def test_the_schema_takes_the_keys_of_each_backend_and_no_others() -> None:
+    models = {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in typing.get_args(typing.get_args(Backend)[0])}
+    backend = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]["properties"]["backend"]
+    assert backend["properties"]["type"]["enum"] == list(BACKEND_TYPES) == list(models)
+    keys = {rule["if"]["properties"]["type"]["const"]: rule["then"]["propertyNames"]["enum"] for rule in backend["allOf"]}
+    assert {name: set(names) for name, names in keys.items()} == {name: set(m.model_fields) for name, m in models.items()}
+    http = yaml.safe_load((CHART / "ci" / "http-values.yaml").read_text())
+    http["config"]["backend"]["client_id"] = "${PAIGO_CLIENT_ID}"  # a Paigo key in an http backend
+    with pytest.raises(helm.HelmValuesError, match=r"(?s)at '/config/backend'.*invalid propertyName 'client_id'"):
+        render(http)
+
+
 def test_default_values_render_valid_manifests(tmp_path: Path) -> None:
-    rendered = render()
+    rendered = render(minimal())
     assert set(objects(rendered)) == {"ConfigMap", "Service", "ServiceAccount", "StatefulSet"}
     done = kubernetes_validate(rendered, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -111,24 +144,60 @@ def test_every_option_renders_valid_manifests(tmp_path: Path) -> None:
     assert kinds["PodDisruptionBudget"]["spec"]["selector"] == kinds["StatefulSet"]["spec"]["selector"]
 
 
-@pytest.mark.parametrize("values", [None, all_options()], ids=["defaults", "all-options"])
-def test_the_agent_accepts_the_rendered_config(values: dict[str, Any] | None, tmp_path: Path) -> None:
-    rendered = render(values)
-    text = objects(rendered)["ConfigMap"]["data"]["config.yaml"]
-    secrets = tmp_path / "secrets"
+def pod_environment(rendered: dict[str, Any], secrets: Path) -> tuple[dict[str, str], Path]:
+    """The rendered config as the pod sees it: its env (`env` and the Secret's keys), the Secret's
+    files under ``secrets`` (for /run/secrets/usage-agent/), and the config file that names them."""
+    kinds = objects(rendered)
+    env = {e["name"]: e["value"] for e in container(rendered)["env"] if "value" in e}
     secrets.mkdir()
-    (secrets / "PAIGO_CLIENT_SECRET").write_text("s3cr3t-value\n")
-    config = tmp_path / "config.yaml"
-    config.write_text(text.replace("/run/secrets/usage-agent/", f"{secrets}/"))  # where the Secret is mounted
-    cfg = load_config(config, {"PAIGO_CLIENT_ID": "client-abc"})
+    for key, value in kinds.get("Secret", {}).get("data", {}).items():
+        env[key] = base64.b64decode(value).decode()
+        (secrets / key).write_text(env[key])
+    config = secrets.parent / "config.yaml"
+    config.write_text(kinds["ConfigMap"]["data"]["config.yaml"].replace(SECRETS_MOUNT, f"{secrets}/"))
+    return env, config
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=[p.stem for p in CI_VALUES])
+def test_validate_accepts_the_rendered_config_of_every_backend(values_file: Path, tmp_path: Path) -> None:
+    values = yaml.safe_load(values_file.read_text())
+    rendered = render(values)
+    env, config = pod_environment(rendered, tmp_path / "secrets")
+    rendered_config = json.loads(objects(rendered)["ConfigMap"]["data"]["config.yaml"])
+    assert rendered_config["backend"] == values["config"]["backend"]  # exactly the user's: nothing merged in
+    # the command the pod's config would face, with the pod's environment and nothing else
+    done = subprocess.run([*agent_command(), "validate", "-c", str(config)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{config}: ok ({len(values['config']['measurements'])} measurement(s), backend {values['config']['backend']['type']})\n"
+    cfg = load_config(config, env)
     assert cfg.spool.path == "/var/lib/usage-agent/spool.db"  # the volume, whatever the values said
-    port = container(rendered)["ports"][0]["containerPort"]
-    assert cfg.server.listen == f"0.0.0.0:{port}"
-    if values is not None:
-        assert cfg.spool.max_records == 1_000_000  # a large integer survives the template
-        assert [m.name for m in cfg.measurements] == ["ebs-storage", "ebs-gib-hours"]
-        secret = objects(rendered)["Secret"]
-        assert base64.b64decode(secret["data"]["PAIGO_CLIENT_SECRET"]).decode() == "s3cr3t-value"
+    assert cfg.server.listen == f"0.0.0.0:{container(rendered)['ports'][0]['containerPort']}"
+
+
+def test_every_backend_has_an_example() -> None:
+    backends = [yaml.safe_load(p.read_text())["config"]["backend"]["type"] for p in CI_VALUES]
+    assert set(backends) == set(BACKEND_TYPES)
+
+
+def test_all_options_survive_the_template(tmp_path: Path) -> None:
+    rendered = render(all_options())
+    env, config = pod_environment(rendered, tmp_path / "secrets")
+    cfg = load_config(config, env)
+    assert cfg.spool.max_records == 1_000_000  # a large integer survives the template
+    assert [m.name for m in cfg.measurements] == ["ebs-storage", "ebs-gib-hours"]
+    assert cfg.backend.type == "paigo" and cfg.backend.secret() == "s3cr3t-value"  # read from the Secret's file
+
+
+def test_a_config_reading_a_credential_nobody_sets_is_refused() -> None:
+    paigo = yaml.safe_load((CHART / "ci" / "paigo-values.yaml").read_text())
+    with pytest.raises(helm.HelmError, match=r"config reads PAIGO_CLIENT_ID, PAIGO_CLIENT_SECRET \(as \$\{VAR\} or "
+                                              r"/run/secrets/usage-agent/<key>\), which neither credentials.values nor env sets"):
+        render({"config": paigo["config"]})
+    with pytest.raises(helm.HelmError, match=r"config reads PAIGO_CLIENT_SECRET \(as"):
+        render({"config": paigo["config"], "env": [{"name": "PAIGO_CLIENT_ID", "value": "client-abc"}]})
+    config = minimal()["config"]
+    config["measurements"][0]["metadata"] = {"note": "$${NOT_A_VARIABLE}"}  # $$ is a literal $, nothing to set
+    assert "$${NOT_A_VARIABLE}" in objects(render({"config": config}))["ConfigMap"]["data"]["config.yaml"]
 
 
 def test_each_pod_gets_its_shard_from_its_index() -> None:
@@ -145,7 +214,7 @@ def test_each_pod_gets_its_shard_from_its_index() -> None:
 
 
 def test_the_pod_is_locked_down_and_writes_only_to_volumes() -> None:
-    rendered = render()
+    rendered = render(minimal())
     sts = objects(rendered)["StatefulSet"]
     pod = sts["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
@@ -185,7 +254,8 @@ def test_a_config_change_rolls_the_pods() -> None:
 
 
 def test_an_existing_secret_is_used_as_env_and_files() -> None:
-    rendered = render({"credentials": {"existingSecret": "paigo-credentials"},
+    paigo = yaml.safe_load((CHART / "ci" / "paigo-values.yaml").read_text())
+    rendered = render({"config": paigo["config"], "credentials": {"existingSecret": "paigo-credentials"},
                        "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::214826386939:role/a"}}})
     kinds = objects(rendered)
     assert "Secret" not in kinds
@@ -195,7 +265,8 @@ def test_an_existing_secret_is_used_as_env_and_files() -> None:
     assert volumes["credentials"]["secret"] == {"secretName": "paigo-credentials"}
     assert {"name": "credentials", "mountPath": "/run/secrets/usage-agent", "readOnly": True} in agent["volumeMounts"]
     assert kinds["ServiceAccount"]["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::214826386939:role/a"}
-    assert "IRSA" not in rendered["NOTES"] and "no credentials Secret" not in rendered["NOTES"]
+    assert "IRSA" not in rendered["NOTES"]
+    assert "the config reads PAIGO_CLIENT_ID, PAIGO_CLIENT_SECRET from the Secret\n   paigo-credentials" in rendered["NOTES"]
 
 
 def test_values_the_chart_owns_or_does_not_know_are_refused() -> None:

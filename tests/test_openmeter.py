@@ -113,9 +113,10 @@ def test_exact_events_for_known_volumes(aws: Aws, openmeter: OpenMeterContractSe
             {**gauge, "value": "500", "regions": "eu-west-1", "accounts": ACCOUNT, "resource_count": "1"}),
     }
     for key, value, volume_type in (("acme-100", "25", "gp3"), ("acme-7", "1.75", "gp2")):
-        rid = record_id("ebs-gib-hours", "dim-hours", "acme", volumes[key], TICK)
+        arn = f"arn:aws:ec2:us-east-1:{ACCOUNT}:volume/{volumes[key]}"  # a per-resource record is keyed by its ARN
+        rid = record_id("ebs-gib-hours", "dim-hours", "acme", arn, TICK)
         expected[rid] = event(rid, "ebs-gib-hours", "acme", {
-            **hours, "value": value, "resource": volumes[key], "resource_id": volumes[key], "volume_type": volume_type})
+            **hours, "value": value, "resource": arn, "resource_id": volumes[key], "volume_type": volume_type})
 
     got = {event_id: e for (_, event_id), e in openmeter.events.items()}
     assert got.keys() == expected.keys(), "ids differ"

@@ -13,6 +13,7 @@ import pytest
 import agent.samplers
 from agent.config import Filters
 from agent.samplers import REGISTRY, SamplerSpec
+from agent.samplers.base import ID_SCOPES
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -79,3 +80,31 @@ def test_is_documented_in_the_readme(resource_type: str) -> None:
         assert f"`{metric}`" in rows[0], metric
     for action in spec.iam_actions:
         assert f"`{action}`" in rows[0], action
+
+
+FIELDS = re.compile(r"\{(\w+)\}")
+
+
+@pytest.mark.parametrize("resource_type", TYPES)
+def test_declares_how_its_ids_are_scoped_and_its_identity_follows(resource_type: str) -> None:
+    """A resource is its id only within the scope AWS gives the id: the identity adds the rest."""
+    spec = REGISTRY[resource_type]
+    assert spec.id_scope in ID_SCOPES
+    fields = set(FIELDS.findall(spec.identity))
+    needed = {"account-region": {"account", "region"}, "region": {"region"}, "partition": set()}[spec.id_scope]
+    assert fields - {"partition"} == needed | {"id"}, spec.identity
+    assert spec.identity.startswith("arn:{partition}:") or not spec.identity.startswith("arn:")
+    # the same id in another region (or account, where the scope says so) is another resource
+    here = spec.resource("us-east-1", "111111111111", "orders")
+    assert here == spec.resource("us-east-1", "111111111111", "orders") and "orders" in here
+    assert (here != spec.resource("eu-west-1", "111111111111", "orders")) == ("region" in needed)
+    assert (here != spec.resource("us-east-1", "222222222222", "orders")) == ("account" in needed)
+    assert here != spec.resource("us-east-1", "111111111111", "orders-2")
+
+
+def test_the_readme_names_each_types_identity() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Resource types", 1)[1].split("\n#", 1)[0]
+    for resource_type, spec in REGISTRY.items():
+        (row,) = [line for line in section.splitlines() if line.startswith(f"| `{resource_type}` |")]
+        assert f"`{spec.identity.replace('{partition}', 'aws')}`" in row, resource_type

@@ -143,3 +143,21 @@ def test_the_cli_takes_a_shard_and_rejects_a_bad_one(aws: Aws, paigo: PaigoContr
                          capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert bad.returncode == 2
     assert "argument --shard: shard 2/2: expected i/n with n >= 1 and 0 <= i < n, e.g. 0/3" in bad.stderr
+
+
+def test_same_named_resources_in_each_region_are_split_and_never_merged(aws: Aws, tmp_path: Path) -> None:
+    """A per-resource unit is a target, which holds the resource's account and region: prod-db in
+    three regions is three records, each sampled by exactly one replica."""
+    for i, region in enumerate(REGIONS):
+        aws.client("rds", region).create_db_instance(
+            DBInstanceIdentifier="prod-db", DBInstanceClass="db.m5.large", Engine="postgres", AllocatedStorage=20 + i,
+            MasterUsername="admin", MasterUserPassword="password123", Tags=[{"Key": "customer-id", "Value": "acme"}])
+    cfg = config(measurement(resource_type="rds", metric="allocated_storage_gib", regions=REGIONS, group_by="resource"))
+    sessions = SessionFactory()
+    whole = spooled(cfg, sessions, tmp_path, Shard(0, 1), "whole")
+    parts = [spooled(cfg, sessions, tmp_path, Shard(i, 3), f"part{i}") for i in range(3)]
+
+    assert sorted(whole.values()) == sorted(("acme", f"arn:aws:rds:{region}:123456789012:db:prod-db", str(20 + i))
+                                            for i, region in enumerate(REGIONS))
+    assert [len(p) for p in parts] == [1, 1, 1]
+    assert {k: v for p in parts for k, v in p.items()} == whole

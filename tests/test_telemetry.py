@@ -141,7 +141,7 @@ def test_a_running_agent_serves_metrics_health_and_readiness(
         assert ready.status_code == 200, ready.text
         assert ready.json()["status"] == "ready" and ready.json()["failed"] == []
         assert [c["name"] for c in ready.json()["checks"]] == ["config", "spool_writable", "spool_not_full",
-                                                               "tick:ebs-storage"]
+                                                               "delivery", "tick:ebs-storage"]
 
         metrics = scrape(base)
         m = (("measurement", "ebs-storage"),)

@@ -1,14 +1,27 @@
-"""What every sampler is: a declarative spec plus one function from an AWS client to samples."""
+"""What every sampler is: a declarative spec plus one function from an AWS client to samples,
+and the one engine every AWS call of a target goes through (bounded in pages and time, and
+an answer that cannot be used becomes an error naming the peer)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from functools import lru_cache
+from typing import Any, Literal
+
+import botocore.session
+from botocore.exceptions import BotoCoreError, UnknownRegionError
+from botocore.parsers import ResponseParserError
 
 from agent.config import Measurement
+from agent.errors import SamplingError
+
+MAX_PAGES = 10_000  # per listing: 5M volumes at 500 a page; an endless NextToken stops here at the latest
+MAX_DETAIL = 300  # characters of a peer's answer kept in an error (one unparseable body was 1 MB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,19 +59,109 @@ def quantity(raw: Any) -> Decimal:
     return value
 
 
+def capped(text: str, limit: int = MAX_DETAIL) -> str:
+    """A peer's text as far as an error or a log line needs it."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+@lru_cache(maxsize=None)
+def partition_of(region: str) -> str:
+    """The ARN partition of a region (aws, aws-cn, aws-us-gov ...), from botocore's endpoint data."""
+    try:
+        return botocore.session.get_session().get_partition_for_region(region)
+    except UnknownRegionError:
+        return "aws"  # botocore's own default for a region it does not know
+
+
+@lru_cache(maxsize=None)
+def _paging(service: str, operation: str) -> tuple[str, str, str | None]:
+    """(input token, output token, limit key) of an operation, from botocore's paginator model."""
+    config = botocore.session.get_session().get_paginator_model(service).get_paginator(operation)
+    return config["input_token"], config["output_token"], config.get("limit_key")
+
+
+class CallError(SamplingError):
+    """A target's AWS call was not made in time, got no answer, or got one it cannot be sampled from."""
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One (measurement, account, region) to sample for the tick ending at ``tick``."""
+    """One (measurement, account, region) to sample for the tick ending at ``tick``, before
+    ``deadline`` (on ``clock``, seconds): every AWS call goes through ``call`` or ``pages``."""
 
     measurement: Measurement
     account: str
     region: str
     tick: datetime
+    deadline: float = math.inf
+    clock: Callable[[], float] = time.monotonic
 
     def sample(self, resource_id: str, values: Mapping[str, Decimal], tags: Mapping[str, str],
                facts: Mapping[str, str]) -> Sample:
         """A resource of this target, as seen now."""
         return Sample(resource_id, self.region, self.account, values, tags, facts)
+
+    def _peer(self, client: Any, operation: str) -> str:
+        api = client.meta.method_to_api_mapping.get(operation, operation)
+        return f"{client.meta.service_model.service_name} {api} in {self.account}/{self.region}"
+
+    def _in_time(self, client: Any, operation: str, what: str) -> None:
+        if self.clock() >= self.deadline:
+            raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: {what}: the target "
+                              f"did not finish inside the measurement's interval ({self.measurement.interval_seconds}s)")
+
+    def call(self, client: Any, operation: str, **params: Any) -> dict[str, Any]:
+        """One AWS call: refused past the deadline; an answer botocore cannot parse is an CallError.
+        ClientError passes through: the samplers tell a vanished resource from a failure."""
+        self._in_time(client, operation, "not called")
+        return self._send(client, operation, params)
+
+    def _send(self, client: Any, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            answer = getattr(client, operation)(**params)
+        except BotoCoreError as exc:  # no answer: a connection, timeout or credentials problem
+            raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
+                              f"{capped(f'{type(exc).__name__}: {exc}')}") from exc
+        except (ResponseParserError, ValueError, TypeError, KeyError) as exc:  # botocore parses 'NaN' with int()
+            raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: unusable answer: "
+                              f"{capped(f'{type(exc).__name__}: {exc}')}") from exc
+        if not isinstance(answer, dict):
+            raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
+                              f"unusable answer: {capped(repr(answer))}")
+        return answer
+
+    def pages(self, client: Any, operation: str, key: str, page_size: int | None = None,
+              max_pages: int = MAX_PAGES, **params: Any) -> Iterator[list[Any]]:
+        """The ``key`` list of every page of a listing. An answer without it (an HTML page,
+        say), a token seen before, more than ``max_pages`` pages or the deadline end the
+        listing with an CallError: a listing that never ends must not hold up the tick."""
+        input_token, output_token, limit_key = _paging(client.meta.service_model.service_name,
+                                                       client.meta.method_to_api_mapping[operation])
+        if page_size is not None and limit_key:
+            params[limit_key] = page_size
+        seen: set[Any] = set()
+        for page in range(1, max_pages + 1):
+            self._in_time(client, operation, f"stopped after {page - 1} pages" if page > 1 else "not called")
+            answer = self._send(client, operation, params)
+            items = answer.get(key)
+            if not isinstance(items, list):
+                present = ", ".join(sorted(k for k in answer if k != "ResponseMetadata")) or "none"
+                raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
+                                  f"page {page} has no {key} list (keys: {capped(present)})")
+            yield items
+            token = answer.get(output_token)
+            if not token:
+                return
+            if token in seen:
+                raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: page {page} "
+                                  f"repeats the {output_token} of an earlier page ({capped(str(token))}); "
+                                  "the listing would never end")
+            seen.add(token)
+            params[input_token] = token
+        raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: more than "
+                          f"{max_pages} pages; the listing is cut off rather than run forever")
 
 
 @dataclass(frozen=True)
@@ -66,6 +169,13 @@ class MetricSpec:
     unit: str
     description: str
 
+
+IdScope = Literal["account-region", "region", "partition"]
+ID_SCOPES: Mapping[str, str] = {
+    "account-region": "unique within one account and region: the same id elsewhere is another resource",
+    "region": "unique within a region across accounts",
+    "partition": "unique across accounts and regions (of one partition)",
+}
 
 ClientFor = Callable[[str], Any]
 """``clients("ec2")``: a boto3 client for the target's account (assumed role) and region."""
@@ -80,6 +190,10 @@ class SamplerSpec:
     iam_actions: tuple[str, ...]
     filters: tuple[str, ...]  # keys of config Filters this sampler honours
     sample: SampleFn
+    id_scope: IdScope  # where a resource id of this type is unique (ID_SCOPES)
+    # the resource's identity: its ARN, or account:region:id for a type without ARNs; fields
+    # {partition} {region} {account} {id}, exactly those of id_scope (checked by the registry test)
+    identity: str
     description: str = ""
     # checks of the raw YAML measurement this type needs beyond the models: [(path below it, message)]
     check: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None
@@ -89,6 +203,10 @@ class SamplerSpec:
     def actions_for(self, measurement: Measurement) -> tuple[str, ...]:
         extra = self.extra_actions(measurement) if self.extra_actions else ()
         return tuple(sorted(set(self.iam_actions) | set(extra)))
+
+    def resource(self, region: str, account: str, resource_id: str) -> str:
+        """The identity of a resource: what its record is keyed, identified and labelled by."""
+        return self.identity.format(partition=partition_of(region), region=region, account=account, id=resource_id)
 
     def __post_init__(self) -> None:
         if self.default_metric not in self.metrics:

@@ -24,29 +24,29 @@ from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skip
 MAX_QUERIES = 500  # GetMetricData's limit per call
 _EC2_TAG_BATCH = 200
 
-TagLookup = Callable[[ClientFor, list[str]], dict[str, dict[str, str]]]
+TagLookup = Callable[[ClientFor, Target, list[str]], dict[str, dict[str, str]]]
 
 
-def _ec2_tags(clients: ClientFor, ids: list[str]) -> dict[str, dict[str, str]]:
+def _ec2_tags(clients: ClientFor, target: Target, ids: list[str]) -> dict[str, dict[str, str]]:
     tags: dict[str, dict[str, str]] = {}
-    paginator = clients("ec2").get_paginator("describe_tags")
+    ec2 = clients("ec2")
     for start in range(0, len(ids), _EC2_TAG_BATCH):
         chunk = ids[start : start + _EC2_TAG_BATCH]
-        for page in paginator.paginate(Filters=[{"Name": "resource-id", "Values": chunk}]):
-            for tag in page["Tags"]:
+        for page in target.pages(ec2, "describe_tags", "Tags", Filters=[{"Name": "resource-id", "Values": chunk}]):
+            for tag in page:
                 tags.setdefault(tag["ResourceId"], {})[tag["Key"]] = tag.get("Value", "")
     return tags
 
 
-def _each(lookup: Callable[[Any, str], dict[str, str]], service: str, missing: tuple[str, ...]) -> TagLookup:
+def _each(lookup: Callable[[Target, Any, str], dict[str, str]], service: str, missing: tuple[str, ...]) -> TagLookup:
     """A per-resource tag lookup; a resource that is gone (``missing`` codes) has no tags."""
 
-    def tags(clients: ClientFor, ids: list[str]) -> dict[str, dict[str, str]]:
+    def tags(clients: ClientFor, target: Target, ids: list[str]) -> dict[str, dict[str, str]]:
         client = clients(service)
         found = {}
         for resource_id in ids:
             try:
-                found[resource_id] = lookup(client, resource_id)
+                found[resource_id] = lookup(target, client, resource_id)
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") not in missing:
                     raise
@@ -55,29 +55,29 @@ def _each(lookup: Callable[[Any, str], dict[str, str]], service: str, missing: t
     return tags
 
 
-def _bucket_tags(s3: Any, bucket: str) -> dict[str, str]:
+def _bucket_tags(target: Target, s3: Any, bucket: str) -> dict[str, str]:
     try:
-        return {t["Key"]: t["Value"] for t in s3.get_bucket_tagging(Bucket=bucket)["TagSet"]}
+        return {t["Key"]: t["Value"] for t in target.call(s3, "get_bucket_tagging", Bucket=bucket)["TagSet"]}
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") == "NoSuchTagSet":
             return {}
         raise
 
 
-def _db_tags(rds: Any, identifier: str) -> dict[str, str]:
-    (db,) = rds.describe_db_instances(DBInstanceIdentifier=identifier)["DBInstances"]
+def _db_tags(target: Target, rds: Any, identifier: str) -> dict[str, str]:
+    (db,) = target.call(rds, "describe_db_instances", DBInstanceIdentifier=identifier)["DBInstances"]
     return {t["Key"]: t["Value"] for t in db.get("TagList", ())}
 
 
-def _file_system_tags(efs: Any, file_system: str) -> dict[str, str]:
-    (fs,) = efs.describe_file_systems(FileSystemId=file_system)["FileSystems"]
+def _file_system_tags(target: Target, efs: Any, file_system: str) -> dict[str, str]:
+    (fs,) = target.call(efs, "describe_file_systems", FileSystemId=file_system)["FileSystems"]
     return tags_of(fs)
 
 
-def _table_tags(dynamodb: Any, table: str) -> dict[str, str]:
-    arn = dynamodb.describe_table(TableName=table)["Table"]["TableArn"]
-    pages = dynamodb.get_paginator("list_tags_of_resource").paginate(ResourceArn=arn)
-    return {t["Key"]: t["Value"] for page in pages for t in page.get("Tags", ())}
+def _table_tags(target: Target, dynamodb: Any, table: str) -> dict[str, str]:
+    arn = target.call(dynamodb, "describe_table", TableName=table)["Table"]["TableArn"]
+    pages = target.pages(dynamodb, "list_tags_of_resource", "Tags", ResourceArn=arn)
+    return {t["Key"]: t["Value"] for page in pages for t in page}
 
 
 # dimension name -> (IAM actions, lookup): the resources whose tags can attribute a series
@@ -103,17 +103,16 @@ def needs_tags(m: Measurement) -> bool:
     return bool(m.filters.tags) or any(r.customer is not None and r.customer.tag for r in m.roles())
 
 
-def _series(cw: Any, query: CloudWatchQuery) -> list[dict[str, str]]:
+def _series(target: Target, cw: Any, query: CloudWatchQuery) -> list[dict[str, str]]:
     """The dimension sets to query: the fixed one, or every one ListMetrics knows."""
     if WILDCARD not in query.dimensions.values():
         return [dict(query.dimensions)]
     wanted = [{"Name": k} if v == WILDCARD else {"Name": k, "Value": v} for k, v in query.dimensions.items()]
-    pages = cw.get_paginator("list_metrics").paginate(
-        Namespace=query.namespace, MetricName=query.metric_name, Dimensions=wanted
-    )
+    pages = target.pages(cw, "list_metrics", "Metrics", Namespace=query.namespace, MetricName=query.metric_name,
+                         Dimensions=wanted)
     found: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
     for page in pages:
-        for metric in page["Metrics"]:
+        for metric in page:
             dims = {d["Name"]: d["Value"] for d in metric.get("Dimensions", ())}
             if dims.keys() == query.dimensions.keys():  # not series that carry extra dimensions
                 found[tuple(sorted(dims.items()))] = dims
@@ -154,10 +153,9 @@ def _values(cw: Any, query: CloudWatchQuery, series: list[dict[str, str]], targe
             for i, dims in enumerate(batch)
         ]
         collected: dict[str, list[Any]] = {}
-        for page in cw.get_paginator("get_metric_data").paginate(
-            MetricDataQueries=queries, StartTime=start, EndTime=end, ScanBy="TimestampAscending"
-        ):
-            for result in page["MetricDataResults"]:
+        for page in target.pages(cw, "get_metric_data", "MetricDataResults", MetricDataQueries=queries,
+                                 StartTime=start, EndTime=end, ScanBy="TimestampAscending"):
+            for result in page:
                 in_window = [v for t, v in zip(result["Timestamps"], result["Values"])
                              if start <= t < end]
                 collected.setdefault(result["Id"], []).extend(in_window)
@@ -171,13 +169,14 @@ def sample_metric(clients: ClientFor, target: Target) -> Iterator[Sample | Skipp
     assert query is not None, "the config check requires a cloudwatch block"
     cw = clients("cloudwatch")
     period = int((query.period or m.interval).total_seconds())
-    series = _series(cw, query)
+    series = _series(target, cw, query)
     named = resource_dimension(query)
     tags: dict[str, dict[str, str]] = {}
     if named and needs_tags(m):
-        tags = TAGGABLE[named][1](clients, sorted({dims[named] for dims in series}))
+        tags = TAGGABLE[named][1](clients, target, sorted({dims[named] for dims in series}))
     for dims, raw in _values(cw, query, series, target, period):
-        resource_id = dims[named] if named else ",".join(f"{k}={v}" for k, v in sorted(dims.items()))
+        # a series is its whole dimension set: one resource can have several (TableName x Operation)
+        resource_id = ",".join(f"{k}={v}" for k, v in sorted(dims.items()))
         resource_tags = tags.get(dims[named], {}) if named else {}
         if not m.filters.matches_tags(resource_tags):
             continue
@@ -240,6 +239,8 @@ SPEC = SamplerSpec(
     iam_actions=("cloudwatch:GetMetricData", "cloudwatch:ListMetrics"),
     filters=("tags",),
     sample=sample_metric,
+    id_scope="account-region",  # a series lives in one account and region; dimension values are names (TableName)
+    identity="{account}:{region}:{id}",  # series have no ARN
     description="any CloudWatch metric: namespace, metric name, dimensions (* = discovered), statistic, period",
     check=_check,
     extra_actions=_tag_actions,

@@ -8,7 +8,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, quantity, tags_of
+from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, quantity
 
 PAGE_SIZE = 100
 # A table being deleted, or archived (its data moved to a backup), is not billed as table storage.
@@ -21,19 +21,19 @@ def _gone(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException"
 
 
-def _describe(dynamodb: Any, name: str) -> dict[str, Any] | None:
+def _describe(target: Target, dynamodb: Any, name: str) -> dict[str, Any] | None:
     try:
-        return dynamodb.describe_table(TableName=name)["Table"]
+        return target.call(dynamodb, "describe_table", TableName=name)["Table"]
     except ClientError as exc:
         if _gone(exc):
             return None
         raise
 
 
-def _tags(dynamodb: Any, arn: str) -> dict[str, str] | None:
+def _tags(target: Target, dynamodb: Any, arn: str) -> dict[str, str] | None:
     try:
-        pages = dynamodb.get_paginator("list_tags_of_resource").paginate(ResourceArn=arn)
-        return {k: v for page in pages for k, v in tags_of(page).items()}
+        pages = target.pages(dynamodb, "list_tags_of_resource", "Tags", ResourceArn=arn)
+        return {tag["Key"]: tag.get("Value", "") for page in pages for tag in page}
     except ClientError as exc:
         if _gone(exc):
             return None
@@ -43,13 +43,12 @@ def _tags(dynamodb: Any, arn: str) -> dict[str, str] | None:
 def sample_tables(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped]:
     filters = target.measurement.filters
     dynamodb = clients("dynamodb")
-    pages = dynamodb.get_paginator("list_tables").paginate(PaginationConfig={"PageSize": PAGE_SIZE})
-    names = [name for page in pages for name in page["TableNames"]]
+    names = [name for page in target.pages(dynamodb, "list_tables", "TableNames", PAGE_SIZE) for name in page]
     for name in names:
-        table = _describe(dynamodb, name)
+        table = _describe(target, dynamodb, name)
         if table is None or table.get("TableStatus") in _NOT_BILLED:
             continue
-        tags = _tags(dynamodb, table["TableArn"])
+        tags = _tags(target, dynamodb, table["TableArn"])
         if tags is None or not filters.matches_tags(tags):  # tags cannot be filtered server-side
             continue
         try:
@@ -83,5 +82,7 @@ SPEC = SamplerSpec(
     iam_actions=("dynamodb:ListTables", "dynamodb:DescribeTable", "dynamodb:ListTagsOfResource"),
     filters=("tags",),
     sample=sample_tables,
+    id_scope="account-region",  # TableName is the customer's name: orders repeats across regions and accounts
+    identity="arn:{partition}:dynamodb:{region}:{account}:table/{id}",
     description="DynamoDB tables not being deleted or archived",
 )

@@ -27,11 +27,8 @@ def sample_volumes(clients: ClientFor, target: Target) -> Iterator[Sample | Skip
     aws_filters = filters.tag_filters()
     if filters.volume_types:
         aws_filters.append({"Name": "volume-type", "Values": list(filters.volume_types)})
-    pages = clients("ec2").get_paginator("describe_volumes").paginate(
-        Filters=aws_filters, PaginationConfig={"PageSize": PAGE_SIZE}
-    )
-    for page in pages:
-        for volume in page["Volumes"]:
+    for page in target.pages(clients("ec2"), "describe_volumes", "Volumes", PAGE_SIZE, Filters=aws_filters):
+        for volume in page:
             if volume.get("State") in _NOT_BILLED:
                 continue
             volume_id = volume.get("VolumeId") or "<no VolumeId>"
@@ -63,5 +60,7 @@ SPEC = SamplerSpec(
     iam_actions=("ec2:DescribeVolumes",),
     filters=("tags", "volume_types"),
     sample=sample_volumes,
+    id_scope="account-region",  # EC2 documents its resource ids as regional, and the volume ARN names the account
+    identity="arn:{partition}:ec2:{region}:{account}:volume/{id}",
     description="EBS volumes in every state AWS bills (not deleting, deleted or error)",
 )

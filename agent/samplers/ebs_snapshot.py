@@ -23,13 +23,10 @@ def _values(snapshot: dict[str, Any]) -> dict[str, Decimal]:
 
 
 def sample_snapshots(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped]:
-    pages = clients("ec2").get_paginator("describe_snapshots").paginate(
-        OwnerIds=["self"],
-        Filters=target.measurement.filters.tag_filters(),
-        PaginationConfig={"PageSize": PAGE_SIZE},
-    )
+    pages = target.pages(clients("ec2"), "describe_snapshots", "Snapshots", PAGE_SIZE,
+                         OwnerIds=["self"], Filters=target.measurement.filters.tag_filters())
     for page in pages:
-        for snapshot in page["Snapshots"]:
+        for snapshot in page:
             if snapshot.get("State") in _NOT_BILLED:
                 continue
             owner = snapshot.get("OwnerId")
@@ -64,5 +61,7 @@ SPEC = SamplerSpec(
     iam_actions=("ec2:DescribeSnapshots",),
     filters=("tags",),
     sample=sample_snapshots,
+    id_scope="region",  # a snapshot's ARN has no account: its id is unique in the region (snapshots are shared)
+    identity="arn:{partition}:ec2:{region}::snapshot/{id}",
     description="EBS snapshots owned by the account, pending or completed (not error)",
 )

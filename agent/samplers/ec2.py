@@ -24,11 +24,9 @@ def sample_instances(clients: ClientFor, target: Target) -> Iterator[Sample | Sk
     if filters.instance_types:
         aws_filters.append({"Name": "instance-type", "Values": list(filters.instance_types)})
     ec2 = clients("ec2")
-    pages = ec2.get_paginator("describe_instances").paginate(
-        Filters=aws_filters, PaginationConfig={"PageSize": PAGE_SIZE}
-    )
-    instances = [i for page in pages for reservation in page["Reservations"] for i in reservation["Instances"]]
-    specs = instance_types.lookup(ec2, {i["InstanceType"] for i in instances if i.get("InstanceType")})
+    pages = target.pages(ec2, "describe_instances", "Reservations", PAGE_SIZE, Filters=aws_filters)
+    instances = [i for page in pages for reservation in page for i in reservation.get("Instances") or ()]
+    specs = instance_types.lookup(target, ec2, {i["InstanceType"] for i in instances if i.get("InstanceType")})
     needs_spec = target.measurement.metric in ("vcpus", "memory_gib")
     for instance in instances:
         instance_id = instance.get("InstanceId") or "<no InstanceId>"
@@ -63,5 +61,7 @@ SPEC = SamplerSpec(
     iam_actions=("ec2:DescribeInstanceTypes", "ec2:DescribeInstances"),
     filters=("tags", "instance_types", "states"),
     sample=sample_instances,
+    id_scope="account-region",  # EC2 documents its resource ids as regional, and the instance ARN names the account
+    identity="arn:{partition}:ec2:{region}:{account}:instance/{id}",
     description="EC2 instances, running by default (filters.states selects others)",
 )

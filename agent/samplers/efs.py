@@ -15,9 +15,8 @@ _ONE = Decimal(1)
 
 def sample_file_systems(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped]:
     filters = target.measurement.filters
-    pages = clients("efs").get_paginator("describe_file_systems").paginate(PaginationConfig={"PageSize": PAGE_SIZE})
-    for page in pages:
-        for fs in page["FileSystems"]:
+    for page in target.pages(clients("efs"), "describe_file_systems", "FileSystems", PAGE_SIZE):
+        for fs in page:
             if fs.get("LifeCycleState") in _NOT_BILLED:
                 continue
             tags = tags_of(fs)
@@ -50,5 +49,7 @@ SPEC = SamplerSpec(
     iam_actions=("elasticfilesystem:DescribeFileSystems",),
     filters=("tags",),
     sample=sample_file_systems,
+    id_scope="account-region",
+    identity="arn:{partition}:elasticfilesystem:{region}:{account}:file-system/{id}",
     description="EFS file systems not being deleted; the size is the one EFS last metered",
 )

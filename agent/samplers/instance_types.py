@@ -14,6 +14,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from agent.samplers.base import CallError, Target, capped
+
 BATCH = 100
 
 
@@ -35,16 +37,19 @@ def _parse(entry: dict[str, Any]) -> InstanceType:
     )
 
 
-def _describe(ec2: Any, names: list[str]) -> None:
+def _describe(target: Target, ec2: Any, names: list[str]) -> None:
     try:
-        pages = ec2.get_paginator("describe_instance_types").paginate(InstanceTypes=names)
-        found = {e["InstanceType"]: _parse(e) for page in pages for e in page["InstanceTypes"]}
+        pages = target.pages(ec2, "describe_instance_types", "InstanceTypes", InstanceTypes=names)
+        found = {e["InstanceType"]: _parse(e) for page in pages for e in page}
+    except (KeyError, TypeError, ArithmeticError) as exc:
+        raise CallError(f"{target.measurement.resource_type}: ec2 DescribeInstanceTypes in "
+                        f"{target.account}/{target.region}: unusable answer: {capped(repr(exc))}") from exc
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") != "InvalidInstanceType":
             raise
         if len(names) > 1:  # one unknown name fails the whole call: isolate it
             for name in names:
-                _describe(ec2, [name])
+                _describe(target, ec2, [name])
             return
         found = {}
     with _lock:
@@ -52,13 +57,13 @@ def _describe(ec2: Any, names: list[str]) -> None:
         _unknown.update(set(names) - set(found))
 
 
-def lookup(ec2: Any, names: Iterable[str]) -> dict[str, InstanceType]:
+def lookup(target: Target, ec2: Any, names: Iterable[str]) -> dict[str, InstanceType]:
     """The specifications of the named types that exist; unknown names are left out."""
     wanted = set(names)
     with _lock:
         missing = sorted(wanted - _cache.keys() - _unknown)
     for start in range(0, len(missing), BATCH):
-        _describe(ec2, missing[start : start + BATCH])
+        _describe(target, ec2, missing[start : start + BATCH])
     with _lock:
         return {name: _cache[name] for name in wanted if name in _cache}
 

@@ -50,11 +50,11 @@ def _values(db: dict[str, Any], vcpus: Decimal | None) -> dict[str, Decimal]:
 def sample_instances(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped]:
     filters = target.measurement.filters
     measured = target.measurement.metric or DEFAULT_METRIC
-    pages = clients("rds").get_paginator("describe_db_instances").paginate(PaginationConfig={"PageSize": PAGE_SIZE})
+    pages = target.pages(clients("rds"), "describe_db_instances", "DBInstances", PAGE_SIZE)
     instances = [
         db
         for page in pages
-        for db in page["DBInstances"]
+        for db in page
         if db.get("DBInstanceStatus") not in _NOT_BILLED
         # DescribeDBInstances filters on neither tags nor instance class
         and filters.matches_tags(_tags(db))
@@ -65,7 +65,7 @@ def sample_instances(clients: ClientFor, target: Target) -> Iterator[Sample | Sk
         for db in instances
         if db.get("DBInstanceClass") and db.get("DBInstanceStatus") not in _STORAGE_ONLY
     }
-    types = lookup(clients("ec2"), compute_billed) if compute_billed else {}
+    types = lookup(target, clients("ec2"), compute_billed) if compute_billed else {}
     for db in instances:
         db_id = db.get("DBInstanceIdentifier") or "<no DBInstanceIdentifier>"
         instance_class = db.get("DBInstanceClass", "")
@@ -103,5 +103,7 @@ SPEC = SamplerSpec(
     iam_actions=("rds:DescribeDBInstances", "ec2:DescribeInstanceTypes"),
     filters=("tags", "instance_types"),
     sample=sample_instances,
+    id_scope="account-region",  # DBInstanceIdentifier is the customer's name: prod-db repeats across regions
+    identity="arn:{partition}:rds:{region}:{account}:db:{id}",
     description="RDS DB instances in every status AWS bills; stopped instances count for storage only",
 )

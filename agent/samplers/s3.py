@@ -36,10 +36,10 @@ def _code(exc: ClientError) -> str:
     return exc.response.get("Error", {}).get("Code", "")
 
 
-def _location(s3: Any, bucket: str) -> str | None:
+def _location(target: Target, s3: Any, bucket: str) -> str | None:
     """The bucket's region, or None when it no longer exists."""
     try:
-        constraint = s3.get_bucket_location(Bucket=bucket).get("LocationConstraint")
+        constraint = target.call(s3, "get_bucket_location", Bucket=bucket).get("LocationConstraint")
     except ClientError as exc:
         if _code(exc) == "NoSuchBucket":
             return None
@@ -48,23 +48,21 @@ def _location(s3: Any, bucket: str) -> str | None:
     return {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(constraint, constraint)
 
 
-def _buckets_in(s3: Any, region: str) -> list[str]:
+def _buckets_in(target: Target, s3: Any) -> list[str]:
     """ListBuckets is global: ask for this region's buckets, and check where a server does not say."""
-    pages = s3.get_paginator("list_buckets").paginate(
-        BucketRegion=region, PaginationConfig={"PageSize": PAGE_SIZE}
-    )
+    region = target.region
     return [
         bucket["Name"]
-        for page in pages
-        for bucket in page.get("Buckets", [])
-        if (bucket.get("BucketRegion") or _location(s3, bucket["Name"])) == region
+        for page in target.pages(s3, "list_buckets", "Buckets", PAGE_SIZE, BucketRegion=region)
+        for bucket in page
+        if (bucket.get("BucketRegion") or _location(target, s3, bucket["Name"])) == region
     ]
 
 
-def _tags(s3: Any, bucket: str) -> dict[str, str] | None:
+def _tags(target: Target, s3: Any, bucket: str) -> dict[str, str] | None:
     """The bucket's tags, or None when it no longer exists."""
     try:
-        tag_set = s3.get_bucket_tagging(Bucket=bucket)["TagSet"]
+        tag_set = target.call(s3, "get_bucket_tagging", Bucket=bucket)["TagSet"]
     except ClientError as exc:
         if _code(exc) == "NoSuchTagSet":
             return {}
@@ -74,12 +72,12 @@ def _tags(s3: Any, bucket: str) -> dict[str, str] | None:
     return {tag["Key"]: tag["Value"] for tag in tag_set}
 
 
-def _size_series(cloudwatch: Any, buckets: set[str], storage_types: list[str]) -> list[Series]:
+def _size_series(target: Target, cloudwatch: Any, buckets: set[str], storage_types: list[str]) -> list[Series]:
     """The (bucket, storage type) series of BucketSizeBytes that exist: one ListMetrics scan per region."""
-    pages = cloudwatch.get_paginator("list_metrics").paginate(Namespace="AWS/S3", MetricName="BucketSizeBytes")
+    pages = target.pages(cloudwatch, "list_metrics", "Metrics", Namespace="AWS/S3", MetricName="BucketSizeBytes")
     found: set[Series] = set()
     for page in pages:
-        for metric in page["Metrics"]:
+        for metric in page:
             dims = {d["Name"]: d["Value"] for d in metric.get("Dimensions", [])}
             if dims.keys() != {"BucketName", "StorageType"} or dims["BucketName"] not in buckets:
                 continue
@@ -89,9 +87,10 @@ def _size_series(cloudwatch: Any, buckets: set[str], storage_types: list[str]) -
 
 
 def _daily_points(
-    cloudwatch: Any, metric_name: str, series: list[Series], tick: datetime
+    target: Target, cloudwatch: Any, metric_name: str, series: list[Series]
 ) -> tuple[dict[Series, dict[datetime, Any]], dict[Series, str]]:
     """Daily datapoints of complete days in the lookback, per series; and series CloudWatch failed on."""
+    tick = target.tick
     end = tick.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     points: dict[Series, dict[datetime, Any]] = defaultdict(dict)
     failed: dict[Series, str] = {}
@@ -112,11 +111,10 @@ def _daily_points(
             }
             for i, (bucket, storage) in enumerate(batch)
         ]
-        pages = cloudwatch.get_paginator("get_metric_data").paginate(
-            MetricDataQueries=queries, StartTime=end - LOOKBACK_DAYS * _DAY, EndTime=end, ScanBy="TimestampDescending"
-        )
+        pages = target.pages(cloudwatch, "get_metric_data", "MetricDataResults", MetricDataQueries=queries,
+                             StartTime=end - LOOKBACK_DAYS * _DAY, EndTime=end, ScanBy="TimestampDescending")
         for page in pages:
-            for result in page["MetricDataResults"]:
+            for result in page:
                 key = batch[int(result["Id"][1:])]
                 if result.get("StatusCode") in ("InternalError", "Forbidden"):
                     failed[key] = result["StatusCode"]
@@ -143,18 +141,18 @@ def sample_buckets(clients: ClientFor, target: Target) -> Iterator[Sample | Skip
     metric = target.measurement.metric or DEFAULT_METRIC
     s3 = clients("s3")
     wanted: dict[str, dict[str, str]] = {}
-    for bucket in _buckets_in(s3, target.region):
-        tags = _tags(s3, bucket)
+    for bucket in _buckets_in(target, s3):
+        tags = _tags(target, s3, bucket)
         if tags is not None and filters.matches_tags(tags):  # S3 cannot filter buckets on tags
             wanted[bucket] = tags
     if not wanted:
         return
     cloudwatch = clients("cloudwatch")
     if metric == "size_bytes":
-        series = _size_series(cloudwatch, set(wanted), filters.storage_types)
+        series = _size_series(target, cloudwatch, set(wanted), filters.storage_types)
     else:
         series = [(bucket, ALL_STORAGE_TYPES) for bucket in sorted(wanted)]
-    points, failed = _daily_points(cloudwatch, _CLOUDWATCH_NAMES[metric], series, target.tick)
+    points, failed = _daily_points(target, cloudwatch, _CLOUDWATCH_NAMES[metric], series)
     by_bucket: dict[str, list[Series]] = defaultdict(list)
     for key in series:
         by_bucket[key[0]].append(key)
@@ -192,5 +190,7 @@ SPEC = SamplerSpec(
     ),
     filters=("tags", "storage_types"),
     sample=sample_buckets,
+    id_scope="partition",  # bucket names are unique across accounts and regions; a bucket is listed in its region only
+    identity="arn:{partition}:s3:::{id}",
     description="S3 buckets in the region, from the latest complete day of the AWS/S3 storage metrics",
 )

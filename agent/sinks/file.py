@@ -25,7 +25,7 @@ import structlog
 
 from agent.config import FileBackend, JsonlFile
 from agent.convert import UsageRecord, format_timestamp
-from agent.sinks.base import Delivered, Outcome, RetryLater, json_bytes
+from agent.sinks.base import Delivered, Outcome, RetryLater, encode, json_bytes, renderable
 
 log = structlog.get_logger("agent.sinks.file")
 
@@ -212,19 +212,21 @@ class FileSink:
         return record.to_json()
 
     def bodies(self, records: Sequence[UsageRecord]) -> list[bytes]:
-        return [json_bytes(self.render(record)) for record in records]
+        return [line for _, line in renderable(self.render, records)]
 
     def deliver(self, records: Sequence[UsageRecord], stop: threading.Event | None = None
                 ) -> Iterator[tuple[UsageRecord, Outcome]]:
+        encoded, failed = encode(self.render, records)
+        yield from failed
         done = 0
         try:
-            for durable in self._writer.append(self.bodies(records)):
-                for record in records[done:done + durable]:
+            for durable in self._writer.append([line for _, line in encoded]):
+                for record, _ in encoded[done:done + durable]:
                     yield record, Delivered()
                 done += durable
         except OSError as exc:
             failure = RetryLater(f"cannot write {self._writer.path}: {exc.strerror or exc}", alert=True)
-            for record in records[done:]:
+            for record, _ in encoded[done:]:
                 yield record, failure
 
     def close(self) -> None:

@@ -8,7 +8,8 @@ sent with every request. With an HMAC secret, every request also carries
 
 where body is the exact request body bytes. A receiver recomputes the HMAC, compares it in
 constant time and refuses timestamps far from its own clock (replays). 2xx accepts the
-whole batch; a 4xx that rejects it is halved until the bad records stand alone.
+whole batch (its body is not read past a few KiB); a 4xx that rejects it is halved until
+the bad records stand alone.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from typing import Any
 
 import httpx
 
-from agent import __version__
 from agent.config import HttpBackend
 from agent.convert import UsageRecord
-from agent.sinks.base import RESPONSE_HOOKS, JsonArraySink
+from agent.sinks.base import JsonArraySink, http_client
 
 TIMESTAMP_HEADER = "X-Usage-Timestamp"
 SIGNATURE_HEADER = "X-Usage-Signature"
@@ -43,18 +43,16 @@ class HttpSink(JsonArraySink):
         self._cfg = cfg
         self._clock = clock
         self._secret = cfg.hmac_secret.get_secret_value().encode() if cfg.hmac_secret is not None else None
-        headers = {"User-Agent": f"usage-agent/{__version__}", **cfg.header_values(),
-                   "Content-Type": "application/json"}
-        self._client = httpx.Client(timeout=httpx.Timeout(cfg.timeout.total_seconds()), headers=headers,
-                                    event_hooks=RESPONSE_HOOKS)
+        self._timeout = cfg.timeout.total_seconds()
+        self._client = http_client(self._timeout, {**cfg.header_values(), "Content-Type": "application/json"})
         self.batch_size = cfg.batch_size
 
     def render(self, record: UsageRecord) -> dict[str, Any]:
         return record.to_json()
 
-    def _post(self, body: bytes) -> httpx.Response:
+    def _request(self, body: bytes) -> httpx.Request:
         headers = {}
         if self._secret is not None:
             timestamp = str(int(self._clock()))
             headers = {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: sign(self._secret, timestamp, body)}
-        return self._client.post(self._cfg.url, content=body, headers=headers)
+        return self._client.build_request("POST", self._cfg.url, content=body, headers=headers)

@@ -5,6 +5,8 @@ Bearer <token>`` when a token is configured. 2xx accepts the whole batch. OpenMe
 ``400 application/problem+json`` for the whole batch when any event is invalid, so a
 rejected batch is halved until the bad events stand alone (``deliver_halving``).
 OpenMeter deduplicates on (source, id): a re-sent record is not counted twice.
+Its documented success answer is ``204 No Content`` (``202 Accepted`` from deployments that
+ingest asynchronously); any other 2xx is not OpenMeter answering, and is not delivery.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ from typing import Any
 
 import httpx
 
-from agent import __version__
 from agent.config import OpenMeterBackend
 from agent.convert import UsageRecord, format_decimal, format_timestamp
-from agent.sinks.base import RESPONSE_HOOKS, JsonArraySink
+from agent.sinks.base import Answer, JsonArraySink, http_client
 
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+
+
+def ingested(answer: Answer) -> str | None:
+    """OpenMeter's ingest answer is 204 (or 202), never another 2xx."""
+    return None if answer.status in (202, 204) else f"with {answer.describe()}, where OpenMeter answers 204 No Content"
 
 
 class OpenMeterSink(JsonArraySink):
@@ -26,12 +32,13 @@ class OpenMeterSink(JsonArraySink):
 
     def __init__(self, cfg: OpenMeterBackend):
         self._cfg = cfg
-        headers = {"User-Agent": f"usage-agent/{__version__}", "Content-Type": BATCH_CONTENT_TYPE}
+        headers = {"Content-Type": BATCH_CONTENT_TYPE}
         if cfg.token is not None:
             headers["Authorization"] = f"Bearer {cfg.token.get_secret_value()}"
-        self._client = httpx.Client(timeout=httpx.Timeout(cfg.timeout.total_seconds()), headers=headers,
-                                    event_hooks=RESPONSE_HOOKS)
+        self._timeout = cfg.timeout.total_seconds()
+        self._client = http_client(self._timeout, headers)
         self.batch_size = cfg.batch_size
+        self.success = ingested
 
     def render(self, record: UsageRecord) -> dict[str, Any]:
         return {
@@ -52,5 +59,5 @@ class OpenMeterSink(JsonArraySink):
             },
         }
 
-    def _post(self, body: bytes) -> httpx.Response:
-        return self._client.post(f"{self._cfg.url}/api/v1/events", content=body)
+    def _request(self, body: bytes) -> httpx.Request:
+        return self._client.build_request("POST", f"{self._cfg.url}/api/v1/events", content=body)

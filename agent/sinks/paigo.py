@@ -1,29 +1,51 @@
 """Paigo: OAuth2 client credentials, then one ``POST {url}/usage`` per record.
 
 Token: ``POST token_url`` with JSON ``{audience, grant_type: client_credentials,
-client_id, client_secret}``; the answer's ``access_token`` is used as
-``Authorization: Bearer`` until shortly before ``expires_in`` runs out, and fetched again
-once if the API answers 401. Records go out concurrently over one pooled client.
+client_id, client_secret}``; the answer's ``access_token`` (a non-empty string) is used as
+``Authorization: Bearer`` until shortly before ``expires_in`` (1 s to a year; an hour when
+absent) runs out. A 401 from the API fetches a new token once per burst of 401s; when the
+API refuses the new token too, tokens are held back with a growing wait. Records go out
+concurrently over one pooled client. Paigo documents its success answer as a JSON object
+with a ``message``: any other 2xx body is not delivery.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import replace
 from typing import Any
 
 import httpx
 import structlog
 
-from agent import __version__
 from agent.config import PaigoBackend
 from agent.convert import UsageRecord, format_decimal, format_timestamp
-from agent.sinks.base import RESPONSE_HOOKS, Outcome, RetryLater, classify, json_bytes, transport_failure
+from agent.sinks.base import (
+    Answer,
+    Outcome,
+    RetryLater,
+    classify,
+    encode,
+    http_client,
+    parse_retry_after,
+    redirected,
+    renderable,
+    send,
+    transport_failure,
+)
 from agent.telemetry import TOKEN_REFRESHES
 
 log = structlog.get_logger("agent.sinks.paigo")
+
+DEFAULT_LIFETIME = 3600.0  # expires_in is optional (RFC 6749 §5.1)
+MAX_LIFETIME = 366 * 86400.0  # a longer lifetime is not a token answer to trust
+HOLD_MAX = 300.0  # the longest wait between token attempts that keep failing
+_BEARER = re.compile(r"^[\x21-\x7e]+$")  # what an Authorization header can carry
 
 
 class TokenUnavailable(Exception):
@@ -32,11 +54,76 @@ class TokenUnavailable(Exception):
         self.outcome = outcome
 
 
+def _kind(value: Any) -> str:
+    """A JSON value as an error names it, without showing what could be a secret."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "an empty string" if not value.strip() else "a string with spaces or non-ASCII characters"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _lifetime(value: Any) -> float | None:
+    """``expires_in`` in seconds, or None when it is not a sane lifetime."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if 1 <= value <= MAX_LIFETIME else None  # NaN fails both comparisons
+
+
+def _json_object(answer: Answer) -> dict[str, Any] | None:
+    if not answer.complete:
+        return None
+    try:
+        payload = json.loads(answer.body)
+    except (ValueError, RecursionError):  # 16 KiB of "[" nests too deep for the parser
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def token_from(answer: Answer, host: str) -> tuple[str, float]:
+    """The bearer token and its lifetime from a 2xx token answer; TokenUnavailable naming
+    the peer and what is wrong when the answer is not a usable token."""
+
+    def wrong(what: str) -> TokenUnavailable:
+        return TokenUnavailable(RetryLater(f"token endpoint {host} answered {answer.status} {what}",
+                                           status=answer.status, alert=True))
+
+    payload = _json_object(answer)
+    if payload is None:
+        raise wrong(f"with {answer.describe()}, not a JSON object with an access_token")
+    if "access_token" not in payload:
+        raise wrong("without access_token")
+    token = payload["access_token"]
+    if not isinstance(token, str) or not _BEARER.match(token):
+        raise wrong(f"with access_token {_kind(token)}, not a bearer token")
+    lifetime = _lifetime(payload.get("expires_in", DEFAULT_LIFETIME))
+    if lifetime is None:
+        shown = json.dumps(payload["expires_in"])[:40]
+        raise wrong(f"with expires_in {shown}, not a number of seconds from 1 to {MAX_LIFETIME:.0f}")
+    return token, lifetime
+
+
+def documented_success(answer: Answer) -> str | None:
+    """Paigo answers POST /usage with a JSON object carrying a ``message``."""
+    payload = _json_object(answer)
+    if payload is not None and isinstance(payload.get("message"), str):
+        return None
+    return f'with {answer.describe()}, where Paigo answers a JSON object with a "message"'
+
+
 class ClientCredentialsToken:
     """Caches the bearer token; one fetch at a time; refreshes before it expires.
 
-    A failed fetch is remembered for ``failure_hold`` seconds, so a batch of records does
-    not turn into a burst of token requests against an identity provider that said no.
+    When a fetch fails, or the API refuses a token fetched to replace a refused one, tokens
+    are held back: the failure is answered again without a request for ``failure_hold``
+    seconds, doubling with each failure in a row up to five minutes. So neither a batch of
+    records nor an API that answers 401 to every token turns into a burst of token requests.
     """
 
     def __init__(
@@ -48,35 +135,66 @@ class ClientCredentialsToken:
     ):
         self._cfg = cfg
         self._client = client
+        self._timeout = cfg.timeout.total_seconds()
         self._monotonic = monotonic
         self._failure_hold = failure_hold
+        self._host = httpx.URL(cfg.token_url).host
         self._lock = threading.Lock()
         self._token: str | None = None
         self._refresh_at = 0.0
-        self._failure: tuple[float, TokenUnavailable] | None = None
+        self._replacing_refused = False  # the token (being) fetched replaces one the API answered 401 to
+        self._hold: tuple[float, TokenUnavailable] | None = None
+        self._failures = 0  # in a row; each hold waits twice as long as the one before
         self.fetches = 0
 
     def get(self) -> str:
         with self._lock:
-            if self._token is None or self._monotonic() >= self._refresh_at:
-                if self._failure is not None and self._monotonic() < self._failure[0]:
-                    raise self._failure[1]
+            now = self._monotonic()
+            if self._hold is not None and now < self._hold[0]:
+                raise self._hold[1]
+            if self._token is None or now >= self._refresh_at:
                 try:
-                    self._fetch()
+                    self._token, lifetime = self._fetch()
                 except TokenUnavailable as exc:
-                    self._failure = (self._monotonic() + self._failure_hold, exc)
-                    raise
-                self._failure = None
-            assert self._token is not None
+                    raise self._hold_back(exc.outcome) from exc
+                # renew a little before expiry: 10% of the lifetime, at most five minutes
+                self._refresh_at = self._monotonic() + lifetime - min(300.0, lifetime / 10)
+                self._hold = None
             return self._token
 
-    def invalidate(self, token: str) -> None:
-        """Drop ``token`` unless another thread already replaced it."""
+    def after_401(self, token: str) -> RetryLater | None:
+        """The API answered 401 to ``token``. None: fetch a new token and try once more;
+        else the outcome for the record (the API refused the replacement too: held back)."""
         with self._lock:
-            if self._token == token:
-                self._token = None
+            if token != self._token:  # another request's 401 already replaced it
+                held = self._hold is not None and self._monotonic() < self._hold[0]
+                return self._hold[1].outcome if held and self._hold else None
+            self._token = None
+            if not self._replacing_refused:
+                self._replacing_refused = True
+                return None
+            api = httpx.URL(self._cfg.url).host
+            return self._hold_back(RetryLater(
+                f"{api} answered 401 to a token {self._host} had just issued: check backend.client_id, "
+                f"the client secret and backend.audience", status=401, alert=True)).outcome
 
-    def _fetch(self) -> None:
+    def accepted(self, token: str) -> None:
+        """The API answered ``token`` with anything but 401: the credentials work."""
+        if self._replacing_refused or self._failures:
+            with self._lock:
+                if token == self._token:
+                    self._replacing_refused = False
+                    self._failures = 0
+
+    def _hold_back(self, outcome: RetryLater) -> TokenUnavailable:
+        """Answer ``outcome`` for a while, without requests; the caller holds the lock."""
+        wait = max(min(HOLD_MAX, self._failure_hold * 2 ** min(self._failures, 16)), outcome.retry_after or 0.0)
+        self._failures += 1
+        held = TokenUnavailable(replace(outcome, retry_after=wait))
+        self._hold = (self._monotonic() + wait, held)
+        return held
+
+    def _fetch(self) -> tuple[str, float]:
         body = {
             "audience": self._cfg.audience,
             "grant_type": "client_credentials",
@@ -84,27 +202,24 @@ class ClientCredentialsToken:
             "client_secret": self._cfg.secret(),
         }
         try:
-            response = self._client.post(self._cfg.token_url, json=body)
+            answer = send(self._client, self._client.build_request("POST", self._cfg.token_url, json=body),
+                          self._timeout)
         except httpx.HTTPError as exc:
-            raise TokenUnavailable(transport_failure(exc)) from exc
-        outcome = classify(response)
-        if response.status_code != 200:
-            reason = f"token endpoint answered {response.status_code}"
-            auth = 400 <= response.status_code < 500 and response.status_code not in (408, 429)
-            retry_after = outcome.retry_after if isinstance(outcome, RetryLater) else None
-            raise TokenUnavailable(RetryLater(reason, status=response.status_code, retry_after=retry_after, alert=auth))
-        try:
-            payload = response.json()
-            token = payload["access_token"]
-            lifetime = float(payload.get("expires_in", 3600))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TokenUnavailable(RetryLater(f"token endpoint answered without access_token ({exc})", alert=True)) from exc
-        self._token = token
-        # renew a little before expiry: 10% of the lifetime, at most five minutes
-        self._refresh_at = self._monotonic() + lifetime - min(300.0, lifetime / 10)
+            failure = transport_failure(exc, self._timeout)
+            raise TokenUnavailable(replace(failure, reason=f"token endpoint {self._host}: {failure.reason}")) from exc
+        if 300 <= answer.status < 400:
+            raise TokenUnavailable(redirected(answer, "backend.token_url"))
+        if not 200 <= answer.status < 300:
+            retryable = answer.status in (408, 429) or answer.status >= 500
+            raise TokenUnavailable(RetryLater(
+                f"token endpoint {self._host} answered {answer.status} with {answer.describe()}",
+                status=answer.status, retry_after=parse_retry_after(answer.headers.get("Retry-After")),
+                alert=not retryable))
+        token, lifetime = token_from(answer, self._host)
         self.fetches += 1
         TOKEN_REFRESHES.labels("backend").inc()
         log.info("token fetched", token_url=self._cfg.token_url, expires_in=lifetime)
+        return token, lifetime
 
 
 class PaigoSink:
@@ -112,13 +227,8 @@ class PaigoSink:
 
     def __init__(self, cfg: PaigoBackend, monotonic: Callable[[], float] = time.monotonic):
         self._cfg = cfg
-        timeout = cfg.timeout.total_seconds()
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=cfg.max_in_flight, max_keepalive_connections=cfg.max_in_flight),
-            headers={"User-Agent": f"usage-agent/{__version__}"},
-            event_hooks=RESPONSE_HOOKS,
-        )
+        self._timeout = cfg.timeout.total_seconds()
+        self._client = http_client(self._timeout, connections=cfg.max_in_flight)
         self.token = ClientCredentialsToken(cfg, self._client, monotonic)
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_in_flight, thread_name_prefix="paigo-send")
         self.batch_size = cfg.max_in_flight * 16  # outcomes are settled as they arrive, not per batch
@@ -133,18 +243,22 @@ class PaigoSink:
         }
 
     def bodies(self, records: Sequence[UsageRecord]) -> list[bytes]:
-        return [json_bytes(self.render(record)) for record in records]  # one request per record
+        return [body for _, body in renderable(self.render, records)]  # one request per record
 
     def deliver(
         self, records: Sequence[UsageRecord], stop: threading.Event | None = None
     ) -> Iterator[tuple[UsageRecord, Outcome]]:
+        encoded, failed = encode(self.render, records)
+        yield from failed
+        if not encoded:
+            return
         try:
             self.token.get()
         except TokenUnavailable as exc:  # no token, no point in sending any of them
-            for record in records:
+            for record, _ in encoded:
                 yield record, exc.outcome
             return
-        futures = {self._pool.submit(self._send, record): record for record in records}
+        futures = {self._pool.submit(self._send, body): record for record, body in encoded}
         try:
             for future in as_completed(futures):
                 if stop is not None and stop.is_set():
@@ -156,23 +270,29 @@ class PaigoSink:
             for waiting in futures:
                 waiting.cancel()
 
-    def _post(self, token: str, body: bytes) -> httpx.Response:
-        return self._client.post(f"{self._cfg.url}/usage", content=body, headers={
+    def _post(self, token: str, body: bytes) -> Answer:
+        request = self._client.build_request("POST", f"{self._cfg.url}/usage", content=body, headers={
             "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        return send(self._client, request, self._timeout)
 
-    def _send(self, record: UsageRecord) -> Outcome:
-        body = json_bytes(self.render(record))
+    def _send(self, body: bytes) -> Outcome:
         try:
             token = self.token.get()
-            response = self._post(token, body)
-            if response.status_code == 401:
-                self.token.invalidate(token)
-                response = self._post(self.token.get(), body)
+            answer = self._post(token, body)
+            if answer.status == 401:
+                held = self.token.after_401(token)
+                if held is not None:
+                    return held
+                token = self.token.get()
+                answer = self._post(token, body)
+                if answer.status == 401:
+                    return self.token.after_401(token) or classify(answer)
+            self.token.accepted(token)
         except TokenUnavailable as exc:
             return exc.outcome
         except httpx.HTTPError as exc:
-            return transport_failure(exc)
-        return classify(response)
+            return transport_failure(exc, self._timeout)
+        return classify(answer, documented_success)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -28,6 +28,20 @@ def schema_errors(validator: jsonschema.Draft7Validator, instance: Any) -> list[
 
 
 @dataclass
+class Answer:
+    status: int
+    payload: Any = None  # JSON; None for no body
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    raw: bytes | None = None  # the body as is, instead of a JSON payload
+
+    def body(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
+        return b"" if self.payload is None else json.dumps(self.payload).encode()
+
+
+@dataclass
 class Fault:
     """What the server does instead of (or besides) its normal answer to one request."""
 
@@ -36,14 +50,9 @@ class Fault:
     delay: float = 0.0  # sleep before answering
     drop: bool = False  # close the connection without an answer
     after_commit: bool = False  # apply the delay/drop after the request was accepted
-
-
-@dataclass
-class Answer:
-    status: int
-    payload: Any = None  # JSON; None for no body
-    content_type: str = "application/json"
-    headers: dict[str, str] = field(default_factory=dict)
+    answer: Answer | None = None  # answer this, unprocessed: a redirect, a captive portal's page
+    trickle: float = 0.0  # send the status line and headers one byte at a time, this many seconds apart
+    padding: int = 0  # bytes of whitespace streamed after the body (a huge answer; JSON stays JSON)
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -65,6 +74,7 @@ class LoopbackServer(ABC):
         self.requests_by_path: Counter[str] = Counter()
         self.in_flight_by_path: Counter[str] = Counter()  # requests being handled now
         self.max_in_flight_by_path: Counter[str] = Counter()
+        self.answer_bytes: list[int] = []  # bytes of each answer written before it ended or the client hung up
         self._httpd = _QuietServer(("127.0.0.1", port), self._handler())
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -117,16 +127,38 @@ class LoopbackServer(ABC):
             def log_message(self, *args: Any) -> None:  # keep test output clean
                 return
 
-            def _send(self, answer: Answer) -> None:
-                data = b"" if answer.payload is None else json.dumps(answer.payload).encode()
-                self.send_response(answer.status)
-                if data:
-                    self.send_header("Content-Type", answer.content_type)
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in answer.headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
+            def _send(self, answer: Answer, fault: Fault | None = None) -> None:
+                written = [0]
+                try:
+                    self._write_answer(answer, fault, written)
+                finally:
+                    with server._lock:
+                        server.answer_bytes.append(written[0])
+
+            def _write(self, data: bytes, written: list[int]) -> None:
                 self.wfile.write(data)
+                written[0] += len(data)
+
+            def _write_answer(self, answer: Answer, fault: Fault | None, written: list[int]) -> None:
+                data = answer.body()
+                padding = fault.padding if fault else 0
+                lines = [f"HTTP/1.1 {answer.status} {self.responses.get(answer.status, ('',))[0]}",
+                         f"Content-Length: {len(data) + padding}"]
+                if data:
+                    lines.append(f"Content-Type: {answer.content_type}")
+                lines += [f"{name}: {value}" for name, value in answer.headers.items()]
+                head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+                if fault and fault.trickle:
+                    for i in range(len(head)):
+                        self._write(head[i:i + 1], written)
+                        time.sleep(fault.trickle)
+                else:
+                    self._write(head, written)
+                self._write(data, written)
+                filler = b" " * 65536
+                while padding > 0:
+                    self._write(filler[:padding], written)
+                    padding -= len(filler)
 
             def _disrupt(self, fault: Fault) -> bool:
                 """Sleep and/or hang up as scripted; True when the connection is gone."""
@@ -159,15 +191,15 @@ class LoopbackServer(ABC):
                 if fault and not fault.after_commit:
                     if self._disrupt(fault):
                         return
-                    if fault.status:
-                        answer = server.error(fault.status, "injected fault")
+                    if fault.answer or fault.status:
+                        answer = fault.answer or server.error(fault.status or 500, "injected fault")
                         if fault.retry_after:
                             answer.headers["Retry-After"] = fault.retry_after
-                        self._send(answer)
+                        self._send(answer, fault)
                         return
                 answer = server.answer(path, {k.lower(): v for k, v in self.headers.items()}, raw)
                 if fault and fault.after_commit and self._disrupt(fault):
                     return
-                self._send(answer)
+                self._send(answer, fault)
 
         return Handler

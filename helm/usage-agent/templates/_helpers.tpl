@@ -65,10 +65,44 @@ such as spool.max_records into 1e+06.
 {{- if hasKey .Values.config "server" -}}
 {{- fail "config.server is set by the chart (listen on metrics.port): leave it out" -}}
 {{- end -}}
+{{- if not .Values.credentials.existingSecret -}}
+{{- $missing := list -}}
+{{- range splitList " " (include "usage-agent.credentialKeys" .) -}}
+{{- if and . (not (hasKey (default (dict) $.Values.credentials.values) .)) -}}
+{{- $missing = append $missing . -}}
+{{- end -}}
+{{- end -}}
+{{- if $missing -}}
+{{- fail (printf "config reads %s (as ${VAR} or /run/secrets/usage-agent/<key>), which neither credentials.values nor env sets: add it there, or name a Secret holding it in credentials.existingSecret; without it the pods would exit 2" (join ", " $missing)) -}}
+{{- end -}}
+{{- end -}}
 {{- $config := deepCopy .Values.config -}}
 {{- $spool := deepCopy (default (dict) $config.spool) -}}
 {{- $_ := set $spool "path" "/var/lib/usage-agent/spool.db" -}}
 {{- $_ := set $config "spool" $spool -}}
 {{- $_ := set $config "server" (dict "listen" (printf "0.0.0.0:%d" (int .Values.metrics.port))) -}}
 {{- toPrettyJson $config -}}
+{{- end -}}
+
+{{/*
+The credential keys the config reads, space-separated and sorted: its ${VAR}s that `env`
+does not set ($$ is a literal $), and the files it names under /run/secrets/usage-agent/.
+*/}}
+{{- define "usage-agent.credentialKeys" -}}
+{{- $text := toJson .Values.config | replace "$$" "" -}}
+{{- $env := list -}}
+{{- range .Values.env -}}
+{{- $env = append $env .name -}}
+{{- end -}}
+{{- $keys := list -}}
+{{- range regexFindAll "\\$\\{[A-Za-z_][A-Za-z0-9_]*\\}" $text -1 -}}
+{{- $name := trimSuffix "}" (trimPrefix "${" .) -}}
+{{- if not (has $name $env) -}}
+{{- $keys = append $keys $name -}}
+{{- end -}}
+{{- end -}}
+{{- range regexFindAll "/run/secrets/usage-agent/[-._A-Za-z0-9]+" $text -1 -}}
+{{- $keys = append $keys (trimPrefix "/run/secrets/usage-agent/" .) -}}
+{{- end -}}
+{{- $keys | uniq | sortAlpha | join " " -}}
 {{- end -}}
