@@ -10,6 +10,7 @@ and serves metrics and health on ``server.listen``.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -85,6 +86,26 @@ class TickResult:
 
 
 REGIONS_TTL = timedelta(hours=1)
+MAX_ACCOUNTS_LOGGED = 10
+MAX_REGIONS = 64  # AWS has fewer than 40; more is not an answer to trust
+_REGION_NAME = re.compile(r"[a-z]{2}(-[a-z0-9]+)+-[0-9]{1,2}")
+
+
+def enabled_regions(answer: Any) -> list[str]:
+    """The regions of a DescribeRegions answer that the account has enabled; SamplingError,
+    naming what was wrong, for an answer that is not one (a region name goes into endpoint URLs)."""
+    listed = answer.get("Regions") if isinstance(answer, dict) else None
+    if not isinstance(listed, list) or not listed or len(listed) > MAX_REGIONS:
+        raise SamplingError(f"ec2 DescribeRegions gave no usable region list "
+                            f"({type(listed).__name__}, {len(listed) if isinstance(listed, list) else 0} entries)")
+    regions = set()
+    for entry in listed:
+        name = entry.get("RegionName") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not _REGION_NAME.fullmatch(name):
+            raise SamplingError(f"ec2 DescribeRegions named a region that is not one: {str(name)[:80]!r}")
+        if entry.get("OptInStatus") != "not-opted-in":
+            regions.add(name)
+    return sorted(regions)
 
 
 class Agent:
@@ -121,7 +142,9 @@ class Agent:
 
     def tick_context(self, m: Measurement, tick: datetime) -> Any:
         """Log context for every line of a tick; each target's thread narrows account and region."""
-        accounts = ",".join(r.arn.split(":")[4] if r.arn else "self" for r in m.roles())
+        ids = [r.arn.split(":")[4] if r.arn else "self" for r in m.roles()]
+        # a thousand accounts would make every line of the tick 13 KB long: past a few, the count
+        accounts = ",".join(ids) if len(ids) <= MAX_ACCOUNTS_LOGGED else f"{len(ids)} accounts"
         return structlog.contextvars.bound_contextvars(
             measurement=m.name, tick=format_timestamp(tick), account=accounts, region=",".join(m.regions))
 
@@ -146,9 +169,9 @@ class Agent:
             ec2 = self.sessions.client("ec2", self.sessions.home_region, role.arn, role.external_id)
             try:
                 answer = ec2.describe_regions()  # without AllRegions: the regions enabled in the account
-            except (ClientError, BotoCoreError) as exc:
+            except (ClientError, BotoCoreError, ResponseParserError) as exc:
                 raise SamplingError(f"cannot list the account's regions: {describe_aws_error(exc)}") from exc
-            regions = sorted(r["RegionName"] for r in answer["Regions"] if r.get("OptInStatus") != "not-opted-in")
+            regions = enabled_regions(answer)
             with self._lock:
                 self._regions[key] = (now + REGIONS_TTL, regions)
             return regions
