@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -46,6 +47,18 @@ MAX_DURATION = timedelta(days=366)
 MAX_CONFIG_BYTES = 2**20  # read at most this much of a config file
 MAX_DEPTH = 64  # nesting levels of YAML collections
 MAX_ALIAS_NODES = 10_000  # nodes that YAML aliases may add, all aliases together
+MAX_SECRET_BYTES = 64 * 2**10  # read at most this much of a secret file
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of a regular file: a FIFO would block and /dev/zero never ends."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise OSError(0, f"{kind} (expected a regular file)")
+        return f.read(limit + 1)
 
 
 def parse_duration(value: Any) -> timedelta:
@@ -114,9 +127,15 @@ def _read_secret_file(value: str | None, info: ValidationInfo) -> SecretStr | No
     if not path.is_absolute() and info.context and info.context.get("base_dir"):
         path = Path(info.context["base_dir"]) / path
     try:
-        content = path.read_text(encoding="utf-8").strip()
+        data = read_regular_file(path, MAX_SECRET_BYTES)
     except OSError as exc:
         raise ValueError(f"cannot read secret file {str(path)!r}: {exc.strerror}") from None
+    if len(data) > MAX_SECRET_BYTES:
+        raise ValueError(f"secret file {str(path)!r} is larger than {MAX_SECRET_BYTES // 2**10} KiB")
+    try:
+        content = data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"secret file {str(path)!r} is not valid UTF-8 (byte {exc.start})") from None
     if not content:
         raise ValueError(f"secret file {str(path)!r} is empty")
     return SecretStr(content)
@@ -803,8 +822,7 @@ def _check_shape(text: str) -> None:
 def read_yaml(path: Path) -> Any:
     """The YAML document in ``path``, bounded in size, depth and alias expansion."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
+        data = read_regular_file(path, MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ConfigError(str(path), [("", f"cannot read file: {exc.strerror or exc}")]) from None
     if len(data) > MAX_CONFIG_BYTES:
