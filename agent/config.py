@@ -669,46 +669,72 @@ class _Files:
 
     where: str  # its YAML path
     path: Path  # resolved: symlinks and .. followed
-    spool: bool
+    kind: Literal["spool", "jsonl", "config"]
 
     def members(self) -> list[Path]:
-        return [self.path, *(self.path.with_name(self.path.name + s) for s in _SPOOL_COMPANIONS if self.spool)]
+        companions = _SPOOL_COMPANIONS if self.kind == "spool" else ()
+        return [self.path, *(self.path.with_name(self.path.name + s) for s in companions)]
 
     def owns(self, other: Path) -> bool:
-        if other in self.members():
+        # compared case-folded: on a case-insensitive file system (macOS) Spool.db is spool.db
+        if _folded(other) in map(_folded, self.members()):
             return True
-        rest = other.name.removeprefix(self.path.name)
-        if other.parent != self.path.parent or rest == other.name:
+        name, mine = other.name.casefold(), self.path.name.casefold()
+        if _folded(other.parent) != _folded(self.path.parent) or not name.startswith(mine) or name == mine:
             return False
-        return bool(_SALVAGE_COPY.match(rest) if self.spool else _ROTATION.fullmatch(rest))
+        rest = name[len(mine):]
+        return bool(_SALVAGE_COPY.match(rest) if self.kind == "spool"
+                    else _ROTATION.fullmatch(rest) if self.kind == "jsonl" else False)
 
     def describe(self) -> str:
-        return f"{self.path} and its " + ("-wal, -shm, -journal, .lock and salvage copies" if self.spool
+        if self.kind == "config":
+            return str(self.path)
+        return f"{self.path} and its " + ("-wal, -shm, -journal, .lock and salvage copies" if self.kind == "spool"
                                           else "rotations <path>.<n>")
+
+
+def _folded(path: Path) -> str:
+    return str(path).casefold()
 
 
 def _same_file(a: Path, b: Path) -> bool:
     try:
-        return a == b or os.path.samefile(a, b)  # hard links too
+        return _folded(a) == _folded(b) or os.path.samefile(a, b)  # hard links too
     except OSError:  # one of them does not exist yet
         return False
 
 
-def _overlaps(raw: dict[str, Any], base_dir: Path, skip: set[str]) -> list[tuple[str, str]]:
-    """Two settings naming one file (or one's -wal, rotation, …): each would corrupt the other.
-    Read from the expanded YAML, so these are reported beside any other problem."""
+def _not_a_file(raw: str, path: Path) -> str | None:
+    """Why ``path`` cannot be written as a file (a directory, a device), or None."""
+    if raw.endswith(("/", os.sep)) or path.is_dir():
+        return f"{path} is a directory; expected the path of a file in it"
+    if path.exists() and not path.is_file():
+        return f"{path} is not a regular file (a device, FIFO or socket); expected the path of a file"
+    return None
+
+
+def _overlaps(raw: dict[str, Any], base_dir: Path, skip: set[str],
+              config_file: Path | None = None) -> list[tuple[str, str]]:
+    """Two settings naming one file (or one's -wal, rotation, …, or the config file itself): each
+    would corrupt the other. Read from the expanded YAML, so these are reported beside any other problem."""
     def section(key: str) -> Any:
         value = raw.get(key)
         return value if isinstance(value, dict) else {}
 
-    settings = [("spool.path", section("spool").get("path", Spool.model_fields["path"].default), True)]
+    settings = [("spool.path", section("spool").get("path", Spool.model_fields["path"].default), "spool")]
     if section("backend").get("type") == "file":
-        settings.append(("backend.path", section("backend").get("path"), False))
+        settings.append(("backend.path", section("backend").get("path"), "jsonl"))
     if "audit" in raw:
-        settings.append(("audit.path", section("audit").get("path"), False))
-    files = [_Files(where, Path(os.path.realpath(base_dir / path)), spool)
-             for where, path, spool in settings if isinstance(path, str) and path and where not in skip]
+        settings.append(("audit.path", section("audit").get("path"), "jsonl"))
     problems = []
+    files = [] if config_file is None else [_Files("the config file", Path(os.path.realpath(config_file)), "config")]
+    for where, path, kind in settings:
+        if isinstance(path, str) and path and where not in skip:
+            resolved = Path(os.path.realpath(base_dir / path))
+            if why := _not_a_file(path, resolved):
+                problems.append((where, why))
+            else:
+                files.append(_Files(where, resolved, kind))  # type: ignore[arg-type]
     for i, a in enumerate(files):
         for b in files[i + 1:]:
             if _same_file(a.path, b.path):
@@ -731,15 +757,17 @@ def _expanded(raw: Any, env: dict[str, str], no_env: bool) -> tuple[Any, list[tu
     return expanded, [] if no_env else unset, {where for where, _ in unset}
 
 
-def parse_config(raw: Any, source: str, env: dict[str, str], base_dir: Path | None = None) -> AgentConfig:
+def parse_config(raw: Any, source: str, env: dict[str, str], base_dir: Path | None = None,
+                 config_file: Path | None = None) -> AgentConfig:
     """Validate an already-loaded YAML document; raises ConfigError with every problem."""
-    cfg, _ = _validate(raw, source, env, base_dir, no_env=False)
+    cfg, _ = _validate(raw, source, env, base_dir, no_env=False, config_file=config_file)
     assert cfg is not None  # without no_env, every value was checked
     return cfg
 
 
 def _validate(
-    raw: Any, source: str, env: dict[str, str], base_dir: Path | None, no_env: bool
+    raw: Any, source: str, env: dict[str, str], base_dir: Path | None, no_env: bool,
+    config_file: Path | None = None,
 ) -> tuple[AgentConfig | None, Any]:
     """The config and the expanded document; ConfigError with every problem. ``no_env``: an
     unset ``${VAR}`` and what is built from it are not checked, ``*_file`` secrets are not read,
@@ -755,7 +783,7 @@ def _validate(
     except ValidationError as exc:
         problems += [p for p in _pydantic_problems(exc) if not _under(p[0], skip)]
     problems += [p for p in _registry_problems(expanded.get("measurements")) if not _under(p[0], skip)]
-    problems += _overlaps(expanded, base_dir or Path.cwd(), skip)
+    problems += _overlaps(expanded, base_dir or Path.cwd(), skip, config_file)
     if problems:
         raise ConfigError(source, sorted(problems, key=_path_order))
     return cfg, expanded
@@ -850,7 +878,7 @@ def _resolved(section: Any, base_dir: Path) -> Any:
 
 def load_config(path: str | Path, env: dict[str, str]) -> AgentConfig:
     path = Path(path)
-    cfg = parse_config(read_yaml(path), str(path), env, base_dir=path.parent)
+    cfg = parse_config(read_yaml(path), str(path), env, base_dir=path.parent, config_file=path)
     update: dict[str, Any] = {"spool": _resolved(cfg.spool, path.parent)}
     if isinstance(cfg.backend, FileBackend):
         update["backend"] = _resolved(cfg.backend, path.parent)
@@ -863,7 +891,7 @@ def check_structure(path: str | Path, env: dict[str, str]) -> dict[str, Any]:
     """``validate --no-env``: every check but those that need the deployment's environment
     (unset ``${VAR}``s, ``*_file`` secrets); returns the document, ``${VAR}``s expanded."""
     path = Path(path)
-    _, expanded = _validate(read_yaml(path), str(path), env, path.parent, no_env=True)
+    _, expanded = _validate(read_yaml(path), str(path), env, path.parent, no_env=True, config_file=path)
     return expanded
 
 
