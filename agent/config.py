@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -150,8 +151,20 @@ class _Model(BaseModel):
 
 
 def _http_url(value: str) -> str:
-    if not re.match(r"^https?://[^\s/]+", value):
-        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    expected = f"expected an http:// or https:// URL such as https://billing.example.com/usage, got {value!r:.100}"
+    if not value.isprintable() or " " in value:  # httpx would refuse it, or quietly send %20, at the first request
+        raise ValueError(f"{expected}: it holds spaces or control characters")
+    try:
+        url = urlsplit(value)
+        port = url.port  # ValueError past 65535
+    except ValueError as exc:
+        raise ValueError(f"{expected}: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(expected)
+    if port == 0:
+        raise ValueError(f"{expected}: port 0")
+    if url.username is not None or url.password is not None:
+        raise ValueError("credentials in the URL are refused (a URL is logged); use headers, a token or a secret file")
     return value.rstrip("/")
 
 
@@ -217,7 +230,11 @@ class OpenMeterBackend(_Model):
 
     @model_validator(mode="after")
     def _one_token(self) -> OpenMeterBackend:
-        object.__setattr__(self, "token", _at_most_one(self, "token"))
+        token = _at_most_one(self, "token")
+        if token is not None and not _HEADER_VALUE.match(token.get_secret_value()):
+            # sent as the Authorization header: refused by httpx at every request, retried forever
+            raise ValueError("the token must be printable ASCII, without line breaks or control characters")
+        object.__setattr__(self, "token", token)
         return self
 
 
@@ -227,9 +244,14 @@ RESERVED_HEADERS = ("content-type", "content-length", "host", "transfer-encoding
                     "x-usage-timestamp", "x-usage-signature")
 
 
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")  # what httpx can encode and h11 will send
+
+
 def _header_value(name: str, value: str) -> str:
     if any(c in value for c in "\r\n\0"):
         raise ValueError(f"header {name}: a value must not contain line breaks")
+    if not _HEADER_VALUE.match(value):
+        raise ValueError(f"header {name}: a value must be printable ASCII, without control characters")
     return value
 
 
@@ -505,7 +527,16 @@ class Spool(_Model):
 
 
 class Server(_Model):
-    listen: str = Field(default="0.0.0.0:9464", pattern=r"^[^\s:]*:\d{1,5}$")
+    listen: str = "0.0.0.0:9464"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, listen: str) -> str:
+        host, _, port = listen.rpartition(":")
+        if not re.fullmatch(r"[^\s:\[\]]*", host) or not re.fullmatch(r"\d{1,5}", port) or int(port) > 65535:
+            raise ValueError(f"expected host:port with an IPv4 address or name and a port from 0 to 65535, "
+                             f"such as 0.0.0.0:9464, got {listen!r:.80}")
+        return listen
 
 
 class AgentConfig(_Model):

@@ -42,3 +42,56 @@ def test_a_secret_file_is_read_bounded(tmp_path: Path) -> None:
     big.write_bytes(b"\xef\xbb\xbfs3cret\r\n")  # a BOM and CRLF from a Windows editor
     cfg = load_config(write(tmp_path, doc(backend(client_secret=None, client_secret_file=str(big)))), {})
     assert cfg.backend.secret() == "s3cret"  # type: ignore[union-attr]
+
+
+def http(**fields: object) -> dict[str, object]:
+    return {"type": "http", "url": "https://billing.example.com/usage", **fields}
+
+
+@pytest.mark.parametrize(("backend_", "where", "message"), [
+    # httpx cannot encode it: UnicodeEncodeError out of every send
+    (http(headers={"X-Tenant": "café"}), "backend", "header X-Tenant: a value must be printable ASCII, without control characters"),
+    (http(headers={"X-Tenant": "a\x01b"}), "backend", "header X-Tenant: a value must be printable ASCII, without control characters"),
+    (http(headers={"X-Tenant": "a\x7fb"}), "backend", "header X-Tenant: a value must be printable ASCII, without control characters"),
+    # the Authorization header: h11 refuses it at every request, retried forever
+    ({"type": "openmeter", "token": "abc\r\nX-Evil: 1"}, "backend",
+     "the token must be printable ASCII, without line breaks or control characters"),
+    ({"type": "openmeter", "token": "tökén"}, "backend",
+     "the token must be printable ASCII, without line breaks or control characters"),
+])
+def test_header_values_the_http_client_cannot_send_are_refused(
+    tmp_path: Path, backend_: dict[str, object], where: str, message: str
+) -> None:
+    assert problems_of(write(tmp_path, doc(backend_))) == [(where, message)]
+
+
+URL = "expected an http:// or https:// URL such as https://billing.example.com/usage, got "
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("https://billing.example.com/u\r\nX: y", URL + "'https://billing.example.com/u\\r\\nX: y': it holds spaces or control characters"),
+    ("https://billing.example.com/u v", URL + "'https://billing.example.com/u v': it holds spaces or control characters"),
+    ("https://billing.example.com:99999/u", URL + "'https://billing.example.com:99999/u': Port out of range 0-65535"),
+    ("https://:@/", URL + "'https://:@/'"),
+    ("https://[::1/", URL + "'https://[::1/': Invalid IPv6 URL"),
+    ("ftp://billing.example.com", URL + "'ftp://billing.example.com'"),
+    ("https://user:secret@billing.example.com/u",
+     "credentials in the URL are refused (a URL is logged); use headers, a token or a secret file"),
+])
+def test_urls_the_backend_cannot_be_reached_at_are_refused(tmp_path: Path, url: str, message: str) -> None:
+    assert problems_of(write(tmp_path, doc(http(url=url)))) == [("backend.url", message)]
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:99999", "[::]:9464", "host:", "a b:80"])
+def test_a_listen_address_that_cannot_be_bound_is_refused(tmp_path: Path, listen: str) -> None:
+    # port 99999 reached bind() and `run` died with an OverflowError traceback
+    problems = problems_of(write(tmp_path, doc(server={"listen": listen})))
+    assert problems == [("server.listen", "expected host:port with an IPv4 address or name and a port from 0 to 65535, "
+                                          f"such as 0.0.0.0:9464, got {listen!r}")]
+
+
+def test_valid_urls_headers_and_listen_addresses_still_load(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, doc(http(url="http://127.0.0.1:8080/usage/", headers={"X-Tenant": "acme\tinc"}),
+                                          server={"listen": ":0"})), {})
+    assert cfg.backend.url == "http://127.0.0.1:8080/usage"  # type: ignore[union-attr]
+    assert cfg.server.listen == ":0"
