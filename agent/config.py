@@ -7,6 +7,7 @@ collected with its YAML path (``measurements[1].interval``) into one ``ConfigErr
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -37,7 +38,8 @@ from agent.errors import ConfigError
 
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$(\{[^}]{0,40}\}?|[A-Za-z_][A-Za-z0-9_]*)")
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+$")
 
@@ -554,6 +556,16 @@ class SpoolSection(_Model):
     spool: Spool = Field(default_factory=Spool)
 
 
+def _key(path: str, key: Any) -> str:
+    """``path.key``; a key that is not plain is quoted with escapes, so a control character, an
+    invisible or look-alike letter shows in the message instead of acting on the terminal."""
+    text = str(key)
+    if not _PLAIN_KEY.match(text):
+        text = json.dumps(text)
+        return f"{path}[{text}]" if path else f"[{text}]"
+    return f"{path}.{text}" if path else text
+
+
 def _format_loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for i, part in enumerate(loc):
@@ -562,7 +574,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
         elif i > 0 and loc[i - 1] == "backend" and part in BACKEND_TYPES:
             continue  # the union tag pydantic inserts is not a YAML key
         else:
-            out += f".{part}" if out else str(part)
+            out = _key(out, part)
     return out
 
 
@@ -570,7 +582,7 @@ def expand_env(node: Any, env: dict[str, str], path: str, problems: list[tuple[s
     """Replace ``${VAR}`` in string scalars with the environment; ``$$`` is a literal ``$``."""
     if isinstance(node, dict):
         return {
-            key: expand_env(value, env, f"{path}.{key}" if path else str(key), problems)
+            key: expand_env(value, env, _key(path, key), problems)
             for key, value in node.items()
         }
     if isinstance(node, list):
@@ -581,6 +593,10 @@ def expand_env(node: Any, env: dict[str, str], path: str, problems: list[tuple[s
     def substitute(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
+        if match.group(2) is not None:  # a typo must not go to the backend as a literal id or secret
+            problems.append((path, f"{match.group(0)!r} is not expanded: write ${{NAME}} (no defaults), "
+                                   f"or $$ for a literal $"))
+            return ""
         name = match.group(1)
         if name not in env:
             problems.append((path, f"environment variable {name} is not set"))

@@ -95,3 +95,30 @@ def test_valid_urls_headers_and_listen_addresses_still_load(tmp_path: Path) -> N
                                           server={"listen": ":0"})), {})
     assert cfg.backend.url == "http://127.0.0.1:8080/usage"  # type: ignore[union-attr]
     assert cfg.server.listen == ":0"
+
+
+@pytest.mark.parametrize("value", ["${TOKEN", "$TOKEN", "${ TOKEN }", "${TOKEN:-fallback}", "${1TOKEN}", "Bearer $TOKEN"])
+def test_a_reference_that_is_not_expanded_is_an_error_not_a_literal(tmp_path: Path, value: str) -> None:
+    # each went to the backend as the literal text: a header value or secret nobody meant
+    reference = value.removeprefix("Bearer ")
+    problems = problems_of(write(tmp_path, doc(http(headers={"Authorization": value}))), {"TOKEN": "t"})
+    assert problems == [("backend.headers.Authorization",
+                         f"{reference!r} is not expanded: write ${{NAME}} (no defaults), or $$ for a literal $")]
+
+
+def test_dollar_escapes_and_values_with_yaml_syntax_stay_text(tmp_path: Path) -> None:
+    headers = {"X-A": "$${TOKEN}", "X-B": "$$TOKEN", "X-C": "${TOKEN}", "X-D": "5$ or 5 $"}
+    cfg = load_config(write(tmp_path, doc(http(headers=headers))), {"TOKEN": "{a: [1, *x]} !!python/object:os.system"})
+    assert cfg.backend.header_values() == {  # type: ignore[union-attr]
+        "X-A": "${TOKEN}", "X-B": "$TOKEN", "X-C": "{a: [1, *x]} !!python/object:os.system", "X-D": "5$ or 5 $"}
+
+
+def test_keys_that_are_not_plain_are_quoted_in_messages(tmp_path: Path) -> None:
+    text = doc() + '"\\e[2J\\e[31mevil": 1\n"measurements\\u200b": 2\n"\\uff4deasurements": 3\n'
+    problems = problems_of(write(tmp_path, text))
+    assert sorted(problems) == [('["\\u001b[2J\\u001b[31mevil"]', "unknown key"),
+                                ('["\\uff4deasurements"]', "unknown key"),
+                                ('["measurements\\u200b"]', "unknown key")]
+    problems = problems_of(write(tmp_path, doc(measurements=[measurement(metadata={"a\nb": [1], "a.b": {}})])))
+    assert problems == [('measurements[0].metadata["a.b"]', "Input should be a valid string"),
+                        ('measurements[0].metadata["a\\nb"]', "Input should be a valid string")]
