@@ -349,6 +349,14 @@ COMMANDS = {"validate": cmd_validate, "once": cmd_once, "run": cmd_run, "spool":
             "iam-policy": cmd_iam_policy, "demo": cmd_demo}
 
 
+def _complain(text: str) -> None:
+    """To stderr; a reader gone (`validate 2>&1 | head -1`) must not turn exit 2 into a traceback."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
@@ -367,10 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except UsageError as exc:
-        print(f"usage-agent {args.command}: {exc}", file=sys.stderr)
+        _complain(f"usage-agent {args.command}: {exc}")
         return EXIT_CONFIG
     except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
+        _complain(exc.render())
         return EXIT_CONFIG
     except SpoolError as exc:
         _log().error("spool unusable", error=str(exc))
