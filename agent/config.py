@@ -905,14 +905,22 @@ def read_yaml(path: Path) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(str(path), [("", f"file is not valid UTF-8 (byte {exc.start})")]) from None
+        utf16 = " (it is UTF-16: save it as UTF-8)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ConfigError(str(path), [("", f"file is not valid UTF-8 (byte {exc.start}){utf16}")]) from None
     try:
         _check_shape(text)
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.reader.ReaderError as exc:  # its str() spans lines and names "<unicode string>"
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        raise ConfigError(str(path), [("", f"invalid YAML at line {line}, column {column}: character "
+                                           f"{chr(exc.character)!r}: {exc.reason}")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
+        if mark and text[mark.index:mark.index + 1] == "\t":
+            problem += " (a tab: YAML indents with spaces)"
         raise ConfigError(str(path), [("", f"invalid YAML{where}: {problem}")]) from None
     except ValueError as exc:  # a scalar YAML types but Python cannot build: 2026-13-45, 5000 digits
         raise ConfigError(str(path), [("", f"invalid YAML value: {str(exc).split(';')[0]}")]) from None

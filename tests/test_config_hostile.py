@@ -122,3 +122,21 @@ def test_keys_that_are_not_plain_are_quoted_in_messages(tmp_path: Path) -> None:
     problems = problems_of(write(tmp_path, doc(measurements=[measurement(metadata={"a\nb": [1], "a.b": {}})])))
     assert problems == [('measurements[0].metadata["a.b"]', "Input should be a valid string"),
                         ('measurements[0].metadata["a\\nb"]', "Input should be a valid string")]
+
+
+def test_unreadable_text_gets_a_one_line_error_saying_what_to_do(tmp_path: Path) -> None:
+    text = doc()
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(text.encode("utf-16"))  # Notepad's "Unicode"
+    assert problems_of(path) == [("", "file is not valid UTF-8 (byte 0) (it is UTF-16: save it as UTF-8)")]
+    path.write_bytes(b"backend:\n  type: file\n  path: \x7fELF\n")  # was two lines naming "<unicode string>"
+    assert problems_of(path) == [("", "invalid YAML at line 3, column 9: character '\\x7f': control characters are not allowed")]
+    path.write_text(text.replace("\n  ", "\n\t", 1))
+    assert problems_of(path) == [("", "invalid YAML at line 2, column 1: found character that cannot start any token "
+                                      "(a tab: YAML indents with spaces)")]
+
+
+def test_a_bom_and_crlf_line_ends_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + doc().replace("\n", "\r\n").encode())
+    assert load_config(path, {}).measurements[0].name == "ebs-storage"
