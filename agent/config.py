@@ -961,6 +961,7 @@ def load_spool_config(path: str | Path, env: dict[str, str]) -> Spool:
         section = SpoolSection.model_validate(expanded)
     except ValidationError as exc:
         problems += [p for p in _pydantic_problems(exc) if not _under(p[0], skip)]
+    problems += _overlaps(expanded, path.parent, skip, path)  # `spool salvage` would replace the config
     if problems:
         raise ConfigError(str(path), sorted(problems, key=_path_order))
     return _resolved(section.spool, path.parent)

@@ -151,3 +151,16 @@ def test_an_invalid_config_exits_2_when_stderr_is_closed_early(tmp_path: Path) -
     finally:
         os.close(write_end)
     assert done.returncode == 2
+
+
+@pytest.mark.parametrize("command", ["stats", "salvage"])
+def test_spool_commands_refuse_a_spool_path_that_is_the_config_file(tmp_path: Path, command: str) -> None:
+    # `spool salvage` moved the config aside as <config>.corrupt-<time> and wrote a SQLite file in its place
+    config = tmp_path / "agent.yaml"
+    config.write_text("spool: {path: agent.yaml}\nbackend: {type: paigo, client_id: '${UNSET}'}\n")
+    before = config.read_bytes()
+    done = usage_agent("spool", command, "-c", str(config))
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.splitlines() == [
+        f"{config}: 1 error(s)", f"  spool.path: is the same file as the config file ({config}); give each its own file"]
+    assert config.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["agent.yaml"]
