@@ -157,12 +157,14 @@ def _load(path: str) -> AgentConfig:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     if args.no_env:
-        from agent.config import check_structure
+        from agent.config import BACKEND_TYPES, check_structure
 
         raw = check_structure(args.config, dict(os.environ))
         backend = raw["backend"] if isinstance(raw["backend"], dict) else {}  # a whole section may be an unset ${VAR}
-        print(f"{args.config}: structure ok ({len(raw['measurements'])} measurement(s), backend "
-              f"{backend.get('type') or '${...}'}); unset ${{VAR}}s and secret files not checked")
+        kind = backend.get("type") if backend.get("type") in BACKEND_TYPES else "${...}"
+        count = len(raw["measurements"]) if isinstance(raw["measurements"], list) else "${...}"
+        print(f"{args.config}: structure ok ({count} measurement(s), backend "
+              f"{kind}); unset ${{VAR}}s and secret files not checked")
         return EXIT_OK
     cfg = _load(args.config)
     print(f"{args.config}: ok ({len(cfg.measurements)} measurement(s), backend {cfg.backend.type})")

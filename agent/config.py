@@ -578,15 +578,18 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def expand_env(node: Any, env: dict[str, str], path: str, problems: list[tuple[str, str]]) -> Any:
-    """Replace ``${VAR}`` in string scalars with the environment; ``$$`` is a literal ``$``."""
+UNSET_PLACEHOLDER = "https://unset.invalid"  # `--no-env`: a value most string fields accept, so the checks of its section still run
+
+
+def expand_env(node: Any, env: dict[str, str], path: str, problems: list[tuple[str, str]],
+               unset: list[tuple[str, str]] | None = None, placeholder: str = "") -> Any:
+    """Replace ``${VAR}`` in string scalars with the environment; ``$$`` is a literal ``$``.
+    An unset variable becomes ``placeholder`` and is listed in ``unset`` (given) or ``problems``."""
     if isinstance(node, dict):
-        return {
-            key: expand_env(value, env, _key(path, key), problems)
-            for key, value in node.items()
-        }
+        return {key: expand_env(value, env, _key(path, key), problems, unset, placeholder)
+                for key, value in node.items()}
     if isinstance(node, list):
-        return [expand_env(value, env, f"{path}[{i}]", problems) for i, value in enumerate(node)]
+        return [expand_env(value, env, f"{path}[{i}]", problems, unset, placeholder) for i, value in enumerate(node)]
     if not isinstance(node, str):
         return node
 
@@ -596,11 +599,11 @@ def expand_env(node: Any, env: dict[str, str], path: str, problems: list[tuple[s
         if match.group(2) is not None:  # a typo must not go to the backend as a literal id or secret
             problems.append((path, f"{match.group(0)!r} is not expanded: write ${{NAME}} (no defaults), "
                                    f"or $$ for a literal $"))
-            return ""
+            return placeholder
         name = match.group(1)
         if name not in env:
-            problems.append((path, f"environment variable {name} is not set"))
-            return ""
+            (problems if unset is None else unset).append((path, f"environment variable {name} is not set"))
+            return placeholder
         return env[name]
 
     return _ENV_REF.sub(substitute, node)
@@ -688,8 +691,9 @@ def _path_order(problem: tuple[str, str]) -> list[Any]:
 
 
 def _under(where: str, paths: set[str]) -> bool:
-    """``where`` is one of ``paths`` or inside one of them."""
-    return any(where == p or where.startswith((f"{p}.", f"{p}[")) for p in paths)
+    """``where`` is one of ``paths`` or inside one of them, or a list holding one (``regions``
+    is checked as a whole)."""
+    return any(where == p or where.startswith((f"{p}.", f"{p}[")) or p.startswith(f"{where}[") for p in paths)
 
 
 def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
@@ -799,9 +803,10 @@ def _overlaps(raw: dict[str, Any], base_dir: Path, skip: set[str],
 def _expanded(raw: Any, env: dict[str, str], no_env: bool) -> tuple[Any, list[tuple[str, str]], set[str]]:
     """``raw`` with ``${VAR}`` expanded; the problems; the YAML paths built from an unset variable,
     whose other errors are not reported (once is enough; with ``no_env``, not at all)."""
+    problems: list[tuple[str, str]] = []
     unset: list[tuple[str, str]] = []
-    expanded = expand_env(raw, env, "", unset)
-    return expanded, [] if no_env else unset, {where for where, _ in unset}
+    expanded = expand_env(raw, env, "", problems, unset, UNSET_PLACEHOLDER if no_env else "")
+    return expanded, problems if no_env else problems + unset, {where for where, _ in problems + unset}
 
 
 def parse_config(raw: Any, source: str, env: dict[str, str], base_dir: Path | None = None,
