@@ -755,12 +755,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _not_a_file(raw: str, path: Path) -> str | None:
-    """Why ``path`` cannot be written as a file (a directory, a device), or None."""
+def _not_a_file(raw: str, path: Path, given: Path) -> str | None:
+    """Why ``path`` (``given`` resolved) cannot be written as a file (a directory, a device), or None."""
     if raw.endswith(("/", os.sep)) or path.is_dir():
         return f"{path} is a directory; expected the path of a file in it"
-    if path.exists() and not path.is_file():
-        return f"{path} is not a regular file (a device, FIFO or socket); expected the path of a file"
+    if any(p.exists() and not p.is_file() for p in (path, given)):  # /dev/stdout resolves to pipe:[…]
+        return f"{given} is not a regular file (a device, FIFO or socket); expected the path of a file"
     return None
 
 
@@ -782,7 +782,7 @@ def _overlaps(raw: dict[str, Any], base_dir: Path, skip: set[str],
     for where, path, kind in settings:
         if isinstance(path, str) and path and where not in skip:
             resolved = Path(os.path.realpath(base_dir / path))
-            if why := _not_a_file(path, resolved):
+            if why := _not_a_file(path, resolved, base_dir / path):
                 problems.append((where, why))
             else:
                 files.append(_Files(where, resolved, kind))  # type: ignore[arg-type]

@@ -100,3 +100,11 @@ def test_a_directory_or_a_device_is_not_a_file_path(tmp_path: Path) -> None:
         ("backend.path", f"{tmp_path / 'out'} is a directory; expected the path of a file in it"),
         ("spool.path", f"{tmp_path / 'data'} is a directory; expected the path of a file in it"),
     ]
+    read_end, write_end = os.pipe()  # /dev/stdout of an agent whose output is piped: resolves to pipe:[…]
+    try:
+        path = f"/proc/self/fd/{write_end}"
+        problems = problems_of(config(tmp_path, backend=path))
+        assert [p for p, _ in problems] == ["backend.path"] and "is not a regular file" in problems[0][1]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
