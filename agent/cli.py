@@ -157,12 +157,14 @@ def _load(path: str) -> AgentConfig:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     if args.no_env:
-        from agent.config import check_structure
+        from agent.config import BACKEND_TYPES, check_structure
 
         raw = check_structure(args.config, dict(os.environ))
         backend = raw["backend"] if isinstance(raw["backend"], dict) else {}  # a whole section may be an unset ${VAR}
-        print(f"{args.config}: structure ok ({len(raw['measurements'])} measurement(s), backend "
-              f"{backend.get('type') or '${...}'}); unset ${{VAR}}s and secret files not checked")
+        kind = backend.get("type") if backend.get("type") in BACKEND_TYPES else "${...}"
+        count = len(raw["measurements"]) if isinstance(raw["measurements"], list) else "${...}"
+        print(f"{args.config}: structure ok ({count} measurement(s), backend "
+              f"{kind}); unset ${{VAR}}s and secret files not checked")
         return EXIT_OK
     cfg = _load(args.config)
     print(f"{args.config}: ok ({len(cfg.measurements)} measurement(s), backend {cfg.backend.type})")
@@ -349,6 +351,14 @@ COMMANDS = {"validate": cmd_validate, "once": cmd_once, "run": cmd_run, "spool":
             "iam-policy": cmd_iam_policy, "demo": cmd_demo}
 
 
+def _complain(text: str) -> None:
+    """To stderr; a reader gone (`validate 2>&1 | head -1`) must not turn exit 2 into a traceback."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
@@ -367,10 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except UsageError as exc:
-        print(f"usage-agent {args.command}: {exc}", file=sys.stderr)
+        _complain(f"usage-agent {args.command}: {exc}")
         return EXIT_CONFIG
     except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
+        _complain(exc.render())
         return EXIT_CONFIG
     except SpoolError as exc:
         _log().error("spool unusable", error=str(exc))

@@ -7,12 +7,15 @@ collected with its YAML path (``measurements[1].interval``) into one ``ConfigErr
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -35,7 +38,8 @@ from agent.errors import ConfigError
 
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$(\{[^}]{0,40}\}?|[A-Za-z_][A-Za-z0-9_]*)")
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+$")
 
@@ -46,6 +50,18 @@ MAX_DURATION = timedelta(days=366)
 MAX_CONFIG_BYTES = 2**20  # read at most this much of a config file
 MAX_DEPTH = 64  # nesting levels of YAML collections
 MAX_ALIAS_NODES = 10_000  # nodes that YAML aliases may add, all aliases together
+MAX_SECRET_BYTES = 64 * 2**10  # read at most this much of a secret file
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of a regular file: a FIFO would block and /dev/zero never ends."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise OSError(0, f"{kind} (expected a regular file)")
+        return f.read(limit + 1)
 
 
 def parse_duration(value: Any) -> timedelta:
@@ -114,9 +130,15 @@ def _read_secret_file(value: str | None, info: ValidationInfo) -> SecretStr | No
     if not path.is_absolute() and info.context and info.context.get("base_dir"):
         path = Path(info.context["base_dir"]) / path
     try:
-        content = path.read_text(encoding="utf-8").strip()
+        data = read_regular_file(path, MAX_SECRET_BYTES)
     except OSError as exc:
         raise ValueError(f"cannot read secret file {str(path)!r}: {exc.strerror}") from None
+    if len(data) > MAX_SECRET_BYTES:
+        raise ValueError(f"secret file {str(path)!r} is larger than {MAX_SECRET_BYTES // 2**10} KiB")
+    try:
+        content = data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"secret file {str(path)!r} is not valid UTF-8 (byte {exc.start})") from None
     if not content:
         raise ValueError(f"secret file {str(path)!r} is empty")
     return SecretStr(content)
@@ -131,8 +153,20 @@ class _Model(BaseModel):
 
 
 def _http_url(value: str) -> str:
-    if not re.match(r"^https?://[^\s/]+", value):
-        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    expected = f"expected an http:// or https:// URL such as https://billing.example.com/usage, got {value!r:.100}"
+    if not value.isprintable() or " " in value:  # httpx would refuse it, or quietly send %20, at the first request
+        raise ValueError(f"{expected}: it holds spaces or control characters")
+    try:
+        url = urlsplit(value)
+        port = url.port  # ValueError past 65535
+    except ValueError as exc:
+        raise ValueError(f"{expected}: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(expected)
+    if port == 0:
+        raise ValueError(f"{expected}: port 0")
+    if url.username is not None or url.password is not None:
+        raise ValueError("credentials in the URL are refused (a URL is logged); use headers, a token or a secret file")
     return value.rstrip("/")
 
 
@@ -198,7 +232,11 @@ class OpenMeterBackend(_Model):
 
     @model_validator(mode="after")
     def _one_token(self) -> OpenMeterBackend:
-        object.__setattr__(self, "token", _at_most_one(self, "token"))
+        token = _at_most_one(self, "token")
+        if token is not None and not _HEADER_VALUE.match(token.get_secret_value()):
+            # sent as the Authorization header: refused by httpx at every request, retried forever
+            raise ValueError("the token must be printable ASCII, without line breaks or control characters")
+        object.__setattr__(self, "token", token)
         return self
 
 
@@ -208,9 +246,14 @@ RESERVED_HEADERS = ("content-type", "content-length", "host", "transfer-encoding
                     "x-usage-timestamp", "x-usage-signature")
 
 
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")  # what httpx can encode and h11 will send
+
+
 def _header_value(name: str, value: str) -> str:
     if any(c in value for c in "\r\n\0"):
         raise ValueError(f"header {name}: a value must not contain line breaks")
+    if not _HEADER_VALUE.match(value):
+        raise ValueError(f"header {name}: a value must be printable ASCII, without control characters")
     return value
 
 
@@ -486,7 +529,16 @@ class Spool(_Model):
 
 
 class Server(_Model):
-    listen: str = Field(default="0.0.0.0:9464", pattern=r"^[^\s:]*:\d{1,5}$")
+    listen: str = "0.0.0.0:9464"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, listen: str) -> str:
+        host, _, port = listen.rpartition(":")
+        if not re.fullmatch(r"[^\s:\[\]]*", host) or not re.fullmatch(r"\d{1,5}", port) or int(port) > 65535:
+            raise ValueError(f"expected host:port with an IPv4 address or name and a port from 0 to 65535, "
+                             f"such as 0.0.0.0:9464, got {listen!r:.80}")
+        return listen
 
 
 class AgentConfig(_Model):
@@ -504,6 +556,16 @@ class SpoolSection(_Model):
     spool: Spool = Field(default_factory=Spool)
 
 
+def _key(path: str, key: Any) -> str:
+    """``path.key``; a key that is not plain is quoted with escapes, so a control character, an
+    invisible or look-alike letter shows in the message instead of acting on the terminal."""
+    text = str(key)
+    if not _PLAIN_KEY.match(text):
+        text = json.dumps(text)
+        return f"{path}[{text}]" if path else f"[{text}]"
+    return f"{path}.{text}" if path else text
+
+
 def _format_loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for i, part in enumerate(loc):
@@ -512,29 +574,36 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
         elif i > 0 and loc[i - 1] == "backend" and part in BACKEND_TYPES:
             continue  # the union tag pydantic inserts is not a YAML key
         else:
-            out += f".{part}" if out else str(part)
+            out = _key(out, part)
     return out
 
 
-def expand_env(node: Any, env: dict[str, str], path: str, problems: list[tuple[str, str]]) -> Any:
-    """Replace ``${VAR}`` in string scalars with the environment; ``$$`` is a literal ``$``."""
+UNSET_PLACEHOLDER = "https://unset.invalid"  # `--no-env`: a value most string fields accept, so the checks of its section still run
+
+
+def expand_env(node: Any, env: dict[str, str], path: str, problems: list[tuple[str, str]],
+               unset: list[tuple[str, str]] | None = None, placeholder: str = "") -> Any:
+    """Replace ``${VAR}`` in string scalars with the environment; ``$$`` is a literal ``$``.
+    An unset variable becomes ``placeholder`` and is listed in ``unset`` (given) or ``problems``."""
     if isinstance(node, dict):
-        return {
-            key: expand_env(value, env, f"{path}.{key}" if path else str(key), problems)
-            for key, value in node.items()
-        }
+        return {key: expand_env(value, env, _key(path, key), problems, unset, placeholder)
+                for key, value in node.items()}
     if isinstance(node, list):
-        return [expand_env(value, env, f"{path}[{i}]", problems) for i, value in enumerate(node)]
+        return [expand_env(value, env, f"{path}[{i}]", problems, unset, placeholder) for i, value in enumerate(node)]
     if not isinstance(node, str):
         return node
 
     def substitute(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
+        if match.group(2) is not None:  # a typo must not go to the backend as a literal id or secret
+            problems.append((path, f"{match.group(0)!r} is not expanded: write ${{NAME}} (no defaults), "
+                                   f"or $$ for a literal $"))
+            return placeholder
         name = match.group(1)
         if name not in env:
-            problems.append((path, f"environment variable {name} is not set"))
-            return ""
+            (problems if unset is None else unset).append((path, f"environment variable {name} is not set"))
+            return placeholder
         return env[name]
 
     return _ENV_REF.sub(substitute, node)
@@ -622,8 +691,9 @@ def _path_order(problem: tuple[str, str]) -> list[Any]:
 
 
 def _under(where: str, paths: set[str]) -> bool:
-    """``where`` is one of ``paths`` or inside one of them."""
-    return any(where == p or where.startswith((f"{p}.", f"{p}[")) for p in paths)
+    """``where`` is one of ``paths`` or inside one of them, or a list holding one (``regions``
+    is checked as a whole)."""
+    return any(where == p or where.startswith((f"{p}.", f"{p}[")) or p.startswith(f"{where}[") for p in paths)
 
 
 def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
@@ -650,46 +720,72 @@ class _Files:
 
     where: str  # its YAML path
     path: Path  # resolved: symlinks and .. followed
-    spool: bool
+    kind: Literal["spool", "jsonl", "config"]
 
     def members(self) -> list[Path]:
-        return [self.path, *(self.path.with_name(self.path.name + s) for s in _SPOOL_COMPANIONS if self.spool)]
+        companions = _SPOOL_COMPANIONS if self.kind == "spool" else ()
+        return [self.path, *(self.path.with_name(self.path.name + s) for s in companions)]
 
     def owns(self, other: Path) -> bool:
-        if other in self.members():
+        # compared case-folded: on a case-insensitive file system (macOS) Spool.db is spool.db
+        if _folded(other) in map(_folded, self.members()):
             return True
-        rest = other.name.removeprefix(self.path.name)
-        if other.parent != self.path.parent or rest == other.name:
+        name, mine = other.name.casefold(), self.path.name.casefold()
+        if _folded(other.parent) != _folded(self.path.parent) or not name.startswith(mine) or name == mine:
             return False
-        return bool(_SALVAGE_COPY.match(rest) if self.spool else _ROTATION.fullmatch(rest))
+        rest = name[len(mine):]
+        return bool(_SALVAGE_COPY.match(rest) if self.kind == "spool"
+                    else _ROTATION.fullmatch(rest) if self.kind == "jsonl" else False)
 
     def describe(self) -> str:
-        return f"{self.path} and its " + ("-wal, -shm, -journal, .lock and salvage copies" if self.spool
+        if self.kind == "config":
+            return str(self.path)
+        return f"{self.path} and its " + ("-wal, -shm, -journal, .lock and salvage copies" if self.kind == "spool"
                                           else "rotations <path>.<n>")
+
+
+def _folded(path: Path) -> str:
+    return str(path).casefold()
 
 
 def _same_file(a: Path, b: Path) -> bool:
     try:
-        return a == b or os.path.samefile(a, b)  # hard links too
+        return _folded(a) == _folded(b) or os.path.samefile(a, b)  # hard links too
     except OSError:  # one of them does not exist yet
         return False
 
 
-def _overlaps(raw: dict[str, Any], base_dir: Path, skip: set[str]) -> list[tuple[str, str]]:
-    """Two settings naming one file (or one's -wal, rotation, …): each would corrupt the other.
-    Read from the expanded YAML, so these are reported beside any other problem."""
+def _not_a_file(raw: str, path: Path, given: Path) -> str | None:
+    """Why ``path`` (``given`` resolved) cannot be written as a file (a directory, a device), or None."""
+    if raw.endswith(("/", os.sep)) or path.is_dir():
+        return f"{path} is a directory; expected the path of a file in it"
+    if any(p.exists() and not p.is_file() for p in (path, given)):  # /dev/stdout resolves to pipe:[…]
+        return f"{given} is not a regular file (a device, FIFO or socket); expected the path of a file"
+    return None
+
+
+def _overlaps(raw: dict[str, Any], base_dir: Path, skip: set[str],
+              config_file: Path | None = None) -> list[tuple[str, str]]:
+    """Two settings naming one file (or one's -wal, rotation, …, or the config file itself): each
+    would corrupt the other. Read from the expanded YAML, so these are reported beside any other problem."""
     def section(key: str) -> Any:
         value = raw.get(key)
         return value if isinstance(value, dict) else {}
 
-    settings = [("spool.path", section("spool").get("path", Spool.model_fields["path"].default), True)]
+    settings = [("spool.path", section("spool").get("path", Spool.model_fields["path"].default), "spool")]
     if section("backend").get("type") == "file":
-        settings.append(("backend.path", section("backend").get("path"), False))
+        settings.append(("backend.path", section("backend").get("path"), "jsonl"))
     if "audit" in raw:
-        settings.append(("audit.path", section("audit").get("path"), False))
-    files = [_Files(where, Path(os.path.realpath(base_dir / path)), spool)
-             for where, path, spool in settings if isinstance(path, str) and path and where not in skip]
+        settings.append(("audit.path", section("audit").get("path"), "jsonl"))
     problems = []
+    files = [] if config_file is None else [_Files("the config file", Path(os.path.realpath(config_file)), "config")]
+    for where, path, kind in settings:
+        if isinstance(path, str) and path and where not in skip:
+            resolved = Path(os.path.realpath(base_dir / path))
+            if why := _not_a_file(path, resolved, base_dir / path):
+                problems.append((where, why))
+            else:
+                files.append(_Files(where, resolved, kind))  # type: ignore[arg-type]
     for i, a in enumerate(files):
         for b in files[i + 1:]:
             if _same_file(a.path, b.path):
@@ -707,20 +803,23 @@ def _overlaps(raw: dict[str, Any], base_dir: Path, skip: set[str]) -> list[tuple
 def _expanded(raw: Any, env: dict[str, str], no_env: bool) -> tuple[Any, list[tuple[str, str]], set[str]]:
     """``raw`` with ``${VAR}`` expanded; the problems; the YAML paths built from an unset variable,
     whose other errors are not reported (once is enough; with ``no_env``, not at all)."""
+    problems: list[tuple[str, str]] = []
     unset: list[tuple[str, str]] = []
-    expanded = expand_env(raw, env, "", unset)
-    return expanded, [] if no_env else unset, {where for where, _ in unset}
+    expanded = expand_env(raw, env, "", problems, unset, UNSET_PLACEHOLDER if no_env else "")
+    return expanded, problems if no_env else problems + unset, {where for where, _ in problems + unset}
 
 
-def parse_config(raw: Any, source: str, env: dict[str, str], base_dir: Path | None = None) -> AgentConfig:
+def parse_config(raw: Any, source: str, env: dict[str, str], base_dir: Path | None = None,
+                 config_file: Path | None = None) -> AgentConfig:
     """Validate an already-loaded YAML document; raises ConfigError with every problem."""
-    cfg, _ = _validate(raw, source, env, base_dir, no_env=False)
+    cfg, _ = _validate(raw, source, env, base_dir, no_env=False, config_file=config_file)
     assert cfg is not None  # without no_env, every value was checked
     return cfg
 
 
 def _validate(
-    raw: Any, source: str, env: dict[str, str], base_dir: Path | None, no_env: bool
+    raw: Any, source: str, env: dict[str, str], base_dir: Path | None, no_env: bool,
+    config_file: Path | None = None,
 ) -> tuple[AgentConfig | None, Any]:
     """The config and the expanded document; ConfigError with every problem. ``no_env``: an
     unset ``${VAR}`` and what is built from it are not checked, ``*_file`` secrets are not read,
@@ -736,7 +835,7 @@ def _validate(
     except ValidationError as exc:
         problems += [p for p in _pydantic_problems(exc) if not _under(p[0], skip)]
     problems += [p for p in _registry_problems(expanded.get("measurements")) if not _under(p[0], skip)]
-    problems += _overlaps(expanded, base_dir or Path.cwd(), skip)
+    problems += _overlaps(expanded, base_dir or Path.cwd(), skip, config_file)
     if problems:
         raise ConfigError(source, sorted(problems, key=_path_order))
     return cfg, expanded
@@ -803,8 +902,7 @@ def _check_shape(text: str) -> None:
 def read_yaml(path: Path) -> Any:
     """The YAML document in ``path``, bounded in size, depth and alias expansion."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
+        data = read_regular_file(path, MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ConfigError(str(path), [("", f"cannot read file: {exc.strerror or exc}")]) from None
     if len(data) > MAX_CONFIG_BYTES:
@@ -812,14 +910,22 @@ def read_yaml(path: Path) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(str(path), [("", f"file is not valid UTF-8 (byte {exc.start})")]) from None
+        utf16 = " (it is UTF-16: save it as UTF-8)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ConfigError(str(path), [("", f"file is not valid UTF-8 (byte {exc.start}){utf16}")]) from None
     try:
         _check_shape(text)
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.reader.ReaderError as exc:  # its str() spans lines and names "<unicode string>"
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        raise ConfigError(str(path), [("", f"invalid YAML at line {line}, column {column}: character "
+                                           f"{chr(exc.character)!r}: {exc.reason}")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
+        if mark and text[mark.index:mark.index + 1] == "\t":
+            problem += " (a tab: YAML indents with spaces)"
         raise ConfigError(str(path), [("", f"invalid YAML{where}: {problem}")]) from None
     except ValueError as exc:  # a scalar YAML types but Python cannot build: 2026-13-45, 5000 digits
         raise ConfigError(str(path), [("", f"invalid YAML value: {str(exc).split(';')[0]}")]) from None
@@ -832,7 +938,7 @@ def _resolved(section: Any, base_dir: Path) -> Any:
 
 def load_config(path: str | Path, env: dict[str, str]) -> AgentConfig:
     path = Path(path)
-    cfg = parse_config(read_yaml(path), str(path), env, base_dir=path.parent)
+    cfg = parse_config(read_yaml(path), str(path), env, base_dir=path.parent, config_file=path)
     update: dict[str, Any] = {"spool": _resolved(cfg.spool, path.parent)}
     if isinstance(cfg.backend, FileBackend):
         update["backend"] = _resolved(cfg.backend, path.parent)
@@ -845,7 +951,7 @@ def check_structure(path: str | Path, env: dict[str, str]) -> dict[str, Any]:
     """``validate --no-env``: every check but those that need the deployment's environment
     (unset ``${VAR}``s, ``*_file`` secrets); returns the document, ``${VAR}``s expanded."""
     path = Path(path)
-    _, expanded = _validate(read_yaml(path), str(path), env, path.parent, no_env=True)
+    _, expanded = _validate(read_yaml(path), str(path), env, path.parent, no_env=True, config_file=path)
     return expanded
 
 
@@ -860,6 +966,7 @@ def load_spool_config(path: str | Path, env: dict[str, str]) -> Spool:
         section = SpoolSection.model_validate(expanded)
     except ValidationError as exc:
         problems += [p for p in _pydantic_problems(exc) if not _under(p[0], skip)]
+    problems += _overlaps(expanded, path.parent, skip, path)  # `spool salvage` would replace the config
     if problems:
         raise ConfigError(str(path), sorted(problems, key=_path_order))
     return _resolved(section.spool, path.parent)

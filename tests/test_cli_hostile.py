@@ -137,3 +137,30 @@ def test_spool_command_numbers_are_bounded(tmp_path: Path, flags: list[str]) -> 
     done = usage_agent("spool", flags[0], "-c", str(file_config(tmp_path)), *flags[1:])
     assert done.returncode == 2  # -1 was SQLite's "no limit"; 10**23 an OverflowError traceback
     assert f"argument {flags[1]}: expected a whole number from" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_invalid_config_exits_2_when_stderr_is_closed_early(tmp_path: Path) -> None:
+    # `usage-agent validate -c bad.yaml 2>&1 | head -1`: the error print raised BrokenPipeError, exit 1
+    config = write_yaml(tmp_path / "agent.yaml", backend_config(
+        {"type": "file", "path": "spool.db"}, tmp_path, measurement()))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([*agent_command(), "validate", "-c", str(config)], stderr=write_end,
+                              stdout=subprocess.DEVNULL, timeout=60)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 2
+
+
+@pytest.mark.parametrize("command", ["stats", "salvage"])
+def test_spool_commands_refuse_a_spool_path_that_is_the_config_file(tmp_path: Path, command: str) -> None:
+    # `spool salvage` moved the config aside as <config>.corrupt-<time> and wrote a SQLite file in its place
+    config = tmp_path / "agent.yaml"
+    config.write_text("spool: {path: agent.yaml}\nbackend: {type: paigo, client_id: '${UNSET}'}\n")
+    before = config.read_bytes()
+    done = usage_agent("spool", command, "-c", str(config))
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.splitlines() == [
+        f"{config}: 1 error(s)", f"  spool.path: is the same file as the config file ({config}); give each its own file"]
+    assert config.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["agent.yaml"]

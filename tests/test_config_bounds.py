@@ -102,3 +102,22 @@ def test_the_spool_section_alone_still_reports_its_own_problems(tmp_path: Path) 
         ("spool.max_records", "Input should be greater than or equal to 1"),
         ("spool.path", "environment variable SPOOL_DIR is not set"),
     ]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # a field from an unset ${VAR} used to keep the checks of its whole section from running
+    ("backend: {type: paigo, client_id: '${ID}'}\n",
+     [("backend", "set exactly one of client_secret or client_secret_file")]),
+    ("backend: {type: http, url: '${URL}', hmac_secret: a, hmac_secret_file: b}\n",
+     [("backend", "set at most one of hmac_secret or hmac_secret_file")]),
+    ("backend: {type: http, url: 'https://x.example', headers: {X-A: '$TOKEN'}}\n",
+     [("backend.headers.X-A", "'$TOKEN' is not expanded: write ${NAME} (no defaults), or $$ for a literal $")]),
+])
+def test_no_env_still_reports_what_an_unset_variable_does_not_explain(
+    tmp_path: Path, text: str, expected: list[tuple[str, str]]
+) -> None:
+    path = write(tmp_path, text + "measurements:\n  - {name: a, dimension_id: '${DIM}', resource_type: ebs, "
+                                  "regions: ['${REGION}'], customer: {id: '${CUSTOMER}'}}\n")
+    with pytest.raises(ConfigError) as info:
+        check_structure(path, {})
+    assert info.value.problems == expected

@@ -69,3 +69,42 @@ def test_distinct_files_side_by_side_are_accepted(tmp_path: Path) -> None:
     # the default spool path is compared too
     problems = problems_of(write(tmp_path, doc({"type": "file", "path": "/var/lib/usage-agent/spool.db"})))
     assert [p for p, _ in problems] == ["backend.path"]
+
+
+@pytest.mark.parametrize(("spool", "backend", "audit", "where"), [
+    ("agent.yaml", "out.jsonl", None, "spool.path"),  # the spool would be opened on the config
+    ("spool.db", "./agent.yaml", None, "backend.path"),  # JSON lines appended to the config, its last line cut
+    ("spool.db", "out.jsonl", "x/../agent.yaml", "audit.path"),
+])
+def test_the_config_file_itself_is_never_written(
+    tmp_path: Path, spool: str, backend: str, audit: str | None, where: str
+) -> None:
+    (tmp_path / "x").mkdir()
+    problems = problems_of(config(tmp_path, spool, backend, audit))
+    assert problems == [(where, f"is the same file as the config file ({tmp_path / 'agent.yaml'}); give each its own file")]
+
+
+def test_paths_differing_only_in_case_are_refused(tmp_path: Path) -> None:
+    # one file on a case-insensitive file system (macOS, Windows volumes)
+    problems = problems_of(config(tmp_path, spool="Spool.db", backend="spool.DB"))
+    assert [p for p, _ in problems] == ["backend.path"] and "same file as spool.path" in problems[0][1]
+    problems = problems_of(config(tmp_path, backend="Out.jsonl", audit="out.jsonl.000002"))
+    assert [p for p, _ in problems] == ["audit.path"] and "rotations" in problems[0][1]
+
+
+def test_a_directory_or_a_device_is_not_a_file_path(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    problems = problems_of(config(tmp_path, spool="data", backend="out/", audit="/dev/null"))
+    assert problems == [
+        ("audit.path", "/dev/null is not a regular file (a device, FIFO or socket); expected the path of a file"),
+        ("backend.path", f"{tmp_path / 'out'} is a directory; expected the path of a file in it"),
+        ("spool.path", f"{tmp_path / 'data'} is a directory; expected the path of a file in it"),
+    ]
+    read_end, write_end = os.pipe()  # /dev/stdout of an agent whose output is piped: resolves to pipe:[…]
+    try:
+        path = f"/proc/self/fd/{write_end}"
+        problems = problems_of(config(tmp_path, backend=path))
+        assert [p for p, _ in problems] == ["backend.path"] and "is not a regular file" in problems[0][1]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
