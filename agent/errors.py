@@ -15,9 +15,13 @@ class ConfigError(AgentError):
         self.problems = problems
         super().__init__(self.render())
 
+    SHOWN = 200  # a file of junk has tens of thousands of errors: the first ones say what is wrong
+
     def render(self) -> str:
         lines = [f"{self.source}: {len(self.problems)} error(s)"]
-        lines += [f"  {path or '<root>'}: {message}" for path, message in self.problems]
+        lines += [f"  {path or '<root>'}: {message}" for path, message in self.problems[:self.SHOWN]]
+        if len(self.problems) > self.SHOWN:
+            lines.append(f"  … and {len(self.problems) - self.SHOWN} more")
         return "\n".join(lines)
 
 

@@ -364,3 +364,16 @@ def test_example_config_validates(tmp_path: Path, example: Path) -> None:
     else:
         assert isinstance(backend, FileBackend) and Path(backend.path).is_absolute()
     assert cfg.measurements and all(m.roles() and m.resource_type in REGISTRY for m in cfg.measurements)
+
+
+def test_a_file_of_junk_prints_the_first_errors_and_how_many_more(tmp_path: Path) -> None:
+    junk = "".join(f"junk{n}: 1\n" for n in range(5000))
+    config = write(tmp_path, "backend: {type: file, path: out.jsonl}\nmeasurements: []\n" + junk)
+    result = _validate(config)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    header = next(line for line in lines if line.startswith(f"{config}: "))
+    total = int(header.split(": ")[1].split()[0])
+    shown = [line for line in lines if line.startswith("  junk")]
+    assert total > 5000 and len(shown) == 200
+    assert lines[-1] == f"  … and {total - 200} more"
