@@ -253,6 +253,7 @@ class Spool:
         self.reserve = reserve or Reserve(self.path.with_name(self.path.name + ".reserve"))
         self._free_space = free_space or (lambda: free_bytes(self.path.parent))
         self._disk_low = False  # the last tick was refused for disk space
+        self.lease_dead = 0  # rows the last lease_batch dead-lettered as damaged instead of leasing
         # outcomes a write could not record: record id -> None (delivered) | Retry | Dead
         self._held: dict[str, Retry | Dead | None] = {}
         if self.path.is_dir():
@@ -495,6 +496,7 @@ class Spool:
                     "WHERE state = 'pending' AND not_before <= ? AND seq <= ?",
                     (now + lease_seconds, now, now, leased_seqs[-1]),
                 )
+        self.lease_dead = len(damaged)
         for error, _, seq in damaged:
             log.error("spooled record is damaged; dead-lettered", seq=seq, error=error)
         return leased
