@@ -100,10 +100,13 @@ class Forwarder:
         if self._unwritten:  # outcomes a failed spool write could not record: record them first
             self._settle([], result)
         leased = self._spool.lease_batch(self._batch_size, self._lease_seconds)
+        # rows dead-lettered as damaged count as taken and dead: a batch of only those does not end a drain
+        RECORDS_DEAD.inc(self._spool.lease_dead)
+        result.dead += self._spool.lease_dead
+        result.leased = len(leased) + self._spool.lease_dead
         if not leased:
             return result
         self._attempts.update({item.record.record_id: item.attempts for item in leased})
-        result.leased = len(leased)
         settled: list[tuple[UsageRecord, Outcome]] = []
         for record, outcome in self._sink.deliver([item.record for item in leased], self.stopping):
             self._watch(outcome)

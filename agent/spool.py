@@ -34,6 +34,7 @@ SCHEMA_VERSION = 1
 STATES = ("pending", "leased", "delivered", "dead")
 MIN_FREE_BYTES = 64 * 2**20  # below this much free disk, new ticks are refused: outcomes keep the room
 RESERVE_BYTES = 8 * 2**20  # the ballast beside the spool that only delivery outcomes may use
+FULL_BELOW = 2**20  # free bytes under which an I/O error at open is taken for a full volume
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -164,17 +165,19 @@ def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 
 
-def open_failure(path: Path, exc: sqlite3.Error) -> str:
+def open_failure(path: Path, exc: sqlite3.Error, free_space: Callable[[], int] | None = None) -> str:
     """Why a spool cannot be opened, and what to do about it: salvage only for a damaged file."""
     code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
     cause = str(exc)
     if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
         return damaged_message(path, cause)
-    if code == sqlite3.SQLITE_FULL:
-        try:
-            room = f"{free_bytes(path.parent)} bytes free on {path.parent}"
-        except OSError:
-            room = f"{path.parent} cannot be examined"
+    try:
+        free: int | None = (free_space or (lambda: free_bytes(path.parent)))()
+    except OSError:
+        free = None
+    # SQLite reports a volume too full for its -wal or -shm as an I/O error
+    if code == sqlite3.SQLITE_FULL or (code == sqlite3.SQLITE_IOERR and free is not None and free < FULL_BELOW):
+        room = f"{path.parent} cannot be examined" if free is None else f"{free} bytes free on {path.parent}"
         return (f"spool {path} cannot be written: the disk is full ({room}; {cause}). Free space on that volume or "
                 f"grow it, then start again. The spool is not damaged; salvage cannot help.")
     if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH):
@@ -253,6 +256,7 @@ class Spool:
         self.reserve = reserve or Reserve(self.path.with_name(self.path.name + ".reserve"))
         self._free_space = free_space or (lambda: free_bytes(self.path.parent))
         self._disk_low = False  # the last tick was refused for disk space
+        self.lease_dead = 0  # rows the last lease_batch dead-lettered as damaged instead of leasing
         # outcomes a write could not record: record id -> None (delivered) | Retry | Dead
         self._held: dict[str, Retry | Dead | None] = {}
         if self.path.is_dir():
@@ -290,7 +294,7 @@ class Spool:
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             self._close_db()
-            raise SpoolError(open_failure(self.path, exc)) from exc
+            raise SpoolError(open_failure(self.path, exc, self._free_space)) from exc
 
     @classmethod
     def open_existing(cls, path: str | Path, max_records: int = 1_000_000,
@@ -495,6 +499,7 @@ class Spool:
                     "WHERE state = 'pending' AND not_before <= ? AND seq <= ?",
                     (now + lease_seconds, now, now, leased_seqs[-1]),
                 )
+        self.lease_dead = len(damaged)
         for error, _, seq in damaged:
             log.error("spooled record is damaged; dead-lettered", seq=seq, error=error)
         return leased

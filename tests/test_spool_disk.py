@@ -257,6 +257,17 @@ def test_a_full_disk_at_open_is_not_called_damage(tmp_path: Path) -> None:
     assert f"bytes free on {tmp_path}" in message and "spool salvage" not in message
 
 
+def test_an_io_error_at_open_on_a_full_volume_is_called_full_not_damage(tmp_path: Path) -> None:
+    """SQLite answers "disk I/O error" when a full volume cannot take the -shm; that is no damage."""
+    error = sqlite3.OperationalError("disk I/O error")
+    error.sqlite_errorcode = sqlite3.SQLITE_IOERR  # what SQLite sets when growing the -shm fails
+    full = open_failure(tmp_path / "spool.db", error, lambda: 0)
+    assert full.startswith(f"spool {tmp_path / 'spool.db'} cannot be written: the disk is full (0 bytes free on ")
+    assert "spool salvage" not in full
+    roomy = open_failure(tmp_path / "spool.db", error, lambda: 10 * 2**30)
+    assert "the disk returned an I/O error" in roomy and "spool salvage" in roomy
+
+
 def test_a_damaged_file_still_points_to_salvage(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     path.write_bytes(b"not a database at all, " * 400)

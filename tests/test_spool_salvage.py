@@ -185,6 +185,27 @@ def test_one_row_that_does_not_render_is_dead_lettered_and_the_others_are_delive
     assert sent == [r.record_id for r in records if r.record_id != poisoned]
 
 
+def test_rows_dead_lettered_at_lease_are_counted_and_do_not_stop_the_drain(tmp_path: Path) -> None:
+    """What ``once`` reports and exits by: a row dead-lettered as damaged counts as dead, and a
+    batch made only of such rows does not end the drain while records are pending after it."""
+    clock = Clock()
+    spool = Spool(tmp_path / "spool.db", clock=clock)
+    spool.claim()
+    records = [make_record(n) for n in range(40)]
+    spool.commit_tick("ebs-storage", T0, records)
+    for record in records[:16]:  # the whole first batch
+        poison_value(spool.path, record.record_id)
+    sink = FileSink(FileBackend(type="file", path=str(tmp_path / "out.jsonl")))
+    try:
+        sent = Forwarder(spool, sink, batch_size=16, clock=clock).drain()
+        counts = spool.counts()
+    finally:
+        sink.close()
+        spool.close()
+    assert counts == {"pending": 0, "leased": 0, "delivered": 24, "dead": 16}
+    assert (sent.delivered, sent.dead) == (24, 16)
+
+
 def test_salvage_copies_a_row_that_does_not_render_as_dead_letter(built: Path, tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     shutil.copyfile(built, path)
