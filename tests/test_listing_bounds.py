@@ -10,16 +10,17 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from botocore.stub import Stubber
 
 from agent.config import Measurement
-from agent.credentials import SessionFactory
+from agent.credentials import CLIENT_CONFIG, SessionFactory
 from agent.runtime import Agent
 from agent.samplers.base import MAX_DETAIL, CallError, Target
 from agent.samplers.ebs import PAGE_SIZE, sample_volumes
 from agent.testing.paigo_server import PaigoContractServer
-from tests.conftest import ACCOUNT, TICK, Aws, AwsProxy, make_config, measurement, offline_client, only
+from tests.conftest import ACCOUNT, TICK, Aws, AwsProxy, aws_error, make_config, measurement, offline_client, only
 
 AT = datetime(2026, 11, 21, 10, 0, 30, tzinfo=timezone.utc)
 
@@ -192,3 +193,17 @@ def test_an_answer_missing_a_field_fails_its_target_not_the_tick(
         ("eu-west-1", "dynamodb in 123456789012/eu-west-1: KeyError: 'TableArn'")]
     assert [(r.metadata["region"], r.resource) for r in result.records] == [
         ("us-east-1", "arn:aws:dynamodb:us-east-1:123456789012:table/orders")]
+
+
+def test_retries_of_one_call_stop_at_the_deadline(aws_proxy: AwsProxy) -> None:
+    # a peer that keeps failing: botocore would retry 8 times (minutes with real timeouts);
+    # no attempt starts once the target's interval is over
+    aws_proxy.rules.append(lambda name, region: aws_error("ServiceUnavailable", "down", 503) if name == "DescribeVolumes" else None)
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=aws_proxy.url, config=CLIENT_CONFIG)
+    target = _target(lambda: float(len(aws_proxy.calls)), deadline=1.0)  # the first attempt ends the interval
+
+    with pytest.raises(CallError, match=r"ec2 DescribeVolumes in 123456789012/us-east-1: .*not retried after 1 attempt.*"
+                                        r"did not finish inside the measurement's interval"):
+        list(sample_volumes(only(ec2), target))
+
+    assert aws_proxy.calls == [("DescribeVolumes", "us-east-1")]

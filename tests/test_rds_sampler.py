@@ -12,7 +12,7 @@ from botocore.stub import Stubber
 from agent.config import Measurement
 from agent.samplers import instance_types
 from agent.samplers.base import Sample, Skipped, Target
-from agent.samplers.rds import PAGE_SIZE, sample_instances
+from agent.samplers.rds import PAGE_SIZE, SPEC, sample_instances
 from tests.conftest import ACCOUNT, TICK, Aws, measurement, offline_client
 
 
@@ -73,8 +73,11 @@ def test_storage_count_and_vcpus_per_instance(aws: Aws) -> None:
     samples = {s.resource_id: s for s in sample_instances(_moto_clients(aws), _target())}
 
     assert set(samples) == {"orders", "reports", "paused", "aurora"}
-    assert samples["orders"].values == {"allocated_storage_gib": Decimal(100), "count": Decimal(1), "vcpus": Decimal(2)}
-    assert samples["reports"].values == {"allocated_storage_gib": Decimal(500), "count": Decimal(1), "vcpus": Decimal(4)}
+    assert samples["orders"].values == {"allocated_storage_gib": Decimal(100), "count": Decimal(1)}
+    assert samples["reports"].values == {"allocated_storage_gib": Decimal(500), "count": Decimal(1)}
+    vcpus = {s.resource_id: s.values.get("vcpus") for s in sample_instances(_moto_clients(aws), _target("vcpus"))
+             if isinstance(s, Sample)}
+    assert vcpus == {"orders": Decimal(2), "reports": Decimal(4), "paused": None}
     # stopped: AWS bills its storage, not the instance
     assert samples["paused"].values == {"allocated_storage_gib": Decimal(40)}
     # Aurora storage is the cluster's volume, and db.serverless has no EC2 type: only the count applies
@@ -178,3 +181,20 @@ def test_pages_and_billing_statuses() -> None:
         "count": Decimal(96),
         "vcpus": Decimal(93 * 8 + 3 * 2),
     }
+
+
+@pytest.mark.parametrize("metric", ["allocated_storage_gib", "count"])
+def test_instance_types_are_described_only_when_vcpus_are_measured(metric: str) -> None:
+    # an EC2 endpoint that fails (or a role without ec2:DescribeInstanceTypes) must not fail RDS storage
+    rds, ec2 = offline_client("rds"), offline_client("ec2")
+    rds_stub, ec2_stub = Stubber(rds), Stubber(ec2)
+    rds_stub.add_response("describe_db_instances", {"DBInstances": [_aws_instance(20)]}, {"MaxRecords": PAGE_SIZE})
+    ec2_stub.add_client_error("describe_instance_types", "UnauthorizedOperation", http_status_code=403)
+    clients = {"rds": rds, "ec2": ec2}
+
+    with rds_stub, ec2_stub:
+        items = list(sample_instances(clients.__getitem__, _target(metric)))
+
+    assert [(s.resource_id, s.values) for s in items] == [("db-0020", {"allocated_storage_gib": Decimal(20), "count": Decimal(1)})]
+    assert SPEC.actions_for(_target(metric).measurement) == ("rds:DescribeDBInstances",)
+    assert SPEC.actions_for(_target("vcpus").measurement) == ("ec2:DescribeInstanceTypes", "rds:DescribeDBInstances")

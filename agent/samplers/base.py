@@ -4,6 +4,7 @@ an answer that cannot be used becomes an error naming the peer)."""
 
 from __future__ import annotations
 
+import contextvars
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -86,6 +87,24 @@ class CallError(SamplingError):
     """A target's AWS call was not made in time, got no answer, or got one it cannot be sampled from."""
 
 
+class _PastDeadline(Exception):
+    """Raised in botocore's before-send hook: a retry would start after the target's deadline."""
+
+
+_ATTEMPTS: contextvars.ContextVar[tuple[Target, list[int]] | None] = contextvars.ContextVar("_ATTEMPTS", default=None)
+
+
+def _before_send(**_: Any) -> None:
+    # botocore retries inside one call (8 attempts of up to 40 s): none may start past the deadline
+    current = _ATTEMPTS.get()
+    if current is None:
+        return
+    target, attempts = current
+    if attempts[0] and target.clock() >= target.deadline:
+        raise _PastDeadline(attempts[0])
+    attempts[0] += 1
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """One (measurement, account, region) to sample for the tick ending at ``tick``, before
@@ -119,14 +138,22 @@ class Target:
         return self._send(client, operation, params)
 
     def _send(self, client: Any, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        client.meta.events.register("before-send", _before_send, unique_id="usage-agent-deadline")
+        token = _ATTEMPTS.set((self, [0]))
         try:
             answer = getattr(client, operation)(**params)
+        except _PastDeadline as exc:
+            raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: not retried after "
+                            f"{exc.args[0]} attempt(s): the target did not finish inside the measurement's "
+                            f"interval ({self.measurement.interval_seconds}s)") from exc
         except BotoCoreError as exc:  # no answer: a connection, timeout or credentials problem
             raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
                               f"{capped(f'{type(exc).__name__}: {exc}')}") from exc
         except (ResponseParserError, ValueError, TypeError, KeyError) as exc:  # botocore parses 'NaN' with int()
             raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: unusable answer: "
                               f"{capped(f'{type(exc).__name__}: {exc}')}") from exc
+        finally:
+            _ATTEMPTS.reset(token)
         if not isinstance(answer, dict):
             raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
                               f"unusable answer: {capped(repr(answer))}")

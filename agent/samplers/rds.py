@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+from agent.config import Measurement
 from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, quantity
 from agent.samplers.instance_types import lookup
 
@@ -65,7 +66,8 @@ def sample_instances(clients: ClientFor, target: Target) -> Iterator[Sample | Sk
         for db in instances
         if db.get("DBInstanceClass") and db.get("DBInstanceStatus") not in _STORAGE_ONLY
     }
-    types = lookup(target, clients("ec2"), compute_billed) if compute_billed else {}
+    # only vcpus needs EC2: storage and count must not fail with an EC2 endpoint or permission
+    types = lookup(target, clients("ec2"), compute_billed) if measured == "vcpus" and compute_billed else {}
     for db in instances:
         db_id = db.get("DBInstanceIdentifier") or "<no DBInstanceIdentifier>"
         instance_class = db.get("DBInstanceClass", "")
@@ -92,6 +94,10 @@ def sample_instances(clients: ClientFor, target: Target) -> Iterator[Sample | Sk
         )
 
 
+def _type_actions(measurement: Measurement) -> tuple[str, ...]:
+    return ("ec2:DescribeInstanceTypes",) if (measurement.metric or DEFAULT_METRIC) == "vcpus" else ()
+
+
 SPEC = SamplerSpec(
     resource_type="rds",
     metrics={
@@ -100,10 +106,11 @@ SPEC = SamplerSpec(
         "vcpus": MetricSpec("vCPUs", "default vCPUs of the instance class (not stopped)"),
     },
     default_metric=DEFAULT_METRIC,
-    iam_actions=("rds:DescribeDBInstances", "ec2:DescribeInstanceTypes"),
+    iam_actions=("rds:DescribeDBInstances",),
     filters=("tags", "instance_types"),
     sample=sample_instances,
     id_scope="account-region",  # DBInstanceIdentifier is the customer's name: prod-db repeats across regions
     identity="arn:{partition}:rds:{region}:{account}:db:{id}",
     description="RDS DB instances in every status AWS bills; stopped instances count for storage only",
+    extra_actions=_type_actions,
 )
