@@ -15,7 +15,7 @@ import pytest
 from botocore.stub import Stubber
 
 from agent.config import Measurement
-from agent.credentials import CLIENT_CONFIG, SessionFactory
+from agent.credentials import CLIENT_CONFIG, Backoff, SessionFactory
 from agent.runtime import Agent
 from agent.samplers.base import MAX_DETAIL, CallError, Target
 from agent.samplers.ebs import PAGE_SIZE, sample_volumes
@@ -200,6 +200,7 @@ def test_retries_of_one_call_stop_at_the_deadline(aws_proxy: AwsProxy) -> None:
     # no attempt starts once the target's interval is over
     aws_proxy.rules.append(lambda name, region: aws_error("ServiceUnavailable", "down", 503) if name == "DescribeVolumes" else None)
     ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=aws_proxy.url, config=CLIENT_CONFIG)
+    ec2.meta.events.register("needs-retry", Backoff(sleep=lambda _: None))  # the agent's retries, as SessionFactory sets them
     target = _target(lambda: float(len(aws_proxy.calls)), deadline=1.0)  # the first attempt ends the interval
 
     with pytest.raises(CallError, match=r"ec2 DescribeVolumes in 123456789012/us-east-1: .*not retried after 1 attempt.*"
