@@ -17,7 +17,7 @@ from agent.credentials import SessionFactory
 from agent.runtime import Agent
 from agent.samplers import instance_types
 from agent.samplers.base import Sample, Skipped, Target
-from agent.samplers.ec2 import sample_instances
+from agent.samplers.ec2 import SPEC, sample_instances
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, TICK, Aws, make_config, measurement, only
 
@@ -51,7 +51,7 @@ def test_running_instances_with_type_specs(aws: Aws) -> None:
     stopped = run(aws, "m5.large", 1, "acme")
     aws.ec2().stop_instances(InstanceIds=stopped)
 
-    samples = {s.resource_id: s for s in sample_instances(only(aws.ec2()), _target())}
+    samples = {s.resource_id: s for s in sample_instances(only(aws.ec2()), _target(metric="vcpus"))}
 
     assert set(samples) == {*small, *large}  # stopped instances bill no compute
     assert samples[small[0]].values == {"count": 1, "vcpus": 2, "memory_gib": 1}
@@ -111,7 +111,7 @@ def test_pages_and_an_instance_type_aws_does_not_describe() -> None:
                                                                                 _instance("i-2", "x9.future")]}]})
     with stubber:
         by_vcpu = list(sample_instances(only(ec2), _target(metric="vcpus")))
-        by_count = list(sample_instances(only(ec2), _target(metric="count")))  # types cached: not described again
+        by_count = list(sample_instances(only(ec2), _target(metric="count")))  # count needs no instance types
     stubber.assert_no_pending_responses()
 
     assert [(s.resource_id, s.values["vcpus"], s.facts["lifecycle"]) for s in by_vcpu if isinstance(s, Sample)] == [
@@ -119,4 +119,16 @@ def test_pages_and_an_instance_type_aws_does_not_describe() -> None:
     assert [(s.resource_id, s.reason) for s in by_vcpu if isinstance(s, Skipped)] == [
         ("i-2", "instance type 'x9.future' is unknown to DescribeInstanceTypes")]
     assert [(s.resource_id, dict(s.values)) for s in by_count] == [  # counted even without a known type
-        ("i-1", {"count": 1, "vcpus": 2, "memory_gib": 4}), ("i-2", {"count": 1})]
+        ("i-1", {"count": 1}), ("i-2", {"count": 1})]
+
+
+def test_count_neither_describes_instance_types_nor_needs_the_permission() -> None:
+    ec2 = boto3.client("ec2", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    stubber = Stubber(ec2)  # an unexpected DescribeInstanceTypes would fail the stubbed call
+    stubber.add_response("describe_instances", {"Reservations": [{"Instances": [_instance("i-9", "m9.new")]}]})
+    with stubber:
+        samples = list(sample_instances(only(ec2), _target(metric="count")))
+    stubber.assert_no_pending_responses()
+    assert [(s.resource_id, dict(s.values)) for s in samples] == [("i-9", {"count": 1})]
+    assert "ec2:DescribeInstanceTypes" not in SPEC.actions_for(_target(metric="count").measurement)
+    assert "ec2:DescribeInstanceTypes" in SPEC.actions_for(_target(metric="memory_gib").measurement)

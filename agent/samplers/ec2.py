@@ -9,12 +9,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from decimal import Decimal
 
+from agent.config import Measurement
 from agent.samplers import instance_types
 from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, tags_of
 
 PAGE_SIZE = 1000
 DEFAULT_STATES = ("running",)  # stopped instances bill their volumes (metered by ebs), not compute
 _ONE = Decimal(1)
+_SPEC_METRICS = ("vcpus", "memory_gib")
+
+
+def _type_actions(measurement: Measurement) -> tuple[str, ...]:
+    return ("ec2:DescribeInstanceTypes",) if measurement.metric in _SPEC_METRICS else ()
 
 
 def sample_instances(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped]:
@@ -26,8 +32,10 @@ def sample_instances(clients: ClientFor, target: Target) -> Iterator[Sample | Sk
     ec2 = clients("ec2")
     pages = target.pages(ec2, "describe_instances", "Reservations", PAGE_SIZE, Filters=aws_filters)
     instances = [i for page in pages for reservation in page for i in reservation.get("Instances") or ()]
-    specs = instance_types.lookup(target, ec2, {i["InstanceType"] for i in instances if i.get("InstanceType")})
-    needs_spec = target.measurement.metric in ("vcpus", "memory_gib")
+    needs_spec = target.measurement.metric in _SPEC_METRICS
+    # only vcpus and memory need the type specs: count must not depend on ec2:DescribeInstanceTypes
+    specs = instance_types.lookup(target, ec2, {i["InstanceType"] for i in instances if i.get("InstanceType")}) \
+        if needs_spec else {}
     for instance in instances:
         instance_id = instance.get("InstanceId") or "<no InstanceId>"
         kind = instance.get("InstanceType", "")
@@ -58,7 +66,8 @@ SPEC = SamplerSpec(
         "memory_gib": MetricSpec("GiB", "memory of the instance type"),
     },
     default_metric="count",
-    iam_actions=("ec2:DescribeInstanceTypes", "ec2:DescribeInstances"),
+    iam_actions=("ec2:DescribeInstances",),
+    extra_actions=_type_actions,
     filters=("tags", "instance_types", "states"),
     sample=sample_instances,
     id_scope="account-region",  # EC2 documents its resource ids as regional, and the instance ARN names the account
