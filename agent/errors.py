@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+EXCERPT = 300  # characters of a peer's text that go into a reason or a log line (one body was 1 MB)
+
+
+def excerpt(text: str, limit: int = EXCERPT) -> str:
+    """A peer's text as an error or a log line may show it: one line, at most ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
+
 
 class AgentError(Exception):
     """Base of every error the agent raises on purpose."""

@@ -33,10 +33,9 @@ from botocore.parsers import ResponseParserError
 from agent.config import AgentConfig, Customer, Measurement, Role
 from agent.convert import Tally, UsageRecord, format_timestamp, parse_timestamp, tick_floor
 from agent.credentials import SessionFactory, describe_aws_error, utc_now
-from agent.errors import AssumeRoleError, SamplingError, SpoolDiskLowError, SpoolError, SpoolFullError
+from agent.errors import AssumeRoleError, SamplingError, SpoolDiskLowError, SpoolError, SpoolFullError, excerpt
 from agent.forwarder import Forwarder
 from agent.samplers import REGISTRY, Skipped, Target, metric_of
-from agent.samplers.base import capped
 from agent.shard import EVERYTHING, Shard
 from agent.sinks.base import Sink
 from agent.spool import Spool
@@ -200,7 +199,7 @@ class Agent:
             except (ClientError, BotoCoreError, ResponseParserError, KeyError, TypeError, ValueError) as exc:
                 # an answer of a shape no sampler expects fails its target, not the tick
                 raise SamplingError(f"{m.resource_type} in {account}/{region}: "
-                                    f"{capped(describe_aws_error(exc))}") from exc
+                                    f"{excerpt(describe_aws_error(exc))}") from exc
         SAMPLES.labels(m.name).inc(samples)
         return tally, skipped
 

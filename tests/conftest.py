@@ -172,7 +172,11 @@ class AwsProxy:
 @pytest.fixture
 def aws_proxy(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Iterator[AwsProxy]:
     """The agent reaches moto through an AwsProxy (AWS_ENDPOINT_URL points at the proxy)."""
-    proxy = AwsProxy(aws.endpoint)
+    yield from through(AwsProxy(aws.endpoint), monkeypatch)
+
+
+def through(proxy: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A fixture's body: the agent reaches AWS through ``proxy`` until the test ends."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     yield proxy
     proxy.stop()

@@ -19,7 +19,7 @@ from agent.credentials import SessionFactory
 from agent.runtime import Agent
 from agent.telemetry import REGISTRY
 from agent.testing.paigo_server import PaigoContractServer
-from tests.conftest import Aws, AwsProxy, aws_error, make_config, measurement
+from tests.conftest import Aws, AwsProxy, aws_error, make_config, measurement, through
 
 AT = datetime(2026, 11, 21, 10, 7, tzinfo=timezone.utc)
 REGIONS = ["us-east-1", "eu-west-1", "ap-south-1"]
@@ -93,10 +93,7 @@ class KeyedProxy(AwsProxy):
 
 @pytest.fixture
 def keyed(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Iterator[KeyedProxy]:
-    proxy = KeyedProxy(aws.endpoint)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-    yield proxy
-    proxy.stop()
+    yield from through(KeyedProxy(aws.endpoint), monkeypatch)
 
 
 def _accounts_config(paigo: PaigoContractServer, tmp_path: Path, accounts: list[str], workers: int = 8,

@@ -17,7 +17,8 @@ from botocore.stub import Stubber
 from agent.config import Measurement
 from agent.credentials import CLIENT_CONFIG, Backoff, SessionFactory
 from agent.runtime import Agent
-from agent.samplers.base import MAX_DETAIL, CallError, Target
+from agent.errors import EXCERPT as MAX_DETAIL
+from agent.samplers.base import CallError, Target
 from agent.samplers.ebs import PAGE_SIZE, sample_volumes
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, TICK, Aws, AwsProxy, aws_error, make_config, measurement, offline_client, only

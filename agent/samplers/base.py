@@ -19,10 +19,9 @@ from botocore.exceptions import BotoCoreError, UnknownRegionError
 from botocore.parsers import ResponseParserError
 
 from agent.config import Measurement
-from agent.errors import SamplingError
+from agent.errors import SamplingError, excerpt
 
 MAX_PAGES = 10_000  # per listing: 5M volumes at 500 a page; an endless NextToken stops here at the latest
-MAX_DETAIL = 300  # characters of a peer's answer kept in an error (one unparseable body was 1 MB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +57,6 @@ def quantity(raw: Any) -> Decimal:
     if not value.is_finite() or value < 0:
         raise ValueError(f"absurd value: {raw!r}")
     return value
-
-
-def capped(text: str, limit: int = MAX_DETAIL) -> str:
-    """A peer's text as far as an error or a log line needs it."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 @lru_cache(maxsize=None)
@@ -148,15 +140,15 @@ class Target:
                             f"interval ({self.measurement.interval_seconds}s)") from exc
         except BotoCoreError as exc:  # no answer: a connection, timeout or credentials problem
             raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
-                              f"{capped(f'{type(exc).__name__}: {exc}')}") from exc
+                              f"{excerpt(f'{type(exc).__name__}: {exc}')}") from exc
         except (ResponseParserError, ValueError, TypeError, KeyError) as exc:  # botocore parses 'NaN' with int()
             raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: unusable answer: "
-                              f"{capped(f'{type(exc).__name__}: {exc}')}") from exc
+                              f"{excerpt(f'{type(exc).__name__}: {exc}')}") from exc
         finally:
             _ATTEMPTS.reset(token)
         if not isinstance(answer, dict):
             raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
-                              f"unusable answer: {capped(repr(answer))}")
+                              f"unusable answer: {excerpt(repr(answer))}")
         return answer
 
     def pages(self, client: Any, operation: str, key: str, page_size: int | None = None,
@@ -176,14 +168,14 @@ class Target:
             if not isinstance(items, list):
                 present = ", ".join(sorted(k for k in answer if k != "ResponseMetadata")) or "none"
                 raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
-                                  f"page {page} has no {key} list (keys: {capped(present)})")
+                                  f"page {page} has no {key} list (keys: {excerpt(present)})")
             yield items
             token = answer.get(output_token)
             if not token:
                 return
             if token in seen:
                 raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: page {page} "
-                                  f"repeats the {output_token} of an earlier page ({capped(str(token))}); "
+                                  f"repeats the {output_token} of an earlier page ({excerpt(str(token))}); "
                                   "the listing would never end")
             seen.add(token)
             params[input_token] = token

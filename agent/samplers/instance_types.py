@@ -14,7 +14,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from agent.samplers.base import CallError, Target, capped
+from agent.errors import excerpt
+from agent.samplers.base import CallError, Target
 
 BATCH = 100
 
@@ -43,7 +44,7 @@ def _describe(target: Target, ec2: Any, names: list[str]) -> None:
         found = {e["InstanceType"]: _parse(e) for page in pages for e in page}
     except (KeyError, TypeError, ArithmeticError) as exc:
         raise CallError(f"{target.measurement.resource_type}: ec2 DescribeInstanceTypes in "
-                        f"{target.account}/{target.region}: unusable answer: {capped(repr(exc))}") from exc
+                        f"{target.account}/{target.region}: unusable answer: {excerpt(repr(exc))}") from exc
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") != "InvalidInstanceType":
             raise

@@ -24,13 +24,13 @@ from httpx._utils import get_environment_proxies  # the rules httpx itself appli
 
 from agent import __version__
 from agent.convert import UsageRecord
+from agent.errors import excerpt
 from agent.telemetry import BACKEND_RESPONSES
 
 log = structlog.get_logger("agent.sinks")
 
 RETRY_AFTER_MAX = 3600.0  # a backend asking for more than an hour is clamped to an hour
 ANSWER_CAP = 16 * 1024  # bytes of an answer read: success bodies are tiny, errors are only excerpted
-EXCERPT = 300  # characters of a peer's text that go into a reason or a log line
 REJECTED_BODY = 4000  # characters of a rejecting answer kept with the dead-lettered record
 # what rendering a record can raise for a value it cannot express (a Decimal out of range, a
 # string that is not UTF-8): that record is dead-lettered, the others go on
@@ -82,12 +82,6 @@ class Sink(Protocol):
         """
 
     def close(self) -> None: ...
-
-
-def excerpt(text: str, limit: int = EXCERPT) -> str:
-    """A peer's text as it may appear in a log line or a reason: one line, at most ``limit`` characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def json_bytes(value: Any) -> bytes:
