@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import re
 import sys
 import threading
@@ -22,7 +21,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client import make_wsgi_app
 
 from agent import __version__
 from agent.errors import ServeError
@@ -91,63 +90,35 @@ def configure_logging(level: str | None = None, json_output: bool | None = None)
 
 
 # -- metrics -------------------------------------------------------------------------------
-# One registry for the process. Counters only ever go up.
+# The process's metrics are one ``Metrics`` object (agent/metrics.py), built by the composition
+# root and passed to each stage. METRICS and the names below are that object while the stages
+# are moved onto it; nothing new may use them.
 
-REGISTRY = CollectorRegistry()
+from agent.metrics import Metrics  # noqa: E402
 
-RECORDS_SPOOLED = Counter("usage_agent_records_spooled", "Records newly written to the spool.",
-                          ["measurement"], registry=REGISTRY)
-RECORDS_DELIVERED = Counter("usage_agent_records_delivered", "Records the backend accepted.", registry=REGISTRY)
-RECORDS_DEAD = Counter("usage_agent_records_dead_lettered", "Records the backend rejected.", registry=REGISTRY)
-RECORDS_DROPPED = Counter("usage_agent_records_dropped",
-                          "Records lost without delivery or dead-letter. Nothing increments this: it stays 0.",
-                          registry=REGISTRY)
-RESOURCES_SKIPPED = Counter("usage_agent_resources_skipped", "Resources left out of a tick, by reason.",
-                            ["measurement", "reason"], registry=REGISTRY)
-TICKS_FAILED = Counter("usage_agent_ticks_failed", "Measurement ticks that produced no records, by reason.",
-                       ["measurement", "reason"], registry=REGISTRY)
-TARGETS_FAILED = Counter("usage_agent_targets_failed",
-                         "Targets (measurement x account x region) whose sampling failed in a tick; they emit nothing.",
-                         ["measurement", "account", "region", "reason"], registry=REGISTRY)
-TICKS_MISSED = Counter("usage_agent_ticks_missed", "Tick windows not sampled (downtime); never invented.",
-                       ["measurement"], registry=REGISTRY)
-SPOOL_WRITE_ERRORS = Counter("usage_agent_spool_write_errors", "Spool transactions that failed.", registry=REGISTRY)
-OLDEST_UNSENT_AGE = Gauge("usage_agent_oldest_unsent_age_seconds", "Age of the oldest record not yet delivered.",
-                          registry=REGISTRY)
-SPOOL_FULL = Gauge("usage_agent_spool_full",
-                   "1 from a tick refused for spool.max_records until the unsent records fall below it.",
-                   registry=REGISTRY)
-AUDIT_WRITE_ERRORS = Counter("usage_agent_audit_write_errors", "Writes to the audit copy that failed.",
-                             registry=REGISTRY)
-SPOOL_DEPTH = Gauge("usage_agent_spool_depth", "Records not yet delivered or dead-lettered (pending + leased).",
-                    registry=REGISTRY)
-SAMPLES = Counter("usage_agent_samples", "Resources sampled, one per resource per tick.", ["measurement"],
-                  registry=REGISTRY)
-TICK_DURATION = Histogram("usage_agent_tick_duration_seconds", "Sampling, converting and spooling one tick.",
-                          ["measurement"], buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
-                          registry=REGISTRY)
-TICKS_SKIPPED = Counter("usage_agent_ticks_skipped",
-                        "Ticks not started: the previous tick was still running (overran) or the scheduler "
-                        "woke too late (late).", ["measurement", "reason"], registry=REGISTRY)
-AWS_API_ERRORS = Counter("usage_agent_aws_api_errors",
-                         "Failed AWS API attempts (retried ones included), by error code.",
-                         ["service", "operation", "code"], registry=REGISTRY)
-AWS_API_CALLS = Counter("usage_agent_aws_api_calls",
-                        "AWS API requests sent (each attempt, retries included), by service and operation.",
-                        ["service", "operation"], registry=REGISTRY)
-AWS_CLIENTS_BUILT = Counter("usage_agent_aws_clients_built",
-                            "AWS clients built: one per service and region, shared by every account.",
-                            ["service"], registry=REGISTRY)
-BACKEND_RESPONSES = Counter("usage_agent_backend_responses",
-                            "Backend answers (token requests included) by HTTP status, or timeout / "
-                            "connection_error when none came.", ["status"], registry=REGISTRY)
-ASSUME_ROLE_FAILURES = Counter("usage_agent_assume_role_failures", "sts:AssumeRole calls that failed.",
-                               ["role_arn"], registry=REGISTRY)
-TOKEN_REFRESHES = Counter("usage_agent_token_refreshes",
-                          "Credentials obtained: AWS role sessions (kind=aws_role) and backend tokens (kind=backend).",
-                          ["kind"], registry=REGISTRY)
-BUILD_INFO = Info("usage_agent_build", "The running agent.", registry=REGISTRY)
-BUILD_INFO.info({"version": __version__, "python": platform.python_version()})
+METRICS = Metrics()
+REGISTRY = METRICS.registry
+RECORDS_SPOOLED = METRICS.records_spooled
+RECORDS_DELIVERED = METRICS.records_delivered
+RECORDS_DEAD = METRICS.records_dead
+RESOURCES_SKIPPED = METRICS.resources_skipped
+TICKS_FAILED = METRICS.ticks_failed
+TARGETS_FAILED = METRICS.targets_failed
+TICKS_MISSED = METRICS.ticks_missed
+SPOOL_WRITE_ERRORS = METRICS.spool_write_errors
+OLDEST_UNSENT_AGE = METRICS.oldest_unsent_age
+SPOOL_FULL = METRICS.spool_full
+AUDIT_WRITE_ERRORS = METRICS.audit_write_errors
+SPOOL_DEPTH = METRICS.spool_depth
+SAMPLES = METRICS.samples
+TICK_DURATION = METRICS.tick_duration
+TICKS_SKIPPED = METRICS.ticks_skipped
+AWS_API_ERRORS = METRICS.aws_api_errors
+AWS_API_CALLS = METRICS.aws_api_calls
+AWS_CLIENTS_BUILT = METRICS.aws_clients_built
+BACKEND_RESPONSES = METRICS.backend_responses
+ASSUME_ROLE_FAILURES = METRICS.assume_role_failures
+TOKEN_REFRESHES = METRICS.token_refreshes
 
 
 # -- /metrics, /healthz, /readyz -----------------------------------------------------------
