@@ -101,6 +101,15 @@ def _forwarder(cfg: AgentConfig, process: Process, spool: Spool, sink: Sink) -> 
     return Forwarder(spool, sink, clock=process.clock, audit=audit), audit
 
 
+def _close(agent: Agent, sink: Sink, spool: Spool | None, audit: Any) -> None:
+    """The parts ``_wire`` and ``_forwarder`` built, sampling first, the spool and audit copy last."""
+    agent.close()
+    sink.close()
+    for part in (spool, audit):
+        if part is not None:
+            part.close()
+
+
 def _refuse_unbegun_ticks(cfg: AgentConfig, at: datetime, now: datetime) -> None:
     """A tick sampled before it begins (before T + delay for CloudWatch) spools an early value,
     and the first sampling of a tick is the one billed."""
@@ -133,8 +142,7 @@ def cmd_once(args: argparse.Namespace, process: Process) -> int:
                 sys.stdout.buffer.write(body + b"\n")
             sys.stdout.flush()
         finally:
-            agent.close()
-            sink.close()
+            _close(agent, sink, None, None)
         return EXIT_UNDELIVERED if failed else EXIT_OK
 
     agent, sink, spool = _wire(cfg, process, with_spool=True, shard=args.shard)
@@ -146,11 +154,7 @@ def cmd_once(args: argparse.Namespace, process: Process) -> int:
         sent = forwarder.drain_until(process.clock.time() + args.timeout)
         counts = spool.counts()
     finally:
-        agent.close()
-        sink.close()
-        spool.close()
-        if audit is not None:
-            audit.close()
+        _close(agent, sink, spool, audit)
     failed = [r.measurement for r in results if not r.ok]
     unsent = counts["pending"] + counts["leased"]
     _log().info("once finished", delivered=sent.delivered, dead_lettered=sent.dead, unsent=unsent, failed_measurements=failed)
@@ -168,11 +172,7 @@ def cmd_run(args: argparse.Namespace, process: Process) -> int:
         Daemon(agent, forwarder, sink, metrics=process.metrics, clock=process.clock,
                stop_requested=STOP_REQUESTED).run()
     finally:
-        agent.close()
-        sink.close()
-        spool.close()
-        if audit is not None:
-            audit.close()
+        _close(agent, sink, spool, audit)
     return EXIT_OK
 
 
