@@ -18,7 +18,7 @@ from agent.clock import SteadyClock
 from agent.errors import ConfigError, ServeError, SpoolError
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig
+    from agent.settings import AgentConfig
     from agent.shard import Shard
 
 EXIT_OK, EXIT_UNDELIVERED, EXIT_CONFIG = 0, 1, 2

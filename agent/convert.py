@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
-from agent.config import PER_SECONDS, Customer, Measurement
+from agent.settings import PER_SECONDS, Customer, Measurement
 from agent.samplers import REGISTRY
 
 AGGREGATE = "aggregate"

@@ -30,12 +30,12 @@ from apscheduler.triggers.interval import IntervalTrigger
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 
-from agent.config import AgentConfig, Customer, Measurement, Role
+from agent.settings import AgentConfig, Customer, Measurement, Role
 from agent.convert import Tally, UsageRecord, format_timestamp, parse_timestamp, tick_floor
 from agent.credentials import SessionFactory, describe_aws_error, utc_now
 from agent.errors import AssumeRoleError, SamplingError, SpoolDiskLowError, SpoolError, SpoolFullError, excerpt
 from agent.forwarder import Forwarder
-from agent.samplers import REGISTRY, Skipped, Target, metric_of
+from agent.samplers import REGISTRY, Skipped, Target
 from agent.shard import EVERYTHING, Shard
 from agent.sinks.base import Sink
 from agent.spool import Spool
@@ -183,7 +183,7 @@ class Agent:
             return self.sessions.client(service, region, role.arn, role.external_id)
 
         # samples are tallied as they arrive, not kept: a failed target's tally is dropped whole
-        tally = Tally(m, metric_of(m), {account: role.customer} if role.customer else None)
+        tally = Tally(m, m.metric, {account: role.customer} if role.customer else None)
         samples = 0
         skipped: list[Skipped] = []
         context = structlog.contextvars.bound_contextvars(
@@ -216,7 +216,7 @@ class Agent:
         Accounts are prepared in the pool too, then their targets are handed to it in turn,
         one account after another, and only a few workers' worth at a time: a throttled
         account backing off holds about one worker, never the whole pool."""
-        tally = Tally(m, metric_of(m))
+        tally = Tally(m, m.metric)
         skipped: list[Skipped] = []
         failures: list[TargetFailure] = []
         roles = deque(m.roles())
@@ -281,7 +281,7 @@ class Agent:
             reason = "assume_role" if all(f.reason == "assume_role" for f in failures) else "aws"
             TICKS_FAILED.labels(m.name, reason).inc()
             return result
-        unit = m.cloudwatch.unit if m.cloudwatch else REGISTRY[m.resource_type].metrics[metric_of(m)].unit
+        unit = m.cloudwatch.unit if m.cloudwatch else REGISTRY[m.resource_type].metrics[m.metric].unit
         conversion = tally.convert(unit, tick)
         result.sampled = conversion.sampled
         result.records = _without_partial_totals(m, conversion.records, failures)

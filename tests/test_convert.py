@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from agent.config import Measurement
+from agent.config import parse_measurement
 from agent.convert import (
     AGGREGATE,
     Tally,
@@ -22,6 +22,7 @@ from agent.convert import (
     tick_floor,
 )
 from agent.samplers.base import Sample
+from agent.settings import Measurement
 
 UTC = timezone.utc
 TICK = datetime(2024, 3, 1, 10, 15, tzinfo=UTC)
@@ -39,7 +40,7 @@ def measurement(**overrides) -> Measurement:
         "metadata": {"environment": "prod"},
     }
     raw.update(overrides)
-    return Measurement.model_validate(raw)
+    return parse_measurement(raw)
 
 
 def volume(volume_id, gib, customer=None, region="us-east-1", account=ACCOUNT_A, volume_type="gp2", **values):
