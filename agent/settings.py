@@ -80,10 +80,6 @@ class Account:
     external_id: str | None
     customer: Customer | None
 
-    @property
-    def account_id(self) -> str:
-        return self.iam_role_arn.split(":")[4]
-
 
 @dataclass(frozen=True)
 class Role:

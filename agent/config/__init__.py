@@ -16,29 +16,18 @@ from typing import Any, TypeVar
 from pydantic import TypeAdapter, ValidationError
 
 from agent import settings
-from agent.config.backends import BACKEND_TYPES, RESERVED_HEADERS, SOURCE_PATTERN, Audit, Backend
+from agent.config.backends import BACKEND_TYPES, SOURCE_PATTERN, Audit, Backend
 from agent.config.checks import measurement_problems, type_problems
 from agent.config.errors import path_order, pydantic_problems, under
-from agent.config.fields import MAX_DURATION, parse_duration
+from agent.config.fields import parse_duration
 from agent.config.paths import overlaps
-from agent.config.reading import (
-    MAX_ALIAS_NODES,
-    MAX_CONFIG_BYTES,
-    MAX_DEPTH,
-    MAX_SECRET_BYTES,
-    UNSET_PLACEHOLDER,
-    expand_env,
-    read_regular_file,
-    read_yaml,
-)
-from agent.config.schema import STATISTICS, AgentConfig, Measurement, SpoolSection
+from agent.config.reading import MAX_ALIAS_NODES, MAX_CONFIG_BYTES, UNSET_PLACEHOLDER, expand_env, read_yaml
+from agent.config.schema import AgentConfig, Measurement, SpoolSection
 from agent.errors import ConfigError
 
 __all__ = [
-    "BACKEND_TYPES", "MAX_ALIAS_NODES", "MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_DURATION", "MAX_SECRET_BYTES",
-    "RESERVED_HEADERS", "SOURCE_PATTERN", "STATISTICS", "UNSET_PLACEHOLDER", "check_structure", "expand_env",
-    "load_config", "load_spool_config", "parse_audit", "parse_backend", "parse_config", "parse_duration", "parse_measurement",
-    "read_regular_file", "read_yaml",
+    "BACKEND_TYPES", "MAX_ALIAS_NODES", "MAX_CONFIG_BYTES", "SOURCE_PATTERN", "check_structure", "load_config",
+    "load_spool_config", "parse_audit", "parse_backend", "parse_config", "parse_duration", "parse_measurement",
 ]
 
 _MEASUREMENT: TypeAdapter[Any] = TypeAdapter(Measurement)
