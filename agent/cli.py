@@ -18,8 +18,8 @@ from agent.clock import Clock, SystemClock
 from agent.errors import ConfigError, ServeError, SpoolError
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig
     from agent.metrics import Metrics
+    from agent.settings import AgentConfig
     from agent.shard import Shard
     from agent.sinks.base import Sink
     from agent.spool import Spool

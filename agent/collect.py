@@ -21,13 +21,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 
 from agent.clock import Clock
-from agent.config import AgentConfig, Customer, Measurement, Role
 from agent.convert import Tally, tick_floor
 from agent.credentials import SessionFactory, describe_aws_error
 from agent.errors import AssumeRoleError, SamplingError, excerpt
 from agent.metrics import Metrics
 from agent.records import UsageRecord, format_timestamp
-from agent.samplers import REGISTRY, Skipped, Target, metric_of
+from agent.samplers import REGISTRY, Skipped, Target
+from agent.settings import AgentConfig, Customer, Measurement, Role
 from agent.shard import EVERYTHING, Shard
 
 log = structlog.get_logger("agent.collect")
@@ -153,7 +153,7 @@ class Collector:
             return self.sessions.client(service, region, role.arn, role.external_id)
 
         # samples are tallied as they arrive, not kept: a failed target's tally is dropped whole
-        tally = Tally(m, metric_of(m), {account: role.customer} if role.customer else None)
+        tally = Tally(m, m.metric, {account: role.customer} if role.customer else None)
         samples = 0
         skipped: list[Skipped] = []
         context = structlog.contextvars.bound_contextvars(
@@ -186,7 +186,7 @@ class Collector:
         Accounts are prepared in the pool too, then their targets are handed to it in turn,
         one account after another, and only a few workers' worth at a time: a throttled
         account backing off holds about one worker, never the whole pool."""
-        tally = Tally(m, metric_of(m))
+        tally = Tally(m, m.metric)
         skipped: list[Skipped] = []
         failures: list[TargetFailure] = []
         roles = deque(m.roles())
@@ -251,7 +251,7 @@ class Collector:
             reason = "assume_role" if all(f.reason == "assume_role" for f in failures) else "aws"
             self.metrics.ticks_failed.labels(m.name, reason).inc()
             return result
-        unit = m.cloudwatch.unit if m.cloudwatch else REGISTRY[m.resource_type].metrics[metric_of(m)].unit
+        unit = m.cloudwatch.unit if m.cloudwatch else REGISTRY[m.resource_type].metrics[m.metric].unit
         conversion = tally.convert(unit, tick)
         result.sampled = conversion.sampled
         result.records = _without_partial_totals(m, conversion.records, failures)

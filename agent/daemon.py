@@ -17,7 +17,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from agent.clock import Clock
-from agent.config import Measurement
+from agent.settings import Measurement
 from agent.convert import tick_floor
 from agent.errors import SpoolError
 from agent.forwarder import Forwarder

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config import AgentConfig, Measurement
+from agent.settings import AgentConfig, Measurement
 from agent.samplers import required_actions
 
 POLICY_VERSION = "2012-10-17"

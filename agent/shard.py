@@ -21,7 +21,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from agent.config import Measurement
+from agent.settings import Measurement
 
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
 

@@ -10,7 +10,7 @@ import structlog
 
 from agent.clock import Clock
 from agent.collect import Collector, TickResult
-from agent.config import AgentConfig, Measurement
+from agent.settings import AgentConfig, Measurement
 from agent.convert import tick_floor
 from agent.credentials import SessionFactory
 from agent.errors import SpoolDiskLowError, SpoolError, SpoolFullError

@@ -39,13 +39,13 @@ class DeliveryCase:
 
 
 def _paigo_sink(server: dict[str, Any]) -> Any:
-    from agent.config import PaigoBackend
+    from agent.config import parse_backend
     from agent.sinks.paigo import PaigoSink
     from bench.paigo_process import CLIENT_ID, CLIENT_SECRET
 
-    backend = PaigoBackend(type="paigo", url=server["url"], token_url=server["token_url"],
-                           audience="https://qnonyh1pc7.execute-api.us-east-1.amazonaws.com",
-                           client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+    backend = parse_backend({"type": "paigo", "url": server["url"], "token_url": server["token_url"],
+                             "audience": "https://qnonyh1pc7.execute-api.us-east-1.amazonaws.com",
+                             "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET})
     return PaigoSink(backend)
 
 
@@ -70,7 +70,7 @@ def _paigo_body(server: dict[str, Any], record: UsageRecord) -> tuple[str, Any]:
 
 
 def _paigo_in_flight() -> int:
-    from agent.config import PaigoBackend
+    from agent.config.backends import PaigoBackend
 
     return PaigoBackend.model_fields["max_in_flight"].default
 
@@ -80,10 +80,10 @@ PAIGO = DeliveryCase("paigo", ("bench.paigo_process", str(LATENCY)), _paigo_sink
 
 
 def _openmeter_backend(server: dict[str, Any]) -> Any:
-    from agent.config import OpenMeterBackend
+    from agent.config import parse_backend
     from bench.openmeter_process import TOKEN
 
-    return OpenMeterBackend(type="openmeter", url=server["url"], token=TOKEN)  # batch_size: the default, 100
+    return parse_backend({"type": "openmeter", "url": server["url"], "token": TOKEN})  # batch_size: the default, 100
 
 
 def _openmeter_sink(server: dict[str, Any]) -> Any:

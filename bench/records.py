@@ -5,39 +5,30 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from agent.config import Measurement, parse_config
+from agent.config import parse_measurement
 from agent.convert import UsageRecord, convert
 from agent.samplers import Sample
+from agent.settings import Measurement
 
 BASE_TICK = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
 def _measurement() -> Measurement:
-    cfg = parse_config(
-        {
-            "backend": {"type": "paigo", "url": "http://127.0.0.1:9", "client_id": "bench", "client_secret": "bench"},
-            "measurements": [
-                {
-                    "name": "ebs-gib-hours",
-                    "dimension_id": "8a7b5f91-3b85-4cf4-8585-dcdf17f49004",
-                    "resource_type": "ebs",
-                    "metric": "size_gib",
-                    "mode": "time_weighted",
-                    "per": "hour",
-                    "interval": "15m",
-                    "iam_role_arn": "arn:aws:iam::214826386939:role/usage-scraper",
-                    "external_id": "bench-external-id",
-                    "regions": ["us-east-1"],
-                    "customer": {"tag": "customer-id"},
-                    "group_by": "resource",
-                    "metadata": {"environment": "prod"},
-                }
-            ],
-        },
-        "<bench>",
-        {},
-    )
-    return cfg.measurements[0]
+    return parse_measurement({
+        "name": "ebs-gib-hours",
+        "dimension_id": "8a7b5f91-3b85-4cf4-8585-dcdf17f49004",
+        "resource_type": "ebs",
+        "metric": "size_gib",
+        "mode": "time_weighted",
+        "per": "hour",
+        "interval": "15m",
+        "iam_role_arn": "arn:aws:iam::214826386939:role/usage-scraper",
+        "external_id": "bench-external-id",
+        "regions": ["us-east-1"],
+        "customer": {"tag": "customer-id"},
+        "group_by": "resource",
+        "metadata": {"environment": "prod"},
+    })
 
 
 def ticks(per_tick: int, count: int, first: int = 0) -> list[list[UsageRecord]]:

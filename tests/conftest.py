@@ -22,7 +22,8 @@ import pytest
 import yaml
 from moto.server import ThreadedMotoServer
 
-from agent.config import AgentConfig, parse_config
+from agent.config import parse_config
+from agent.settings import AgentConfig
 from agent.testing.paigo_server import PaigoContractServer
 
 ACCOUNT = "123456789012"  # moto's default account: base credentials act in it

@@ -8,6 +8,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -104,7 +105,7 @@ def _accounts_config(paigo: PaigoContractServer, tmp_path: Path, accounts: list[
          "customer": {"id": f"cust-{a}"}} for a in accounts])
     del raw["iam_role_arn"], raw["external_id"], raw["customer"]
     cfg = make_config(paigo, tmp_path, raw)
-    return cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"workers": workers})})
+    return replace(cfg, sampling=replace(cfg.sampling, workers=workers))
 
 
 def _metric(metrics: Metrics, name: str, **labels: str) -> float:

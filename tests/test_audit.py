@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from agent.config import Audit, OpenMeterBackend, load_config
+from agent.config import load_config, parse_audit, parse_backend
 from agent.errors import ConfigError
 from agent.forwarder import Forwarder
 from agent.sinks.file import AuditLog, read_jsonl
@@ -31,8 +31,8 @@ def openmeter() -> Iterator[OpenMeterContractServer]:
 
 
 def audited(server: OpenMeterContractServer, tmp_path: Path, audit_path: Path) -> Pipeline:
-    sink = OpenMeterSink(OpenMeterBackend(type="openmeter", url=server.url, token=TOKEN))
-    return Pipeline.over(sink, tmp_path / "spool.db", audit=AuditLog(Audit(path=str(audit_path)), sink.name, sink.render))
+    sink = OpenMeterSink(parse_backend({"type": "openmeter", "url": server.url, "token": TOKEN}))
+    return Pipeline.over(sink, tmp_path / "spool.db", audit=AuditLog(parse_audit({"path": str(audit_path)}), sink.name, sink.render))
 
 
 def test_only_accepted_records_are_archived_exactly_as_sent(openmeter: OpenMeterContractServer, tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ def test_a_spool_failure_after_the_audit_does_not_archive_twice(openmeter: OpenM
             p.spool._db.execute("PRAGMA query_only=1")  # the spool cannot take the outcomes
 
     p.sink.close()
-    p.sink = SpoolFailsAfterSending(OpenMeterBackend(type="openmeter", url=openmeter.url, token=TOKEN))
+    p.sink = SpoolFailsAfterSending(parse_backend({"type": "openmeter", "url": openmeter.url, "token": TOKEN}))
     p.forwarder = Forwarder(p.spool, p.sink, clock=p.clock, audit=p.audit)
     records = make_records(4)
     p.spool.commit_tick("ebs-storage", TICK, records)

@@ -11,7 +11,7 @@ import boto3
 import pytest
 from botocore.stub import ANY, Stubber
 
-from agent.config import Measurement
+from agent.config import parse_measurement
 from agent.errors import ConfigError
 from agent.samplers.base import Sample, Skipped, Target
 from agent.samplers.cloudwatch import MAX_QUERIES, sample_metric
@@ -69,7 +69,7 @@ def test_egress_bytes_per_customer_for_the_window(aws: Aws, paigo: PaigoContract
 
 
 def _target(**overrides: Any) -> Target:
-    return Target(Measurement.model_validate(egress(**overrides)), ACCOUNT, "us-east-1", T)
+    return Target(parse_measurement(egress(**overrides)), ACCOUNT, "us-east-1", T)
 
 
 def test_statistics_combine_across_periods_and_empty_series_are_skipped(aws: Aws) -> None:

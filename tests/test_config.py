@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
+import pydantic
 import pytest
 import yaml
 
-from agent.config import (
-    FileBackend,
-    HttpBackend,
-    OpenMeterBackend,
-    PaigoBackend,
-    check_structure,
-    load_config,
-    parse_duration,
-)
+from agent.config import check_structure, load_config, parse_backend, parse_duration, parse_measurement
 from agent.errors import ConfigError
 from agent.samplers import REGISTRY
+from agent.settings import FileBackend, HttpBackend, OpenMeterBackend, PaigoBackend
 
 CONFIG_DIR = Path(__file__).parent.parent / "config"
 SECRET = "s3cr3t-Value-9f2c"
@@ -265,7 +261,7 @@ def test_paigo_camel_case_aliases_give_the_same_model(tmp_path: Path) -> None:
     assert from_camel == from_snake
     m = from_camel.measurements[0]
     assert (m.dimension_id, m.iam_role_arn, m.external_id) == ("dim-9", role, "123456789")
-    assert (m.regions, m.resource_type, m.roles()[0].arn) == (["eu-west-1"], "ebs", m.iam_role_arn)
+    assert (m.regions, m.resource_type, m.roles()[0].arn) == (("eu-west-1",), "ebs", m.iam_role_arn)
     assert m.iam_role_arn is not None and m.iam_role_arn.split(":")[4] == "214826386939"
 
 
@@ -300,7 +296,7 @@ def test_duration_rejects(tmp_path: Path, value: Any) -> None:
 def test_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, doc()), {})
     m = cfg.measurements[0]
-    assert m.metric is None  # the sampler's default metric is applied elsewhere
+    assert m.metric == REGISTRY["ebs"].default_metric == "size_gib"  # resolved: no stage looks it up
     assert (m.mode, m.per, m.interval, m.group_by, m.decimals) == ("gauge", "hour", timedelta(hours=1), "customer", 9)
     assert (m.cloud_platform, m.customer.untagged, m.customer.fallback_id) == ("aws", "skip", None)
     assert cfg.spool.max_records == 1_000_000
@@ -377,3 +373,56 @@ def test_a_file_of_junk_prints_the_first_errors_and_how_many_more(tmp_path: Path
     shown = [line for line in lines if line.startswith("  junk")]
     assert total > 5000 and len(shown) == 200
     assert lines[-1] == f"  … and {total - 200} more"
+
+
+# --------------------------------------------------------------------------- 8. the settings layer
+
+
+def _walk(value: Any, where: str = "cfg") -> Any:
+    """Every (path, value) inside a settings object."""
+    yield where, value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _walk(getattr(value, f.name), f"{where}.{f.name}")
+    elif isinstance(value, (tuple, MappingProxyType)):
+        items = value.items() if isinstance(value, MappingProxyType) else enumerate(value)
+        for key, item in items:
+            yield from _walk(item, f"{where}[{key!r}]")
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_stages_get_plain_frozen_settings(tmp_path: Path, example: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-file\n", encoding="utf-8")
+    env = {name: "from-env" for name in ("PAIGO_CLIENT_ID", "PAIGO_CLIENT_SECRET", "OPENMETER_TOKEN", "BILLING_API_TOKEN")}
+    cfg = load_config(example, {**env, "PAIGO_CLIENT_SECRET_FILE": str(secret_file), "USAGE_HMAC_FILE": str(secret_file)})
+    for where, value in _walk(cfg):
+        assert not isinstance(value, (pydantic.BaseModel, pydantic.SecretStr, list, dict, set)), (where, type(value))
+        if dataclasses.is_dataclass(value):
+            assert type(value).__module__ == "agent.settings" and type(value).__dataclass_params__.frozen, where
+    assert all(m.metric in REGISTRY[m.resource_type].metrics for m in cfg.measurements)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.spool.path = "elsewhere"  # type: ignore[misc]
+
+
+def test_the_sampler_registry_imports_no_config() -> None:
+    """The registry is data below config: config is generated from it, never the other way."""
+    code = "import sys, agent.samplers; print(sorted(m for m in sys.modules if m.startswith('agent.config')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_one_measurement_or_backend_is_checked_as_in_a_config() -> None:
+    m = parse_measurement(measurement(resource_type="ec2", filters={"states": ["stopped"]}))
+    assert (m.metric, m.filters.states, m.filters.volume_types) == ("count", ("stopped",), ())
+    with pytest.raises(ConfigError) as info:
+        parse_measurement(measurement(metric="bytes", customer=None))
+    assert info.value.problems == [(f"{M0}.customer", "required key is missing"),
+                                   (f"{M0}.metric", "ebs has no metric 'bytes'; expected one of: size_gib, iops, "
+                                                    "throughput_mibps, count")]
+    assert parse_backend(backend()).secret() == SECRET
+    with pytest.raises(ConfigError) as info:
+        parse_backend(backend(max_in_flight=0))
+    assert [p for p, _ in info.value.problems] == ["backend.max_in_flight"]

@@ -36,7 +36,7 @@ def test_aliases_within_the_budget_still_work(tmp_path: Path) -> None:
     )
     cfg = load_config(write(tmp_path, text), {})
     assert [(m.name, m.regions, m.customer) for m in cfg.measurements] == [
-        ("a", ["us-east-1"], cfg.measurements[0].customer), ("b", ["eu-west-1"], cfg.measurements[0].customer)]
+        ("a", ("us-east-1",), cfg.measurements[0].customer), ("b", ("eu-west-1",), cfg.measurements[0].customer)]
     for depth in (7, 8):  # the budget counts every expansion, however deep the nesting
         assert "aliases expand" in problems_of(write(tmp_path, alias_bomb(depth)))[0][1]
 

@@ -9,10 +9,11 @@ from decimal import Decimal
 
 import pytest
 
-from agent.config import Measurement
+from agent.config import parse_measurement
 from agent.convert import AGGREGATE, Tally, convert, tick_floor
 from agent.records import UsageRecord, format_decimal, format_timestamp, parse_timestamp, record_id
 from agent.samplers.base import Sample
+from agent.settings import Measurement
 
 UTC = timezone.utc
 TICK = datetime(2024, 3, 1, 10, 15, tzinfo=UTC)
@@ -30,7 +31,7 @@ def measurement(**overrides) -> Measurement:
         "metadata": {"environment": "prod"},
     }
     raw.update(overrides)
-    return Measurement.model_validate(raw)
+    return parse_measurement(raw)
 
 
 def volume(volume_id, gib, customer=None, region="us-east-1", account=ACCOUNT_A, volume_type="gp2", **values):

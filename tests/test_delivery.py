@@ -13,7 +13,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from agent.config import PaigoBackend
+from agent.config import parse_backend
+from agent.settings import PaigoBackend
 from agent.convert import UsageRecord, record_id
 from agent.forwarder import Forwarder
 from agent.sinks.base import Sink, parse_retry_after
@@ -57,7 +58,7 @@ def make_records(count: int, customer: str = "acme") -> list[UsageRecord]:
 
 
 def backend(server: PaigoContractServer, **overrides: Any) -> PaigoBackend:
-    return PaigoBackend.model_validate({
+    return parse_backend({
         "type": "paigo", "url": server.url, "token_url": server.token_url,
         "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, **overrides,
     })

@@ -8,14 +8,14 @@ from typing import Any
 
 from botocore.stub import Stubber
 
-from agent.config import Measurement
+from agent.config import parse_measurement
 from agent.samplers.base import Sample, Target
 from agent.samplers.dynamodb import PAGE_SIZE, sample_tables
 from tests.conftest import ACCOUNT, TICK, Aws, measurement, offline_client, only
 
 
 def _target(**overrides: Any) -> Target:
-    return Target(Measurement.model_validate(measurement(resource_type="dynamodb", metric="item_count", **overrides)), ACCOUNT, "us-east-1", TICK)
+    return Target(parse_measurement(measurement(resource_type="dynamodb", metric="item_count", **overrides)), ACCOUNT, "us-east-1", TICK)
 
 
 def _table(aws: Aws, region: str, name: str, tags: dict[str, str], items: int = 0, **extra: Any) -> None:

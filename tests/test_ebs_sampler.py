@@ -7,7 +7,7 @@ from decimal import Decimal
 import boto3
 from botocore.stub import Stubber
 
-from agent.config import Measurement
+from agent.config import parse_measurement
 from agent.samplers import REGISTRY
 from agent.samplers.base import Target
 from agent.samplers.ebs import PAGE_SIZE, sample_volumes
@@ -15,7 +15,7 @@ from tests.conftest import ACCOUNT, TICK, only, Aws, measurement
 
 
 def _target(**overrides: object) -> Target:
-    return Target(Measurement.model_validate(measurement(**overrides)), ACCOUNT, "us-east-1", TICK)
+    return Target(parse_measurement(measurement(**overrides)), ACCOUNT, "us-east-1", TICK)
 
 
 def test_one_sample_per_volume_with_every_fact(aws: Aws) -> None:

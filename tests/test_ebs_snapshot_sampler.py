@@ -7,14 +7,14 @@ from typing import Any
 
 from botocore.stub import Stubber
 
-from agent.config import Measurement
+from agent.config import parse_measurement
 from agent.samplers.base import Sample, Skipped, Target
 from agent.samplers.ebs_snapshot import PAGE_SIZE, sample_snapshots
 from tests.conftest import ACCOUNT, TICK, Aws, measurement, offline_client, only
 
 
 def _target(**overrides: Any) -> Target:
-    return Target(Measurement.model_validate(measurement(resource_type="ebs_snapshot", **overrides)), ACCOUNT, "us-east-1", TICK)
+    return Target(parse_measurement(measurement(resource_type="ebs_snapshot", **overrides)), ACCOUNT, "us-east-1", TICK)
 
 
 def _snapshot(aws: Aws, region: str, size: int, tags: dict[str, str]) -> str:

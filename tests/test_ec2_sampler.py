@@ -12,7 +12,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from agent.config import Measurement
+from agent.config import parse_measurement
 from agent.samplers import instance_types
 from agent.samplers.base import Sample, Skipped, Target
 from agent.samplers.ec2 import SPEC, sample_instances
@@ -33,7 +33,7 @@ def ec2_measurement(**overrides: Any) -> dict[str, Any]:
 
 
 def _target(**overrides: Any) -> Target:
-    return Target(Measurement.model_validate(ec2_measurement(**overrides)), ACCOUNT, "us-east-1", TICK)
+    return Target(parse_measurement(ec2_measurement(**overrides)), ACCOUNT, "us-east-1", TICK)
 
 
 def run(aws: Aws, instance_type: str, count: int, customer: str | None, region: str = "us-east-1") -> list[str]:

@@ -8,14 +8,14 @@ from typing import Any
 
 from botocore.stub import Stubber
 
-from agent.config import Measurement
+from agent.config import parse_measurement
 from agent.samplers.base import Sample, Skipped, Target
 from agent.samplers.efs import PAGE_SIZE, sample_file_systems
 from tests.conftest import ACCOUNT, TICK, Aws, measurement, offline_client, only
 
 
 def _target(**overrides: Any) -> Target:
-    return Target(Measurement.model_validate(measurement(resource_type="efs", metric="size_bytes", **overrides)), ACCOUNT, "us-east-1", TICK)
+    return Target(parse_measurement(measurement(resource_type="efs", metric="size_bytes", **overrides)), ACCOUNT, "us-east-1", TICK)
 
 
 def _file_system(aws: Aws, region: str, token: str, tags: dict[str, str]) -> str:

@@ -17,7 +17,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from agent.config import Measurement
+from agent.config import parse_measurement
 from agent.samplers.base import Sample, Skipped, Target
 from agent.samplers.ebs import sample_volumes
 from agent.sinks.paigo import PaigoSink
@@ -49,9 +49,9 @@ def run_with(url: str, token_url: str, tmp_path: Path, **sink: Any) -> tuple[Pip
 
 
 def backend_for(url: str, token_url: str, **overrides: Any):
-    from agent.config import PaigoBackend
+    from agent.config import parse_backend
 
-    return PaigoBackend.model_validate({"type": "paigo", "url": url, "token_url": token_url, "client_id": CLIENT_ID,
+    return parse_backend({"type": "paigo", "url": url, "token_url": token_url, "client_id": CLIENT_ID,
                                         "client_secret": CLIENT_SECRET, "timeout": "1s", **overrides})
 
 
@@ -158,7 +158,7 @@ def test_absurd_volumes_are_skipped_with_a_reason_and_the_rest_sampled() -> None
     ]
     stubber = Stubber(ec2)
     stubber.add_response("describe_volumes", {"Volumes": volumes})
-    target = Target(Measurement.model_validate(measurement()), ACCOUNT, "us-east-1", TICK)
+    target = Target(parse_measurement(measurement()), ACCOUNT, "us-east-1", TICK)
     with stubber:
         out = list(sample_volumes(only(ec2), target))
     assert [s.resource_id for s in out if isinstance(s, Sample)] == ["vol-good"]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import FileBackend
+from agent.config import parse_backend
+from agent.errors import ConfigError
 from agent.convert import UsageRecord
 from agent.forwarder import Forwarder
 from agent.sinks.file import FileSink, read_jsonl
@@ -22,7 +23,7 @@ from tests.test_delivery import TICK, FakeClock, make_records
 
 
 def file_sink(path: Path, **overrides: object) -> FileSink:
-    return FileSink(FileBackend.model_validate({"type": "file", "path": str(path), **overrides}))
+    return FileSink(parse_backend({"type": "file", "path": str(path), **overrides}))
 
 
 def assert_records(objects: list[dict[str, object]]) -> list[UsageRecord]:
@@ -108,11 +109,11 @@ def test_a_torn_last_line_is_reported_never_returned_and_removed_on_open(tmp_pat
 _CHILD = textwrap.dedent("""
     import sys
     from dataclasses import replace
-    from agent.config import FileBackend
+    from agent.config import parse_backend
     from agent.sinks.file import FileSink
     from tests.test_delivery import make_records
 
-    sink = FileSink(FileBackend(type="file", path=sys.argv[1], max_bytes=1 << 40))
+    sink = FileSink(parse_backend({"type": "file", "path": sys.argv[1], "max_bytes": 1 << 40}))
     pad = "x" * 3000  # large lines: a batch takes many pages, so a kill lands inside one write
     batch = [replace(r, metadata={"pad": pad}) for r in make_records(3000)]
     print("ready", flush=True)
@@ -167,12 +168,12 @@ def _run_with_file_size_limit(path: Path, limit: int) -> list[str]:
     """FileSink.deliver in a child process whose files may not grow past ``limit`` (EFBIG)."""
     code = textwrap.dedent(f"""
         import resource, signal
-        from agent.config import FileBackend
+        from agent.config import parse_backend
         from agent.sinks.file import FileSink
         from tests.test_delivery import make_records
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
-        sink = FileSink(FileBackend(type="file", path={str(path)!r}))
+        sink = FileSink(parse_backend({{"type": "file", "path": {str(path)!r}}}))
         for batch in (make_records(3), make_records(20, customer="big")):
             print(",".join(type(o).__name__ + ("!" if getattr(o, "alert", False) else "") for _, o in sink.deliver(batch)))
     """)
@@ -194,11 +195,11 @@ def test_a_write_cut_short_leaves_no_partial_line(tmp_path: Path) -> None:
 
 
 def test_config_defaults_and_limits(tmp_path: Path) -> None:
-    cfg = FileBackend.model_validate({"type": "file", "path": "usage.jsonl"})
+    cfg = parse_backend({"type": "file", "path": "usage.jsonl"})
     assert (cfg.max_bytes, cfg.keep) == (100 * 2**20, 10)
-    assert FileBackend.model_validate({"type": "file", "path": "u", "max_bytes": "5MiB"}).max_bytes == 5 * 2**20
-    with pytest.raises(ValueError):
-        FileBackend.model_validate({"type": "file", "path": "u", "keep": 0})
-    with pytest.raises(ValueError):
-        FileBackend.model_validate({"type": "file", "path": "u", "max_bytes": 100})
+    assert parse_backend({"type": "file", "path": "u", "max_bytes": "5MiB"}).max_bytes == 5 * 2**20
+    with pytest.raises(ConfigError):
+        parse_backend({"type": "file", "path": "u", "keep": 0})
+    with pytest.raises(ConfigError):
+        parse_backend({"type": "file", "path": "u", "max_bytes": 100})
 

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from agent.cli import build_parser
-from agent.config import BACKEND_TYPES, Backend, load_config
+from agent.config import BACKEND_TYPES, load_config
+from agent.config.backends import Backend
 from agent.shard import Shard
 from tests.conftest import agent_command
 

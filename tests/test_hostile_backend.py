@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.config import FileBackend, HttpBackend, OpenMeterBackend
+from agent.config import parse_backend
 from agent.sinks.base import Delivered, Rejected, RetryLater, Sink, classify
 from agent.sinks.file import FileSink
 from agent.sinks.http import HttpSink
@@ -68,12 +68,12 @@ def hostile(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         path = "/usage"
     elif kind == "openmeter":
         server = OpenMeterContractServer(token=OM_TOKEN).start()
-        sink = OpenMeterSink(OpenMeterBackend.model_validate(
+        sink = OpenMeterSink(parse_backend(
             {"type": "openmeter", "url": server.url, "token": OM_TOKEN, "timeout": HALF_SECOND}))
         path = "/api/v1/events"
     else:
         server = HttpContractServer().start()
-        sink = HttpSink(HttpBackend.model_validate({"type": "http", "url": server.usage_url, "timeout": HALF_SECOND}))
+        sink = HttpSink(parse_backend({"type": "http", "url": server.usage_url, "timeout": HALF_SECOND}))
         path = "/usage"
     found = Backend(kind, server, Pipeline.over(sink, tmp_path / "spool.db"), path)
     yield found
@@ -188,7 +188,7 @@ def test_requests_through_a_proxy_from_the_environment_keep_the_deadline(monkeyp
     with ForwardProxy() as proxy:
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
         monkeypatch.setenv("NO_PROXY", "")
-        sink = OpenMeterSink(OpenMeterBackend.model_validate(
+        sink = OpenMeterSink(parse_backend(
             {"type": "openmeter", "url": "http://openmeter.invalid", "timeout": HALF_SECOND}))
         pipeline = Pipeline.over(sink, tmp_path / "spool.db")
         pipeline.enqueue(make_records(2))
@@ -209,15 +209,15 @@ def test_requests_through_a_proxy_from_the_environment_keep_the_deadline(monkeyp
 
 FORWARD_ONCE = """
 import sys
-from agent.config import PaigoBackend
+from agent.config import parse_backend
 from agent.forwarder import Forwarder
 from agent.sinks.paigo import PaigoSink
 from agent.spool import Spool
 from agent.telemetry import configure_logging
 configure_logging()
 url, token_url, path = sys.argv[1:4]
-sink = PaigoSink(PaigoBackend(type="paigo", url=url, token_url=token_url, client_id="%s", client_secret="%s",
-                              max_in_flight=4))
+sink = PaigoSink(parse_backend({"type": "paigo", "url": url, "token_url": token_url, "client_id": "%s",
+                               "client_secret": "%s", "max_in_flight": 4}))
 spool = Spool(path)
 spool.claim()
 Forwarder(spool, sink).drain()
@@ -456,7 +456,7 @@ def test_a_value_that_cannot_be_written_rejects_only_its_record(hostile: Backend
 
 
 def test_the_file_sink_dead_letters_an_unrenderable_record_alone(tmp_path: Path) -> None:
-    sink = FileSink(FileBackend(type="file", path=str(tmp_path / "usage.jsonl")))
+    sink = FileSink(parse_backend({"type": "file", "path": str(tmp_path / "usage.jsonl")}))
     records = make_records(4)
     records[1] = replace(records[1], metadata={"bad": "\udcff"})  # a lone surrogate has no UTF-8
     outcomes = dict((r.record_id, o) for r, o in sink.deliver(records))

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.config import HttpBackend, parse_config
+from agent.config import parse_backend, parse_config
+from agent.settings import HttpBackend
 from agent.errors import ConfigError
 from agent.sinks.http import HttpSink
 from agent.testing.http_server import HttpContractServer, verify_signature
@@ -34,7 +35,7 @@ def server() -> Iterator[HttpContractServer]:
 def http_backend(server: HttpContractServer, tmp_path: Path, **overrides: Any) -> HttpBackend:
     auth = tmp_path / "authorization"
     auth.write_text("Bearer in-house\n")
-    return HttpBackend.model_validate({
+    return parse_backend({
         "type": "http", "url": server.usage_url, "headers": {"X-Tenant": "acme"},
         "header_files": {"Authorization": str(auth)}, "hmac_secret": SECRET, "timeout": "1s", **overrides,
     })

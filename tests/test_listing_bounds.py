@@ -14,7 +14,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from agent.config import Measurement
+from agent.config import parse_measurement
 from agent.credentials import CLIENT_CONFIG, Backoff
 from agent.errors import EXCERPT as MAX_DETAIL
 from agent.samplers.base import CallError, Target
@@ -53,7 +53,7 @@ def _endless(stubber: Stubber, pages: int, token: Any = lambda n: f"token-{n}") 
 
 
 def _target(clock: Any = None, deadline: float = float("inf"), **overrides: Any) -> Target:
-    m = Measurement.model_validate(measurement(**overrides))
+    m = parse_measurement(measurement(**overrides))
     return Target(m, ACCOUNT, "us-east-1", TICK, deadline, clock or Ticking())
 
 

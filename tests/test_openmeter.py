@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from agent.config import SOURCE_PATTERN, OpenMeterBackend, parse_config
+from agent.config import SOURCE_PATTERN, parse_backend, parse_config
 from agent.convert import record_id
 from agent.forwarder import Forwarder
 from agent.sinks import build_sink
@@ -44,7 +44,7 @@ def om_backend(server: OpenMeterContractServer, **overrides: Any) -> dict[str, A
 
 
 def om_pipeline(server: OpenMeterContractServer, tmp_path: Path, name: str = "spool.db", **backend: Any) -> Pipeline:
-    sink = OpenMeterSink(OpenMeterBackend.model_validate(om_backend(server, timeout="1s", **backend)))
+    sink = OpenMeterSink(parse_backend(om_backend(server, timeout="1s", **backend)))
     return Pipeline.over(sink, tmp_path / name)
 
 
@@ -132,7 +132,7 @@ def test_rerunning_a_tick_yields_identical_events_and_openmeter_keeps_one(
     stored = dict(openmeter.events)
     second = sample_and_forward(openmeter, tmp_path, "second.db")  # a fresh spool: everything is sent again
     assert [r.record_id for r in second] == [r.record_id for r in first]
-    sink = OpenMeterSink(OpenMeterBackend.model_validate(om_backend(openmeter)))
+    sink = OpenMeterSink(parse_backend(om_backend(openmeter)))
     assert sink.bodies(second) == sink.bodies(first)  # byte for byte
     sink.close()
     assert openmeter.events == stored
@@ -289,7 +289,7 @@ def om_problems(backend: dict[str, Any], tmp_path: Path) -> list[tuple[str, str]
 
 
 def test_config_defaults_and_errors(tmp_path: Path) -> None:
-    cfg = OpenMeterBackend.model_validate({"type": "openmeter"})
+    cfg = parse_backend({"type": "openmeter"})
     assert (cfg.url, cfg.source, cfg.batch_size, cfg.token) == ("https://openmeter.cloud", "usage-agent", 100, None)
     (tmp_path / "token").write_text("t")
     assert om_problems({"type": "openmeter", "token": "a", "token_file": "token"}, tmp_path) == [
@@ -304,5 +304,5 @@ def test_config_defaults_and_errors(tmp_path: Path) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.from_regex(SOURCE_PATTERN, fullmatch=True).filter(lambda s: len(s) <= 255))
 def test_every_source_the_config_accepts_is_a_uri_reference(source: str) -> None:
-    assert OpenMeterBackend.model_validate({"type": "openmeter", "source": source}).source == source
+    assert parse_backend({"type": "openmeter", "source": source}).source == source
     assert event_validator().is_valid({"id": "1", "source": source, "specversion": "1.0", "type": "t", "subject": "s"})

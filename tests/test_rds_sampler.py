@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from botocore.stub import Stubber
 
-from agent.config import Measurement
+from agent.config import parse_measurement
 from agent.samplers import instance_types
 from agent.samplers.base import Sample, Skipped, Target
 from agent.samplers.rds import PAGE_SIZE, SPEC, sample_instances
@@ -25,7 +25,7 @@ def _fresh_instance_type_cache() -> Iterator[None]:
 
 def _target(metric: str = "allocated_storage_gib", **overrides: Any) -> Target:
     m = measurement(resource_type="rds", metric=metric, **overrides)
-    return Target(Measurement.model_validate(m), ACCOUNT, "us-east-1", TICK)
+    return Target(parse_measurement(m), ACCOUNT, "us-east-1", TICK)
 
 
 def _moto_clients(aws: Aws) -> Any:

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from agent.config import BACKEND_TYPES, Measurement, PaigoBackend, load_config
+from agent.config import BACKEND_TYPES, load_config, parse_backend, parse_measurement
 from agent.convert import convert
 from agent.errors import ConfigError
 from agent.samplers.base import Sample
@@ -102,13 +102,13 @@ def test_the_paigo_body_shown_is_what_the_agent_sends() -> None:
     text = README.read_text(encoding="utf-8")
     (shown,) = [json.loads(m.group(1)) for m in re.finditer(r"^```json\n(.*?)^```$", text, re.MULTILINE | re.DOTALL)
                 if '"recordValue"' in m.group(1)]
-    measurement = Measurement.model_validate({
+    measurement = parse_measurement({
         "name": "ebs-storage", "dimension_id": "8a7b5f91-3b85-4cf4-8585-dcdf17f49004", "resource_type": "ebs",
         "regions": ["us-east-1"], "customer": {"tag": "customer-id"}, "metadata": {"environment": "prod"}})
     samples = [Sample(volume, "us-east-1", "214826386939", {"size_gib": Decimal(gib)}, {"customer-id": "acme"})
                for volume, gib in (("vol-1", 100), ("vol-2", 7))]
     (record,) = convert(measurement, "size_gib", "GiB", samples, datetime(2026, 11, 21, 10, tzinfo=timezone.utc)).records
-    sink = PaigoSink(PaigoBackend(type="paigo", client_id="client-abc", client_secret="s3cr3t"))
+    sink = PaigoSink(parse_backend({"type": "paigo", "client_id": "client-abc", "client_secret": "s3cr3t"}))
     try:
         body = json.loads(sink.bodies([record])[0])
     finally:

@@ -9,7 +9,7 @@ from typing import Any
 
 from botocore.stub import ANY, Stubber
 
-from agent.config import Measurement
+from agent.config import parse_measurement
 from agent.samplers.base import Sample, Skipped, Target
 from agent.samplers.s3 import BATCH, LOOKBACK_DAYS, PAGE_SIZE, sample_buckets
 from tests.conftest import ACCOUNT, TICK, Aws, measurement, offline_client
@@ -19,7 +19,7 @@ UTC = timezone.utc
 
 def _target(metric: str = "size_bytes", region: str = "us-east-1", tick: datetime = TICK, **overrides: Any) -> Target:
     m = measurement(resource_type="s3", metric=metric, regions=[region], **overrides)
-    return Target(Measurement.model_validate(m), ACCOUNT, region, tick)
+    return Target(parse_measurement(m), ACCOUNT, region, tick)
 
 
 def _day(day: int, month: int = 2) -> datetime:

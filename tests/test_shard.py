@@ -13,11 +13,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.config import AgentConfig, parse_config
+from agent.config import parse_config
 from agent.convert import format_decimal
 from agent.clock import SystemClock
 from agent.credentials import SessionFactory
 from agent.metrics import Metrics
+from agent.settings import AgentConfig
 from agent.shard import Shard
 from agent.spool import Spool
 from agent.testing.paigo_server import PaigoContractServer

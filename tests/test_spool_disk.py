@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from agent.config import FileBackend
+from agent.config import parse_backend
 from agent.errors import SpoolDiskLowError, SpoolError
 from agent.forwarder import MAX_PAUSE, Forwarder
 from agent.sinks.file import FileSink
@@ -167,7 +167,7 @@ def test_a_paused_forwarder_backs_off_instead_of_spinning(tmp_path: Path) -> Non
     spool.claim()
     spool.commit_tick("ebs-storage", TICK, make_records(20))
     spool._db.execute("PRAGMA query_only=1")  # no write succeeds: not a lease, not an outcome
-    sink = FileSink(FileBackend(type="file", path=str(tmp_path / "out.jsonl")))
+    sink = FileSink(parse_backend({"type": "file", "path": str(tmp_path / "out.jsonl")}))
     forwarder = Forwarder(spool, sink, clock=clock)
     sleeps: list[float] = []
 

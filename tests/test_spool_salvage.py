@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import FileBackend
+from agent.config import parse_backend
 from agent.convert import UsageRecord, record_id
 from agent.forwarder import Forwarder
 from agent.salvage import salvage
@@ -169,7 +169,7 @@ def test_one_row_that_does_not_render_is_dead_lettered_and_the_others_are_delive
     spool.commit_tick("ebs-storage", T0, records)
     poisoned = records[24].record_id
     poison_value(spool.path, poisoned)
-    sink = FileSink(FileBackend(type="file", path=str(tmp_path / "out.jsonl")))
+    sink = FileSink(parse_backend({"type": "file", "path": str(tmp_path / "out.jsonl")}))
     try:
         Forwarder(spool, sink, batch_size=16, clock=clock).drain()
         dead = spool.rows("dead")
@@ -195,7 +195,7 @@ def test_rows_dead_lettered_at_lease_are_counted_and_do_not_stop_the_drain(tmp_p
     spool.commit_tick("ebs-storage", T0, records)
     for record in records[:16]:  # the whole first batch
         poison_value(spool.path, record.record_id)
-    sink = FileSink(FileBackend(type="file", path=str(tmp_path / "out.jsonl")))
+    sink = FileSink(parse_backend({"type": "file", "path": str(tmp_path / "out.jsonl")}))
     try:
         sent = Forwarder(spool, sink, batch_size=16, clock=clock).drain()
         counts = spool.counts()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -198,7 +199,7 @@ def test_targets_run_concurrently_within_the_per_region_limit(aws: Aws, aws_prox
     aws_proxy.delay = 0.2
     names = [f"m{i}" for i in range(4)]  # four measurements over the same account and regions
     cfg = make_config(paigo, tmp_path, *(measurement(name=n, regions=regions, dimension_id=n) for n in names))
-    agent = new_agent(cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"workers": 12})}))
+    agent = new_agent(replace(cfg, sampling=replace(cfg.sampling, workers=12)))
     threads = [threading.Thread(target=agent.collect, args=(m, AT)) for m in cfg.measurements]
     for thread in threads:
         thread.start()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.config import Measurement
+from agent.settings import Measurement
 from agent.samplers import cloudwatch, dynamodb, ebs, ebs_snapshot, ec2, efs, rds, s3
 from agent.samplers.base import MetricSpec, Sample, SamplerSpec, Skipped, Target
 
@@ -21,12 +21,6 @@ REGISTRY: dict[str, SamplerSpec] = {
 }
 
 
-
-def metric_of(measurement: Measurement) -> str:
-    """The metric a measurement bills: its own, or its resource type's default."""
-    return measurement.metric or REGISTRY[measurement.resource_type].default_metric
-
-
 def required_actions(measurement: Measurement) -> tuple[str, ...]:
     """The IAM actions sampling this measurement calls in each account."""
     actions = set(REGISTRY[measurement.resource_type].actions_for(measurement))
@@ -35,4 +29,4 @@ def required_actions(measurement: Measurement) -> tuple[str, ...]:
     return tuple(sorted(actions))
 
 
-__all__ = ["REGISTRY", "metric_of", "required_actions", "MetricSpec", "Sample", "SamplerSpec", "Skipped", "Target"]
+__all__ = ["REGISTRY", "required_actions", "MetricSpec", "Sample", "SamplerSpec", "Skipped", "Target"]

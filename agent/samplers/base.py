@@ -18,7 +18,7 @@ import botocore.session
 from botocore.exceptions import BotoCoreError, UnknownRegionError
 from botocore.parsers import ResponseParserError
 
-from agent.config import Measurement
+from agent.settings import Measurement
 from agent.errors import SamplingError, excerpt
 
 MAX_PAGES = 10_000  # per listing: 5M volumes at 500 a page; an endless NextToken stops here at the latest
@@ -214,8 +214,11 @@ class SamplerSpec:
     # {partition} {region} {account} {id}, exactly those of id_scope (checked by the registry test)
     identity: str
     description: str = ""
-    # checks of the raw YAML measurement this type needs beyond the models: [(path below it, message)]
-    check: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None
+    # the key of this type's own block (its schema is in agent.config.schema.BLOCKS): required
+    # with this type, refused with any other
+    block: str | None = None
+    # checks across the fields of a validated measurement: [(YAML path below it, message)]
+    check: Callable[[Measurement], list[tuple[str, str]]] | None = None
     # IAM actions that depend on the measurement's settings (e.g. the resource a metric names)
     extra_actions: Callable[[Measurement], tuple[str, ...]] | None = None
 

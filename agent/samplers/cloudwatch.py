@@ -18,7 +18,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from agent.config import WILDCARD, CloudWatchQuery, Measurement, parse_duration
+from agent.settings import WILDCARD, CloudWatchQuery, Measurement
 from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, quantity, tags_of
 
 MAX_QUERIES = 500  # GetMetricData's limit per call
@@ -197,31 +197,22 @@ def sample_metric(clients: ClientFor, target: Target) -> Iterator[Sample | Skipp
         )
 
 
-def _check(raw: dict[str, Any]) -> list[tuple[str, str]]:
-    """Cross-field checks on the raw measurement (the models check each field)."""
-    block = raw.get("cloudwatch")
-    if block is None:
-        return [("cloudwatch", "required key is missing: namespace, metric_name, dimensions, statistic")]
-    if not isinstance(block, dict):
-        return []
+def _check(m: Measurement) -> list[tuple[str, str]]:
+    """Checks across the fields of a measurement (the models check each field)."""
+    query = m.cloudwatch
+    assert query is not None, "the config requires a cloudwatch block"
     problems = []
-    try:
-        interval = parse_duration(raw.get("interval", "1h"))
-        period = parse_duration(block["period"]) if "period" in block else interval
-    except (ValueError, TypeError):
-        return []  # reported by the models
+    interval = m.interval
+    period = query.period or interval
     if interval.total_seconds() % 60:
         problems.append(("interval", "CloudWatch measurements need a whole number of minutes"))
     if interval % period:
-        problems.append(("cloudwatch.period", f"must divide the interval ({int(interval.total_seconds())}s)"))
-    statistic = block.get("statistic", "Sum")
-    if period != interval and statistic not in ("Sum", "SampleCount", "Maximum", "Minimum"):
-        problems.append(("cloudwatch.period", f"{statistic} cannot be combined across periods; "
+        problems.append(("cloudwatch.period", f"must divide the interval ({m.interval_seconds}s)"))
+    if period != interval and query.statistic not in ("Sum", "SampleCount", "Maximum", "Minimum"):
+        problems.append(("cloudwatch.period", f"{query.statistic} cannot be combined across periods; "
                                               "leave period unset (it defaults to the interval)"))
-    dimensions = block.get("dimensions") or {}
-    customers = [raw.get("customer")] + [a.get("customer") for a in raw.get("accounts") or () if isinstance(a, dict)]
-    by_tag = any(isinstance(c, dict) and "tag" in c for c in customers)
-    if by_tag and isinstance(dimensions, dict) and not any(name in TAGGABLE for name in dimensions):
+    customers = [m.customer, *(a.customer for a in m.accounts or ())]
+    if any(c is not None and c.tag for c in customers) and not any(name in TAGGABLE for name in query.dimensions):
         problems.append(("cloudwatch.dimensions", "customer.tag needs a dimension that names a taggable resource: "
                                                   + ", ".join(TAGGABLE)))
     return problems
@@ -242,6 +233,7 @@ SPEC = SamplerSpec(
     id_scope="account-region",  # a series lives in one account and region; dimension values are names (TableName)
     identity="{account}:{region}:{id}",  # series have no ARN
     description="any CloudWatch metric: namespace, metric name, dimensions (* = discovered), statistic, period",
+    block="cloudwatch",
     check=_check,
     extra_actions=_tag_actions,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from decimal import Decimal
 
-from agent.config import Measurement
+from agent.settings import Measurement
 from agent.samplers import instance_types
 from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, tags_of
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
-from agent.config import Measurement
+from agent.settings import Measurement
 from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, quantity
 from agent.samplers.instance_types import lookup
 
@@ -50,7 +50,7 @@ def _values(db: dict[str, Any], vcpus: Decimal | None) -> dict[str, Decimal]:
 
 def sample_instances(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped]:
     filters = target.measurement.filters
-    measured = target.measurement.metric or DEFAULT_METRIC
+    measured = target.measurement.metric
     pages = target.pages(clients("rds"), "describe_db_instances", "DBInstances", PAGE_SIZE)
     instances = [
         db
@@ -95,7 +95,7 @@ def sample_instances(clients: ClientFor, target: Target) -> Iterator[Sample | Sk
 
 
 def _type_actions(measurement: Measurement) -> tuple[str, ...]:
-    return ("ec2:DescribeInstanceTypes",) if (measurement.metric or DEFAULT_METRIC) == "vcpus" else ()
+    return ("ec2:DescribeInstanceTypes",) if measurement.metric == "vcpus" else ()
 
 
 SPEC = SamplerSpec(

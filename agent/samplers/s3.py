@@ -138,7 +138,7 @@ def _bucket_value(keys: Iterable[Series], points: dict[Series, dict[datetime, An
 
 def sample_buckets(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped]:
     filters = target.measurement.filters
-    metric = target.measurement.metric or DEFAULT_METRIC
+    metric = target.measurement.metric
     s3 = clients("s3")
     wanted: dict[str, dict[str, str]] = {}
     for bucket in _buckets_in(target, s3):

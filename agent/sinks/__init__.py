@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.config import AgentConfig, FileBackend, HttpBackend, OpenMeterBackend, PaigoBackend
+from agent.settings import AgentConfig, FileBackend, HttpBackend, OpenMeterBackend, PaigoBackend
 from agent.sinks.base import Delivered, Outcome, Rejected, RetryLater, Sink
 
 

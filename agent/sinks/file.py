@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from agent.config import FileBackend, JsonlFile
+from agent.settings import FileBackend, JsonlFile
 from agent.convert import UsageRecord, format_timestamp
 from agent.sinks.base import Delivered, Outcome, RetryLater, encode, json_bytes, renderable
 

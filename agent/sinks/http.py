@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from agent.config import HttpBackend
+from agent.settings import HttpBackend
 from agent.convert import UsageRecord
 from agent.sinks.base import JsonArraySink, http_client
 

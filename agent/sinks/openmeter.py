@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from agent.config import OpenMeterBackend
+from agent.settings import OpenMeterBackend
 from agent.convert import UsageRecord, format_decimal, format_timestamp
 from agent.sinks.base import Answer, JsonArraySink, http_client
 

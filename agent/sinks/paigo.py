@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import structlog
 
-from agent.config import PaigoBackend
+from agent.settings import PaigoBackend
 from agent.convert import UsageRecord, format_decimal, format_timestamp
 from agent.sinks.base import (
     Answer,
