@@ -16,7 +16,8 @@ from agent.credentials import SessionFactory
 from agent.errors import ConfigError
 from agent.runtime import Agent
 from agent.samplers.base import Sample, Skipped, Target
-from agent.samplers.cloudwatch import MAX_QUERIES, sample_metric
+from agent.samplers.cloudwatch import sample_metric
+from agent.samplers.engine import METRIC_QUERIES as MAX_QUERIES
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, Aws, config_dict, make_config, measurement, only
 

@@ -17,9 +17,11 @@ from agent.credentials import SessionFactory
 from agent.runtime import Agent
 from agent.samplers import instance_types
 from agent.samplers.base import Sample, Skipped, Target
-from agent.samplers.ec2 import SPEC, sample_instances
+from agent.samplers.ec2 import INSTANCES, SPEC
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, TICK, Aws, make_config, measurement, only
+
+sample_instances = INSTANCES.sample
 
 
 @pytest.fixture(autouse=True)
