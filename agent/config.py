@@ -346,6 +346,7 @@ class Filters(_Model):
     instance_types: list[str] = Field(default_factory=list)  # ec2: m5.large; rds: db.m5.large
     states: list[str] = Field(default_factory=list)  # ec2 instance states (default: running)
     storage_types: list[str] = Field(default_factory=list)  # s3 StorageType (default: all)
+    load_balancer_types: list[Literal["application", "network", "gateway"]] = Field(default_factory=list)  # elb
 
     def matches_tags(self, tags: Mapping[str, str]) -> bool:
         """The tag condition, for APIs that cannot filter on tags server-side."""

@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 from agent.config import WILDCARD, CloudWatchQuery, Measurement, parse_duration
-from agent.samplers import dynamodb
+from agent.samplers import dynamodb, elb
 from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, quantity
 from agent.samplers.engine import SERVICES, look_up_tags, metric_data, metric_series
 
@@ -40,6 +40,7 @@ TAGGABLE: dict[str, tuple[str, Callable[[str, Target], str]]] = {
     "DBInstanceIdentifier": ("rds", _named),
     "FileSystemId": ("efs", _named),
     "TableName": ("dynamodb", _arn_of(dynamodb.SPEC)),
+    "LoadBalancer": ("elbv2", _arn_of(elb.SPEC)),  # app/name/id in AWS/ApplicationELB, net/... in AWS/NetworkELB
 }
 
 
