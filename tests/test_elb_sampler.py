@@ -124,3 +124,11 @@ def test_declares_elb() -> None:
         "elasticloadbalancing:DescribeLoadBalancers", "elasticloadbalancing:DescribeTags")
     assert SPEC.filters == ("tags", "load_balancer_types")
     assert SPEC.identity == "arn:{partition}:elasticloadbalancing:{region}:{account}:loadbalancer/{id}"
+
+
+def test_iam_policy_grants_what_eip_and_elb_call() -> None:
+    from agent.iam import sampler_actions
+
+    measurements = [Measurement.model_validate(measurement(name=t, resource_type=t, metric="count")) for t in ("eip", "elb")]
+    assert sampler_actions(measurements) == ["ec2:DescribeAddresses", "elasticloadbalancing:DescribeLoadBalancers",
+                                             "elasticloadbalancing:DescribeTags"]

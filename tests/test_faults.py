@@ -21,7 +21,7 @@ from agent.config import Measurement
 from agent.credentials import SessionFactory
 from agent.runtime import Agent
 from agent.samplers.base import Sample, Skipped, Target
-from agent.samplers.ebs import sample_volumes
+from agent.samplers.ebs import VOLUMES
 from agent.sinks.paigo import PaigoSink
 from agent.spool import Spool
 from agent.telemetry import REGISTRY
@@ -161,7 +161,7 @@ def test_absurd_volumes_are_skipped_with_a_reason_and_the_rest_sampled() -> None
     stubber.add_response("describe_volumes", {"Volumes": volumes})
     target = Target(Measurement.model_validate(measurement()), ACCOUNT, "us-east-1", TICK)
     with stubber:
-        out = list(sample_volumes(only(ec2), target))
+        out = list(VOLUMES.sample(only(ec2), target))
     assert [s.resource_id for s in out if isinstance(s, Sample)] == ["vol-good"]
     reasons = {s.resource_id: s.reason for s in out if isinstance(s, Skipped)}
     assert set(reasons) == {"vol-negative", "vol-nosize", "vol-badiops"}

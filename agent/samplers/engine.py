@@ -104,7 +104,6 @@ SERVICES: Mapping[str, Service] = {
                         ("dynamodb:ListTagsOfResource",)),
     "elbv2": Service("elasticloadbalancing", frozenset({"LoadBalancerNotFound"}), _load_balancer_tags,
                      ("elasticloadbalancing:DescribeTags",), tag_batch=20),
-    "cloudwatch": Service("cloudwatch"),
 }
 
 
