@@ -56,6 +56,7 @@ class Filters:
     instance_types: tuple[str, ...] = ()  # ec2: m5.large; rds: db.m5.large
     states: tuple[str, ...] = ()  # ec2 instance states (default: running)
     storage_types: tuple[str, ...] = ()  # s3 StorageType (default: all)
+    load_balancer_types: tuple[str, ...] = ()  # elb: application, network, gateway (default: all)
 
     def matches_tags(self, tags: Mapping[str, str]) -> bool:
         """The tag condition, for APIs that cannot filter on tags server-side."""

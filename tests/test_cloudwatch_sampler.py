@@ -14,7 +14,8 @@ from botocore.stub import ANY, Stubber
 from agent.config import parse_measurement
 from agent.errors import ConfigError
 from agent.samplers.base import Sample, Skipped, Target
-from agent.samplers.cloudwatch import MAX_QUERIES, sample_metric
+from agent.samplers.cloudwatch import sample_metric
+from agent.samplers.engine import METRIC_QUERIES as MAX_QUERIES
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, Aws, config_dict, make_config, measurement, only
 from tests.test_runtime import new_agent
@@ -150,3 +151,42 @@ def test_a_cloudwatch_block_only_belongs_to_cloudwatch(paigo: PaigoContractServe
         parse_config(config_dict(paigo, tmp_path, raw), "<test>", {})
     assert ("measurements[0].cloudwatch", "only applies with resource_type: cloudwatch") in caught.value.problems
 
+
+
+def test_a_series_cloudwatch_could_not_read_is_skipped_not_billed_in_part() -> None:
+    cw = boto3.client("cloudwatch", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    stubber = Stubber(cw)
+    stubber.add_response("list_metrics", {"Metrics": [
+        {"Namespace": "AWS/EC2", "MetricName": "NetworkOut", "Dimensions": [{"Name": "InstanceId", "Value": i}]}
+        for i in ("i-1", "i-2")]})
+    at = T - timedelta(minutes=30)
+    stubber.add_response("get_metric_data", {"MetricDataResults": [
+        {"Id": "q0", "Timestamps": [at], "Values": [512.0], "StatusCode": "Complete"},
+        {"Id": "q1", "Timestamps": [at], "Values": [64.0], "StatusCode": "InternalError"}]})
+    with stubber:
+        items = list(sample_metric(only(cw), _target(customer={"id": "acme"})))
+    assert [(s.resource_id, s.values["value"]) for s in items if isinstance(s, Sample)] == [
+        ("InstanceId=i-1", Decimal(512))]
+    assert [s for s in items if isinstance(s, Skipped)] == [
+        Skipped("InstanceId=i-2", "CloudWatch answered InternalError for this series")]
+
+
+def test_load_balancer_series_take_the_tags_of_their_load_balancer(aws: Aws) -> None:
+    from agent.samplers.cloudwatch import SPEC
+    from tests.test_elb_sampler import load_balancer
+
+    acme = load_balancer(aws, "acme-web", tags={"customer-id": "acme"})
+    globex = load_balancer(aws, "globex-web", tags={"customer-id": "globex"})
+    cw = boto3.client("cloudwatch", region_name="us-east-1", endpoint_url=aws.endpoint)
+    for arn, sent in ((acme, 1500.0), (globex, 20.0)):
+        cw.put_metric_data(Namespace="AWS/ApplicationELB", MetricData=[{
+            "MetricName": "ProcessedBytes", "Timestamp": T - timedelta(minutes=10), "Value": sent, "Unit": "Bytes",
+            "Dimensions": [{"Name": "LoadBalancer", "Value": arn.split(":loadbalancer/")[1]}]}])
+    query = {"namespace": "AWS/ApplicationELB", "metric_name": "ProcessedBytes", "dimensions": {"LoadBalancer": "*"}}
+    target = _target(cloudwatch=query, customer={"tag": "customer-id"})
+
+    samples = list(sample_metric(lambda service: aws.client(service), target))
+
+    assert {s.tags["customer-id"]: s.values["value"] for s in samples if isinstance(s, Sample)} == {
+        "acme": Decimal(1500), "globex": Decimal(20)}
+    assert "elasticloadbalancing:DescribeTags" in SPEC.actions_for(target.measurement)

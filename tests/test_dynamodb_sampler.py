@@ -10,8 +10,10 @@ from botocore.stub import Stubber
 
 from agent.config import parse_measurement
 from agent.samplers.base import Sample, Target
-from agent.samplers.dynamodb import PAGE_SIZE, sample_tables
+from agent.samplers.dynamodb import TABLES
 from tests.conftest import ACCOUNT, TICK, Aws, measurement, offline_client, only
+
+PAGE_SIZE, sample_tables = TABLES.page_size, TABLES.sample
 
 
 def _target(**overrides: Any) -> Target:

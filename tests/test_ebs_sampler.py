@@ -10,8 +10,10 @@ from botocore.stub import Stubber
 from agent.config import parse_measurement
 from agent.samplers import REGISTRY
 from agent.samplers.base import Target
-from agent.samplers.ebs import PAGE_SIZE, sample_volumes
+from agent.samplers.ebs import VOLUMES
 from tests.conftest import ACCOUNT, TICK, only, Aws, measurement
+
+PAGE_SIZE, sample_volumes = VOLUMES.page_size, VOLUMES.sample
 
 
 def _target(**overrides: object) -> Target:

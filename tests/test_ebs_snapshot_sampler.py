@@ -9,8 +9,10 @@ from botocore.stub import Stubber
 
 from agent.config import parse_measurement
 from agent.samplers.base import Sample, Skipped, Target
-from agent.samplers.ebs_snapshot import PAGE_SIZE, sample_snapshots
+from agent.samplers.ebs_snapshot import SNAPSHOTS
 from tests.conftest import ACCOUNT, TICK, Aws, measurement, offline_client, only
+
+PAGE_SIZE, sample_snapshots = SNAPSHOTS.page_size, SNAPSHOTS.sample
 
 
 def _target(**overrides: Any) -> Target:

@@ -15,10 +15,12 @@ from botocore.stub import Stubber
 from agent.config import parse_measurement
 from agent.samplers import instance_types
 from agent.samplers.base import Sample, Skipped, Target
-from agent.samplers.ec2 import SPEC, sample_instances
+from agent.samplers.ec2 import INSTANCES, SPEC
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, TICK, Aws, make_config, measurement, only
 from tests.test_runtime import new_agent
+
+sample_instances = INSTANCES.sample
 
 
 @pytest.fixture(autouse=True)

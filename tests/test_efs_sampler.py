@@ -10,8 +10,10 @@ from botocore.stub import Stubber
 
 from agent.config import parse_measurement
 from agent.samplers.base import Sample, Skipped, Target
-from agent.samplers.efs import PAGE_SIZE, sample_file_systems
+from agent.samplers.efs import FILE_SYSTEMS
 from tests.conftest import ACCOUNT, TICK, Aws, measurement, offline_client, only
+
+PAGE_SIZE, sample_file_systems = FILE_SYSTEMS.page_size, FILE_SYSTEMS.sample
 
 
 def _target(**overrides: Any) -> Target:

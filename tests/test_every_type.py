@@ -66,6 +66,14 @@ def _seed(aws: Aws) -> None:
             {"MetricName": "NetworkOut", "Timestamp": T - timedelta(minutes=10), "Value": sent, "Unit": "Bytes",
              "Dimensions": [{"Name": "InstanceId", "Value": instance["InstanceId"]}]}])
 
+    for region, tagged in (("us-east-1", 2), ("eu-west-1", 1)):  # and one untagged address: skipped
+        for tags in [TAG] * tagged + [{}] * (region == "us-east-1"):
+            _address(aws.ec2(region), tags)
+    _load_balancer(aws.client("ec2"), aws.client("elbv2"), "acme-web", TAG)
+    _load_balancer(aws.client("ec2"), aws.client("elbv2"), "acme-edge", TAG, "network")
+    _load_balancer(aws.client("ec2", "eu-west-1"), aws.client("elbv2", "eu-west-1"), "acme-eu", TAG)
+    _load_balancer(aws.client("ec2"), aws.client("elbv2"), "untagged", {})
+
     admin = boto3.client("sts", region_name="us-east-1", endpoint_url=aws.endpoint).assume_role(
         RoleArn=f"arn:aws:iam::{OTHER}:role/admin", RoleSessionName="setup")["Credentials"]
     other = {"aws_access_key_id": admin["AccessKeyId"], "aws_secret_access_key": admin["SecretAccessKey"],
@@ -73,6 +81,21 @@ def _seed(aws: Aws) -> None:
     boto3.client("ec2", region_name="eu-west-1", **other).create_volume(Size=30, AvailabilityZone="eu-west-1a")
     boto3.client("ec2", region_name="us-east-1", **other).run_instances(
         ImageId="ami-12c6146b", InstanceType="m5.large", MinCount=3, MaxCount=3)
+    _address(boto3.client("ec2", region_name="eu-west-1", **other), {})
+    _load_balancer(boto3.client("ec2", region_name="us-east-1", **other),
+                   boto3.client("elbv2", region_name="us-east-1", **other), "globex-web", {})
+
+
+def _address(ec2: Any, tags: dict[str, str]) -> str:
+    specs = [{"ResourceType": "elastic-ip", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
+    return ec2.allocate_address(Domain="vpc", **({"TagSpecifications": specs} if tags else {}))["AllocationId"]
+
+
+def _load_balancer(ec2: Any, elbv2: Any, name: str, tags: dict[str, str], kind: str = "application") -> str:
+    subnets = [s["SubnetId"] for s in ec2.describe_subnets()["Subnets"]][:2]
+    labels = {"Tags": [{"Key": k, "Value": v} for k, v in tags.items()]} if tags else {}
+    created = elbv2.create_load_balancer(Name=name, Subnets=subnets, Type=kind, **labels)
+    return created["LoadBalancers"][0]["LoadBalancerArn"]
 
 
 def _both_accounts(**fields: Any) -> dict[str, Any]:
@@ -101,6 +124,9 @@ def test_every_resource_type(aws: Aws, paigo: PaigoContractServer, tmp_path: Pat
         measurement(name="dynamodb-items", resource_type="dynamodb", metric="item_count"),
         measurement(name="ec2-egress", resource_type="cloudwatch", metric="value", interval="1h", cloudwatch={
             "namespace": "AWS/EC2", "metric_name": "NetworkOut", "dimensions": {"InstanceId": "*"}, "unit": "Bytes"}),
+        _both_accounts(name="eip-hours", resource_type="eip", metric="count", **hourly),
+        _both_accounts(name="elb-count", resource_type="elb", metric="count"),
+        _both_accounts(name="nlb-count", resource_type="elb", metric="count", filters={"load_balancer_types": ["network"]}),
     ]
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump(config_dict(paigo, tmp_path, *measurements)))
@@ -125,6 +151,11 @@ def test_every_resource_type(aws: Aws, paigo: PaigoContractServer, tmp_path: Pat
         ("efs-count", "acme"): Decimal(1),
         ("dynamodb-items", "acme"): Decimal(3),
         ("ec2-egress", "acme"): Decimal(1025),
+        ("eip-hours", "acme"): Decimal(3),  # 2 + 1 tagged addresses, two regions, one hour each
+        ("eip-hours", "globex"): Decimal(1),
+        ("elb-count", "acme"): Decimal(3),  # web and edge in us-east-1, one in eu-west-1
+        ("elb-count", "globex"): Decimal(1),
+        ("nlb-count", "acme"): Decimal(1),  # edge only; globex has no network load balancer: no record
     }
     assert {b["timestamp"] for b in bodies} == {"2026-11-21T10:00:00Z"}
     by_name = {(b["metadata"]["measurement"], b["customerId"]): b["metadata"] for b in bodies}
@@ -151,7 +182,8 @@ def _seed_twins(aws: Aws) -> dict[str, list[tuple[str, str, str, Decimal]]]:
     in eu-west-1 of 222222222222, named alike wherever AWS lets a customer name them. Returns, per
     resource type, the (account, region, resource id, value) a per-resource record must carry."""
     want: dict[str, list[tuple[str, str, str, Decimal]]] = {t: [] for t in
-                                                             ("ebs", "ebs_snapshot", "ec2", "s3", "rds", "efs", "dynamodb", "cloudwatch")}
+                                                             ("ebs", "ebs_snapshot", "ec2", "s3", "rds", "efs", "dynamodb", "cloudwatch",
+                                                              "eip", "elb")}
     day = T.replace(hour=0) - timedelta(days=1)
     places = [(ACCOUNT, "us-east-1", 20), (ACCOUNT, "eu-west-1", 50), (OTHER, "eu-west-1", 7)]
     for account, region, size in places:
@@ -193,6 +225,9 @@ def _seed_twins(aws: Aws) -> dict[str, list[tuple[str, str, str, Decimal]]]:
             {"MetricName": "NumberOfObjects", "Timestamp": day, "Value": size, "Unit": "Count",
              "Dimensions": [{"Name": "BucketName", "Value": bucket}, {"Name": "StorageType", "Value": "AllStorageTypes"}]}])
         want["s3"].append((account, region, bucket, Decimal(size)))
+        want["eip"].append((account, region, _address(ec2, TAG), Decimal(1)))
+        arn = _load_balancer(ec2, _client(aws, "elbv2", region, account), "web", TAG)  # the same name everywhere
+        want["elb"].append((account, region, arn.split(":loadbalancer/")[1], Decimal(1)))
     return want
 
 
@@ -205,9 +240,12 @@ ARNS = {
     "efs": "arn:aws:elasticfilesystem:{region}:{account}:file-system/{id}",
     "dynamodb": "arn:aws:dynamodb:{region}:{account}:table/{id}",
     "cloudwatch": "{account}:{region}:{id}",
+    "eip": "arn:aws:ec2:{region}:{account}:elastic-ip/{id}",
+    "elb": "arn:aws:elasticloadbalancing:{region}:{account}:loadbalancer/{id}",
 }
 METRICS = {"ebs": "size_gib", "ebs_snapshot": "size_gib", "ec2": "count", "s3": "object_count",
-           "rds": "allocated_storage_gib", "efs": "count", "dynamodb": "item_count", "cloudwatch": "value"}
+           "rds": "allocated_storage_gib", "efs": "count", "dynamodb": "item_count", "cloudwatch": "value",
+           "eip": "count", "elb": "count"}
 
 
 def _per_type(group_by: str) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from botocore.stub import Stubber
 
 from agent.config import parse_measurement
 from agent.samplers.base import Sample, Skipped, Target
-from agent.samplers.ebs import sample_volumes
+from agent.samplers.ebs import VOLUMES
 from agent.sinks.paigo import PaigoSink
 from agent.spool import Spool
 from agent.metrics import Metrics
@@ -160,7 +160,7 @@ def test_absurd_volumes_are_skipped_with_a_reason_and_the_rest_sampled() -> None
     stubber.add_response("describe_volumes", {"Volumes": volumes})
     target = Target(parse_measurement(measurement()), ACCOUNT, "us-east-1", TICK)
     with stubber:
-        out = list(sample_volumes(only(ec2), target))
+        out = list(VOLUMES.sample(only(ec2), target))
     assert [s.resource_id for s in out if isinstance(s, Sample)] == ["vol-good"]
     reasons = {s.resource_id: s.reason for s in out if isinstance(s, Skipped)}
     assert set(reasons) == {"vol-negative", "vol-nosize", "vol-badiops"}

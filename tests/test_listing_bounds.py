@@ -18,10 +18,12 @@ from agent.config import parse_measurement
 from agent.credentials import CLIENT_CONFIG, Backoff
 from agent.errors import EXCERPT as MAX_DETAIL
 from agent.samplers.base import CallError, Target
-from agent.samplers.ebs import PAGE_SIZE, sample_volumes
+from agent.samplers.ebs import VOLUMES
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, TICK, Aws, AwsProxy, aws_error, make_config, measurement, offline_client, only
 from tests.test_runtime import Monotonic, new_agent
+
+PAGE_SIZE, sample_volumes = VOLUMES.page_size, VOLUMES.sample
 
 AT = datetime(2026, 11, 21, 10, 0, 30, tzinfo=timezone.utc)
 

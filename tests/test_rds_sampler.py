@@ -12,8 +12,10 @@ from botocore.stub import Stubber
 from agent.config import parse_measurement
 from agent.samplers import instance_types
 from agent.samplers.base import Sample, Skipped, Target
-from agent.samplers.rds import PAGE_SIZE, SPEC, sample_instances
+from agent.samplers.rds import INSTANCES, SPEC
 from tests.conftest import ACCOUNT, TICK, Aws, measurement, offline_client
+
+PAGE_SIZE, sample_instances = INSTANCES.page_size, INSTANCES.sample
 
 
 @pytest.fixture(autouse=True)

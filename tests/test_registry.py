@@ -3,6 +3,7 @@ and has a test module of its own."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
 from dataclasses import fields
@@ -56,18 +57,43 @@ def test_declares_well_formed_iam_actions_and_known_filters(resource_type: str) 
 
 
 def _module(spec: SamplerSpec) -> str:
-    return spec.sample.__module__
+    """The module that declares the spec (its sample function may be the engine's)."""
+    (name,) = [info.name for info in pkgutil.iter_modules(agent.samplers.__path__)
+               if getattr(importlib.import_module(f"agent.samplers.{info.name}"), "SPEC", None) is spec]
+    return f"agent.samplers.{name}"
+
+
+def _imports(tree: ast.Module) -> set[str]:
+    return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+
+
+def _exact_asserts(tree: ast.Module) -> list[ast.Assert]:
+    """The asserts that compare with a Decimal built in the test: ``assert x == Decimal(7)``."""
+    def decimal_call(node: ast.AST) -> bool:
+        return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Decimal"
+
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare)
+            and any(decimal_call(part) for operand in (node.test.left, *node.test.comparators)
+                    for part in ast.walk(operand))]
+
+
+@pytest.mark.parametrize(("source", "exact"), [
+    ("from decimal import Decimal  # Decimal(1)\nassert total == 3\n", False),
+    ("x = Decimal(1)\nassert str(x)\n", False),
+    ("assert sample.values == {'size_gib': Decimal(100)}\n", True),
+])
+def test_exact_asserts_are_comparisons_with_decimals_not_mentions(source: str, exact: bool) -> None:
+    assert bool(_exact_asserts(ast.parse(source))) is exact
 
 
 @pytest.mark.parametrize("resource_type", TYPES)
 def test_has_a_test_module_with_exact_numbers(resource_type: str) -> None:
     spec = REGISTRY[resource_type]
-    assert _module(spec).startswith("agent.samplers.")
     path = ROOT / "tests" / f"test_{resource_type}_sampler.py"
     assert path.is_file(), f"{resource_type} has no {path.relative_to(ROOT)}"
-    text = path.read_text(encoding="utf-8")
-    assert _module(spec) in text, f"{path.name} does not test {_module(spec)}"
-    assert "Decimal(" in text, f"{path.name} asserts no exact (Decimal) values"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    assert _module(spec) in _imports(tree), f"{path.name} does not import {_module(spec)}"
+    assert len(_exact_asserts(tree)) >= 2, f"{path.name} compares no sampled value with an exact Decimal"
 
 
 @pytest.mark.parametrize("resource_type", TYPES)

@@ -11,7 +11,8 @@ from botocore.stub import ANY, Stubber
 
 from agent.config import parse_measurement
 from agent.samplers.base import Sample, Skipped, Target
-from agent.samplers.s3 import BATCH, LOOKBACK_DAYS, PAGE_SIZE, sample_buckets
+from agent.samplers.engine import METRIC_QUERIES as BATCH
+from agent.samplers.s3 import LOOKBACK_DAYS, PAGE_SIZE, sample_buckets
 from tests.conftest import ACCOUNT, TICK, Aws, measurement, offline_client
 
 UTC = timezone.utc

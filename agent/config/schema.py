@@ -59,6 +59,7 @@ class Filters(Model):
     instance_types: list[str] = Field(default_factory=list)
     states: list[str] = Field(default_factory=list)
     storage_types: list[str] = Field(default_factory=list)
+    load_balancer_types: list[Literal["application", "network", "gateway"]] = Field(default_factory=list)
 
 
 def _as_region_list(value: Any) -> Any:

@@ -69,9 +69,13 @@ def partition_of(region: str) -> str:
 
 
 @lru_cache(maxsize=None)
-def _paging(service: str, operation: str) -> tuple[str, str, str | None]:
-    """(input token, output token, limit key) of an operation, from botocore's paginator model."""
-    config = botocore.session.get_session().get_paginator_model(service).get_paginator(operation)
+def _paging(service: str, operation: str) -> tuple[str | None, str | None, str | None]:
+    """(input token, output token, limit key) of an operation, from botocore's paginator model;
+    all None for one that answers in a single page (DescribeAddresses)."""
+    try:
+        config = botocore.session.get_session().get_paginator_model(service).get_paginator(operation)
+    except ValueError:
+        return None, None, None
     return config["input_token"], config["output_token"], config.get("limit_key")
 
 
@@ -170,8 +174,8 @@ class Target:
                 raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: "
                                   f"page {page} has no {key} list (keys: {excerpt(present)})")
             yield items
-            token = answer.get(output_token)
-            if not token:
+            token = answer.get(output_token) if output_token else None
+            if not token or input_token is None:
                 return
             if token in seen:
                 raise CallError(f"{self.measurement.resource_type}: {self._peer(client, operation)}: page {page} "
@@ -233,8 +237,3 @@ class SamplerSpec:
     def __post_init__(self) -> None:
         if self.default_metric not in self.metrics:
             raise ValueError(f"{self.resource_type}: default metric {self.default_metric!r} is not declared")
-
-
-def tags_of(resource: Mapping[str, Any]) -> dict[str, str]:
-    """AWS ``Tags: [{Key, Value}]`` as a plain mapping."""
-    return {tag["Key"]: tag.get("Value", "") for tag in resource.get("Tags") or ()}

@@ -5,7 +5,8 @@ The window of tick T is the ``interval`` before T (CloudWatch periods start at
 discovered with ListMetrics; every series found is one resource. Values are fetched with
 GetMetricData, 500 queries per call. Periods combine by the statistic: Sum and SampleCount
 add up, Maximum and Minimum take the extreme; other statistics need ``period == interval``.
-A series without datapoints in the window is skipped (never a zero it did not report).
+A series without datapoints in the window is skipped (never a zero it did not report), and
+so is one CloudWatch answered InternalError or Forbidden for (its values are incomplete).
 
 Customer tags come from the resource the dimension names (``InstanceId``, ``BucketName``, ...).
 """
@@ -16,81 +17,30 @@ from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from agent.settings import WILDCARD, CloudWatchQuery, Measurement
-from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, quantity, tags_of
-
-MAX_QUERIES = 500  # GetMetricData's limit per call
-_EC2_TAG_BATCH = 200
-
-TagLookup = Callable[[ClientFor, Target, list[str]], dict[str, dict[str, str]]]
+from agent.samplers import dynamodb, elb
+from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, quantity
+from agent.samplers.engine import SERVICES, look_up_tags, metric_data, metric_series
 
 
-def _ec2_tags(clients: ClientFor, target: Target, ids: list[str]) -> dict[str, dict[str, str]]:
-    tags: dict[str, dict[str, str]] = {}
-    ec2 = clients("ec2")
-    for start in range(0, len(ids), _EC2_TAG_BATCH):
-        chunk = ids[start : start + _EC2_TAG_BATCH]
-        for page in target.pages(ec2, "describe_tags", "Tags", Filters=[{"Name": "resource-id", "Values": chunk}]):
-            for tag in page:
-                tags.setdefault(tag["ResourceId"], {})[tag["Key"]] = tag.get("Value", "")
-    return tags
+def _named(value: str, target: Target) -> str:
+    return value
 
 
-def _each(lookup: Callable[[Target, Any, str], dict[str, str]], service: str, missing: tuple[str, ...]) -> TagLookup:
-    """A per-resource tag lookup; a resource that is gone (``missing`` codes) has no tags."""
-
-    def tags(clients: ClientFor, target: Target, ids: list[str]) -> dict[str, dict[str, str]]:
-        client = clients(service)
-        found = {}
-        for resource_id in ids:
-            try:
-                found[resource_id] = lookup(target, client, resource_id)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in missing:
-                    raise
-        return found
-
-    return tags
+def _arn_of(spec: SamplerSpec) -> Callable[[str, Target], str]:
+    """For tag APIs that take an ARN: the ARN of the resource a dimension value names."""
+    return lambda value, target: spec.resource(target.region, target.account, value)
 
 
-def _bucket_tags(target: Target, s3: Any, bucket: str) -> dict[str, str]:
-    try:
-        return {t["Key"]: t["Value"] for t in target.call(s3, "get_bucket_tagging", Bucket=bucket)["TagSet"]}
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") == "NoSuchTagSet":
-            return {}
-        raise
-
-
-def _db_tags(target: Target, rds: Any, identifier: str) -> dict[str, str]:
-    (db,) = target.call(rds, "describe_db_instances", DBInstanceIdentifier=identifier)["DBInstances"]
-    return {t["Key"]: t["Value"] for t in db.get("TagList", ())}
-
-
-def _file_system_tags(target: Target, efs: Any, file_system: str) -> dict[str, str]:
-    (fs,) = target.call(efs, "describe_file_systems", FileSystemId=file_system)["FileSystems"]
-    return tags_of(fs)
-
-
-def _table_tags(target: Target, dynamodb: Any, table: str) -> dict[str, str]:
-    arn = target.call(dynamodb, "describe_table", TableName=table)["Table"]["TableArn"]
-    pages = target.pages(dynamodb, "list_tags_of_resource", "Tags", ResourceArn=arn)
-    return {t["Key"]: t["Value"] for page in pages for t in page}
-
-
-# dimension name -> (IAM actions, lookup): the resources whose tags can attribute a series
-TAGGABLE: dict[str, tuple[tuple[str, ...], TagLookup]] = {
-    "InstanceId": (("ec2:DescribeTags",), _ec2_tags),
-    "VolumeId": (("ec2:DescribeTags",), _ec2_tags),
-    "BucketName": (("s3:GetBucketTagging",), _each(_bucket_tags, "s3", ("NoSuchBucket",))),
-    "DBInstanceIdentifier": (("rds:DescribeDBInstances",),
-                             _each(_db_tags, "rds", ("DBInstanceNotFound", "DBInstanceNotFoundFault"))),
-    "FileSystemId": (("elasticfilesystem:DescribeFileSystems",),
-                     _each(_file_system_tags, "efs", ("FileSystemNotFound",))),
-    "TableName": (("dynamodb:DescribeTable", "dynamodb:ListTagsOfResource"),
-                  _each(_table_tags, "dynamodb", ("ResourceNotFoundException",))),
+# dimension name -> (the service whose tag table reads it, the key that table takes for a value)
+TAGGABLE: dict[str, tuple[str, Callable[[str, Target], str]]] = {
+    "InstanceId": ("ec2", _named),
+    "VolumeId": ("ec2", _named),
+    "BucketName": ("s3", _named),
+    "DBInstanceIdentifier": ("rds", _named),
+    "FileSystemId": ("efs", _named),
+    "TableName": ("dynamodb", _arn_of(dynamodb.SPEC)),
+    "LoadBalancer": ("elbv2", _arn_of(elb.SPEC)),  # app/name/id in AWS/ApplicationELB, net/... in AWS/NetworkELB
 }
 
 
@@ -108,15 +58,8 @@ def _series(target: Target, cw: Any, query: CloudWatchQuery) -> list[dict[str, s
     if WILDCARD not in query.dimensions.values():
         return [dict(query.dimensions)]
     wanted = [{"Name": k} if v == WILDCARD else {"Name": k, "Value": v} for k, v in query.dimensions.items()]
-    pages = target.pages(cw, "list_metrics", "Metrics", Namespace=query.namespace, MetricName=query.metric_name,
+    return metric_series(target, cw, query.dimensions, Namespace=query.namespace, MetricName=query.metric_name,
                          Dimensions=wanted)
-    found: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
-    for page in pages:
-        for metric in page:
-            dims = {d["Name"]: d["Value"] for d in metric.get("Dimensions", ())}
-            if dims.keys() == query.dimensions.keys():  # not series that carry extra dimensions
-                found[tuple(sorted(dims.items()))] = dims
-    return [found[key] for key in sorted(found)]
 
 
 def _combine(statistic: str, values: list[Decimal]) -> Decimal:
@@ -130,39 +73,6 @@ def _combine(statistic: str, values: list[Decimal]) -> Decimal:
     return value
 
 
-def _values(cw: Any, query: CloudWatchQuery, series: list[dict[str, str]], target: Target,
-            period: int) -> Iterator[tuple[dict[str, str], list[Any]]]:
-    end = target.tick
-    start = end - target.measurement.interval
-    for first in range(0, len(series), MAX_QUERIES):
-        batch = series[first : first + MAX_QUERIES]
-        queries = [
-            {
-                "Id": f"q{i}",
-                "MetricStat": {
-                    "Metric": {
-                        "Namespace": query.namespace,
-                        "MetricName": query.metric_name,
-                        "Dimensions": [{"Name": k, "Value": v} for k, v in sorted(dims.items())],
-                    },
-                    "Period": period,
-                    "Stat": query.statistic,
-                },
-                "ReturnData": True,
-            }
-            for i, dims in enumerate(batch)
-        ]
-        collected: dict[str, list[Any]] = {}
-        for page in target.pages(cw, "get_metric_data", "MetricDataResults", MetricDataQueries=queries,
-                                 StartTime=start, EndTime=end, ScanBy="TimestampAscending"):
-            for result in page:
-                in_window = [v for t, v in zip(result["Timestamps"], result["Values"])
-                             if start <= t < end]
-                collected.setdefault(result["Id"], []).extend(in_window)
-        for i, dims in enumerate(batch):
-            yield dims, collected.get(f"q{i}", [])
-
-
 def sample_metric(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped]:
     m = target.measurement
     query = m.cloudwatch
@@ -173,13 +83,24 @@ def sample_metric(clients: ClientFor, target: Target) -> Iterator[Sample | Skipp
     named = resource_dimension(query)
     tags: dict[str, dict[str, str]] = {}
     if named and needs_tags(m):
-        tags = TAGGABLE[named][1](clients, target, sorted({dims[named] for dims in series}))
-    for dims, raw in _values(cw, query, series, target, period):
+        service, key_of = TAGGABLE[named]
+        keys = {key_of(value, target): value for value in sorted({dims[named] for dims in series})}
+        tags = {keys[key]: found for key, found in look_up_tags(clients, target, service, list(keys)).items()}
+    end = target.tick
+    start = end - m.interval
+    stats = [{"Metric": {"Namespace": query.namespace, "MetricName": query.metric_name,
+                         "Dimensions": [{"Name": k, "Value": v} for k, v in sorted(dims.items())]},
+              "Period": period, "Stat": query.statistic} for dims in series]
+    for dims, answer in zip(series, metric_data(target, cw, stats, start, end, "TimestampAscending")):
         # a series is its whole dimension set: one resource can have several (TableName x Operation)
         resource_id = ",".join(f"{k}={v}" for k, v in sorted(dims.items()))
         resource_tags = tags.get(dims[named], {}) if named else {}
         if not m.filters.matches_tags(resource_tags):
             continue
+        if answer.failed:
+            yield Skipped(resource_id, f"CloudWatch answered {', '.join(sorted(answer.failed))} for this series")
+            continue
+        raw = [value for stamp, value in answer.points if start <= stamp < end]
         if not raw:
             yield Skipped(resource_id, "no datapoints in the window")
             continue
@@ -220,7 +141,7 @@ def _check(m: Measurement) -> list[tuple[str, str]]:
 
 def _tag_actions(m: Measurement) -> tuple[str, ...]:
     named = resource_dimension(m.cloudwatch) if m.cloudwatch else None
-    return TAGGABLE[named][0] if named and needs_tags(m) else ()
+    return SERVICES[TAGGABLE[named][0]].tag_actions if named and needs_tags(m) else ()
 
 
 SPEC = SamplerSpec(

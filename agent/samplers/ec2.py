@@ -6,71 +6,55 @@ instance-minutes and ``vcpus`` is vCPU-minutes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
 from agent.settings import Measurement
 from agent.samplers import instance_types
-from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, tags_of
+from agent.samplers.base import ClientFor, MetricSpec, Target
+from agent.samplers.engine import ONE, Listing, Skip
 
-PAGE_SIZE = 1000
-DEFAULT_STATES = ("running",)  # stopped instances bill their volumes (metered by ebs), not compute
-_ONE = Decimal(1)
 _SPEC_METRICS = ("vcpus", "memory_gib")
+
+
+def _type_specs(clients: ClientFor, target: Target, instances: list[Any]) -> dict[str, Any] | None:
+    """The specs of the listed types, or None: count must not depend on ec2:DescribeInstanceTypes."""
+    if target.measurement.metric not in _SPEC_METRICS:
+        return None
+    kinds = {i["InstanceType"] for i in instances if i.get("InstanceType")}
+    return instance_types.lookup(target, clients("ec2"), kinds)
+
+
+def _values(instance: dict[str, Any], specs: dict[str, Any] | None) -> dict[str, Decimal]:
+    if specs is None:
+        return {"count": ONE}
+    kind = instance.get("InstanceType", "")
+    spec = specs.get(kind)
+    if spec is None:
+        raise Skip(f"instance type {kind!r} is unknown to DescribeInstanceTypes")
+    return {"count": ONE, "vcpus": spec.vcpus, "memory_gib": spec.memory_gib}
+
+
+def _facts(instance: dict[str, Any]) -> dict[str, str]:
+    return {"instance_type": instance.get("InstanceType", ""),
+            "availability_zone": instance.get("Placement", {}).get("AvailabilityZone", ""),
+            "lifecycle": instance.get("InstanceLifecycle", "on-demand")}
 
 
 def _type_actions(measurement: Measurement) -> tuple[str, ...]:
     return ("ec2:DescribeInstanceTypes",) if measurement.metric in _SPEC_METRICS else ()
 
 
-def sample_instances(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped]:
-    filters = target.measurement.filters
-    aws_filters = filters.tag_filters()
-    aws_filters.append({"Name": "instance-state-name", "Values": list(filters.states or DEFAULT_STATES)})
-    if filters.instance_types:
-        aws_filters.append({"Name": "instance-type", "Values": list(filters.instance_types)})
-    ec2 = clients("ec2")
-    pages = target.pages(ec2, "describe_instances", "Reservations", PAGE_SIZE, Filters=aws_filters)
-    instances = [i for page in pages for reservation in page for i in reservation.get("Instances") or ()]
-    needs_spec = target.measurement.metric in _SPEC_METRICS
-    # only vcpus and memory need the type specs: count must not depend on ec2:DescribeInstanceTypes
-    specs = instance_types.lookup(target, ec2, {i["InstanceType"] for i in instances if i.get("InstanceType")}) \
-        if needs_spec else {}
-    for instance in instances:
-        instance_id = instance.get("InstanceId") or "<no InstanceId>"
-        kind = instance.get("InstanceType", "")
-        values = {"count": _ONE}
-        spec = specs.get(kind)
-        if spec is not None:
-            values.update(vcpus=spec.vcpus, memory_gib=spec.memory_gib)
-        elif needs_spec:
-            yield Skipped(instance_id, f"instance type {kind!r} is unknown to DescribeInstanceTypes")
-            continue
-        yield target.sample(
-            resource_id=instance_id,
-            values=values,
-            tags=tags_of(instance),
-            facts={
-                "instance_type": kind,
-                "availability_zone": instance.get("Placement", {}).get("AvailabilityZone", ""),
-                "lifecycle": instance.get("InstanceLifecycle", "on-demand"),
-            },
-        )
+INSTANCES = Listing(
+    "ec2", "DescribeInstances", "Reservations", "InstanceId", _values, _facts, nested_key="Instances",
+    page_size=1000, server_filters={"tags": "tag:<key>", "instance_types": "instance-type",
+                                    "states": "instance-state-name"},
+    # stopped instances bill their volumes (metered by ebs), not compute
+    default_filters={"states": ("running",)}, prepare=_type_specs, extra_actions=_type_actions)
 
-
-SPEC = SamplerSpec(
-    resource_type="ec2",
-    metrics={
-        "count": MetricSpec("instances", "instances in the selected states (default: running)"),
-        "vcpus": MetricSpec("vCPUs", "default vCPUs of the instance type"),
-        "memory_gib": MetricSpec("GiB", "memory of the instance type"),
-    },
-    default_metric="count",
-    iam_actions=("ec2:DescribeInstances",),
-    extra_actions=_type_actions,
-    filters=("tags", "instance_types", "states"),
-    sample=sample_instances,
-    id_scope="account-region",  # EC2 documents its resource ids as regional, and the instance ARN names the account
-    identity="arn:{partition}:ec2:{region}:{account}:instance/{id}",
-    description="EC2 instances, running by default (filters.states selects others)",
-)
+# EC2 documents its resource ids as regional, and the instance ARN names the account
+SPEC = INSTANCES.spec("ec2", "EC2 instances, running by default (filters.states selects others)", metrics={
+    "count": MetricSpec("instances", "instances in the selected states (default: running)"),
+    "vcpus": MetricSpec("vCPUs", "default vCPUs of the instance type"),
+    "memory_gib": MetricSpec("GiB", "memory of the instance type"),
+}, default_metric="count", identity="arn:{partition}:ec2:{region}:{account}:instance/{id}")

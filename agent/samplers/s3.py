@@ -19,10 +19,10 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, quantity
+from agent.samplers.engine import error_code, look_up_tags, metric_data, metric_series
 
 DEFAULT_METRIC = "size_bytes"
 LOOKBACK_DAYS = 3
-BATCH = 500  # GetMetricData's limit of queries per call
 PAGE_SIZE = 1000  # buckets per ListBuckets page
 ALL_STORAGE_TYPES = "AllStorageTypes"
 _DAY = timedelta(days=1)
@@ -32,16 +32,12 @@ _ZERO = Decimal(0)
 Series = tuple[str, str]  # (bucket, storage type)
 
 
-def _code(exc: ClientError) -> str:
-    return exc.response.get("Error", {}).get("Code", "")
-
-
 def _location(target: Target, s3: Any, bucket: str) -> str | None:
     """The bucket's region, or None when it no longer exists."""
     try:
         constraint = target.call(s3, "get_bucket_location", Bucket=bucket).get("LocationConstraint")
     except ClientError as exc:
-        if _code(exc) == "NoSuchBucket":
+        if error_code(exc) == "NoSuchBucket":
             return None
         raise
     # GetBucketLocation answers null for us-east-1 and the legacy "EU" for eu-west-1
@@ -59,69 +55,33 @@ def _buckets_in(target: Target, s3: Any) -> list[str]:
     ]
 
 
-def _tags(target: Target, s3: Any, bucket: str) -> dict[str, str] | None:
-    """The bucket's tags, or None when it no longer exists."""
-    try:
-        tag_set = target.call(s3, "get_bucket_tagging", Bucket=bucket)["TagSet"]
-    except ClientError as exc:
-        if _code(exc) == "NoSuchTagSet":
-            return {}
-        if _code(exc) == "NoSuchBucket":
-            return None
-        raise
-    return {tag["Key"]: tag["Value"] for tag in tag_set}
-
-
 def _size_series(target: Target, cloudwatch: Any, buckets: set[str], storage_types: list[str]) -> list[Series]:
     """The (bucket, storage type) series of BucketSizeBytes that exist: one ListMetrics scan per region."""
-    pages = target.pages(cloudwatch, "list_metrics", "Metrics", Namespace="AWS/S3", MetricName="BucketSizeBytes")
-    found: set[Series] = set()
-    for page in pages:
-        for metric in page:
-            dims = {d["Name"]: d["Value"] for d in metric.get("Dimensions", [])}
-            if dims.keys() != {"BucketName", "StorageType"} or dims["BucketName"] not in buckets:
-                continue
-            if not storage_types or dims["StorageType"] in storage_types:
-                found.add((dims["BucketName"], dims["StorageType"]))
-    return sorted(found)
+    found = metric_series(target, cloudwatch, ("BucketName", "StorageType"), Namespace="AWS/S3",
+                          MetricName="BucketSizeBytes")
+    return [(dims["BucketName"], dims["StorageType"]) for dims in found if dims["BucketName"] in buckets
+            and (not storage_types or dims["StorageType"] in storage_types)]
 
 
 def _daily_points(
     target: Target, cloudwatch: Any, metric_name: str, series: list[Series]
-) -> tuple[dict[Series, dict[datetime, Any]], dict[Series, str]]:
+) -> tuple[dict[Series, dict[datetime, Any]], dict[Series, frozenset[str]]]:
     """Daily datapoints of complete days in the lookback, per series; and series CloudWatch failed on."""
     tick = target.tick
     end = tick.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    stats = [{"Metric": {"Namespace": "AWS/S3", "MetricName": metric_name,
+                         "Dimensions": [{"Name": "BucketName", "Value": bucket}, {"Name": "StorageType", "Value": storage}]},
+              "Period": 86400, "Stat": "Average"} for bucket, storage in series]
+    answers = metric_data(target, cloudwatch, stats, end - LOOKBACK_DAYS * _DAY, end, "TimestampDescending")
     points: dict[Series, dict[datetime, Any]] = defaultdict(dict)
-    failed: dict[Series, str] = {}
-    for start in range(0, len(series), BATCH):
-        batch = series[start : start + BATCH]
-        queries = [
-            {
-                "Id": f"q{i}",
-                "MetricStat": {
-                    "Metric": {
-                        "Namespace": "AWS/S3",
-                        "MetricName": metric_name,
-                        "Dimensions": [{"Name": "BucketName", "Value": bucket}, {"Name": "StorageType", "Value": storage}],
-                    },
-                    "Period": 86400,
-                    "Stat": "Average",
-                },
-            }
-            for i, (bucket, storage) in enumerate(batch)
-        ]
-        pages = target.pages(cloudwatch, "get_metric_data", "MetricDataResults", MetricDataQueries=queries,
-                             StartTime=end - LOOKBACK_DAYS * _DAY, EndTime=end, ScanBy="TimestampDescending")
-        for page in pages:
-            for result in page:
-                key = batch[int(result["Id"][1:])]
-                if result.get("StatusCode") in ("InternalError", "Forbidden"):
-                    failed[key] = result["StatusCode"]
-                for stamp, value in zip(result.get("Timestamps", []), result.get("Values", [])):
-                    day = stamp.astimezone(timezone.utc)
-                    if day + _DAY <= tick:  # complete days only, whatever the server returned
-                        points[key][day] = value
+    failed: dict[Series, frozenset[str]] = {}
+    for key, answer in zip(series, answers):
+        if answer.failed:
+            failed[key] = answer.failed
+        for stamp, value in answer.points:
+            day = stamp.astimezone(timezone.utc)
+            if day + _DAY <= tick:  # complete days only, whatever the server returned
+                points[key][day] = value
     return points, failed
 
 
@@ -139,12 +99,8 @@ def _bucket_value(keys: Iterable[Series], points: dict[Series, dict[datetime, An
 def sample_buckets(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped]:
     filters = target.measurement.filters
     metric = target.measurement.metric
-    s3 = clients("s3")
-    wanted: dict[str, dict[str, str]] = {}
-    for bucket in _buckets_in(target, s3):
-        tags = _tags(target, s3, bucket)
-        if tags is not None and filters.matches_tags(tags):  # S3 cannot filter buckets on tags
-            wanted[bucket] = tags
+    tags = look_up_tags(clients, target, "s3", _buckets_in(target, clients("s3")))  # a vanished bucket is left out
+    wanted = {bucket: found for bucket, found in tags.items() if filters.matches_tags(found)}  # S3 cannot filter
     if not wanted:
         return
     cloudwatch = clients("cloudwatch")
@@ -157,7 +113,7 @@ def sample_buckets(clients: ClientFor, target: Target) -> Iterator[Sample | Skip
     for key in series:
         by_bucket[key[0]].append(key)
     for bucket, tags in sorted(wanted.items()):
-        errors = sorted({failed[key] for key in by_bucket[bucket] if key in failed})
+        errors = sorted({code for key in by_bucket[bucket] for code in failed.get(key, ())})
         if errors:
             yield Skipped(bucket, f"CloudWatch answered {', '.join(errors)} for its storage metrics")
             continue
