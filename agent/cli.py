@@ -175,23 +175,25 @@ def _wire(cfg: AgentConfig, with_spool: bool, shard: Shard | None) -> tuple[Any,
     from agent.credentials import SessionFactory
     from agent.runtime import Agent
     from agent.shard import EVERYTHING
-    from agent.sinks import build_sink
+    from agent.sinks import build_backend
     from agent.spool import Spool
+    from agent.telemetry import METRICS
 
     spool = None
     if with_spool:
         spool = Spool(cfg.spool.path, cfg.spool.max_records, clock=CLOCK)
         spool.claim()
-    return Agent(cfg, SessionFactory(), spool, shard=shard or EVERYTHING), build_sink(cfg), spool
+    return Agent(cfg, SessionFactory(), spool, shard=shard or EVERYTHING), build_backend(cfg.backend, METRICS, CLOCK), spool
 
 
-def _forwarder(cfg: AgentConfig, spool: Any, sink: Any) -> tuple[Any, Any]:
+def _forwarder(cfg: AgentConfig, spool: Any, backend: Any) -> tuple[Any, Any]:
     """The forwarder, with the audit copy when one is configured (closed by the caller)."""
     from agent.forwarder import Forwarder
     from agent.sinks.file import AuditLog
+    from agent.telemetry import METRICS
 
-    audit = AuditLog(cfg.audit, sink.name, sink.render) if cfg.audit else None
-    return Forwarder(spool, sink, clock=CLOCK, audit=audit), audit
+    audit = AuditLog(cfg.audit, backend.name, backend.sink.element) if cfg.audit else None
+    return Forwarder(spool, backend.sink, backend.client, metrics=METRICS, clock=CLOCK, audit=audit), audit
 
 
 def _refuse_unbegun_ticks(cfg: AgentConfig, at: datetime) -> None:
@@ -222,7 +224,9 @@ def cmd_once(args: argparse.Namespace) -> int:
                 result = agent.collect(m, args.at or agent.clock() - m.delay)
                 failed |= not result.ok
                 records += result.records
-            for body in sink.bodies(records):  # each request body (file: each line) exactly as sent
+            from agent.delivery import bodies
+
+            for body in bodies(sink.sink, records):  # each request body (file: each line) exactly as sent
                 sys.stdout.buffer.write(body + b"\n")
             sys.stdout.flush()
         finally:

@@ -101,7 +101,9 @@ def run_demo(out: Any = None) -> int:
     from agent.credentials import SessionFactory
     from agent.forwarder import Forwarder
     from agent.runtime import Agent
-    from agent.sinks.paigo import PaigoSink
+    from agent.clock import SystemClock
+    from agent.metrics import Metrics
+    from agent.sinks import build_backend
     from agent.spool import Spool
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -125,9 +127,9 @@ def run_demo(out: Any = None) -> int:
         cfg = parse_config(raw, "<demo>", dict(os.environ))
         spool = Spool(cfg.spool.path, cfg.spool.max_records)
         spool.claim()
-        sink = PaigoSink(cfg.backend)
+        sink = build_backend(cfg.backend, Metrics(), SystemClock())
         agent = Agent(cfg, SessionFactory(), spool)
-        forwarder = Forwarder(spool, sink, base_backoff=0.05, max_backoff=0.2)
+        forwarder = Forwarder(spool, sink.sink, sink.client, base_backoff=0.05, max_backoff=0.2)
         # the backend starts with an outage: the records wait in the spool and are retried
         backend.script("/usage", Fault(status=503), Fault(status=429, retry_after="0"), Fault(drop=True))
 

@@ -189,7 +189,9 @@ def child_daemon(config_path: Path, ticks: int) -> None:
     from agent.credentials import SessionFactory
     from agent.forwarder import Forwarder
     from agent.runtime import Agent
-    from agent.sinks import build_sink
+    from agent.clock import SystemClock
+    from agent.metrics import Metrics
+    from agent.sinks import build_backend
     from agent.spool import Spool
     from agent.telemetry import configure_logging
 
@@ -199,9 +201,9 @@ def child_daemon(config_path: Path, ticks: int) -> None:
     now = [start]
     spool = Spool(cfg.spool.path, cfg.spool.max_records)
     spool.claim()
-    sink = build_sink(cfg)
+    backend = build_backend(cfg.backend, Metrics(), SystemClock())
     agent = Agent(cfg, SessionFactory(), spool, clock=lambda: now[0])
-    forwarder = Forwarder(spool, sink)
+    forwarder = Forwarder(spool, backend.sink, backend.client)
     rss = []
     for tick in range(ticks):
         now[0] = start + timedelta(hours=tick, minutes=30)

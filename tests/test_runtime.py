@@ -14,7 +14,9 @@ from apscheduler.schedulers.base import STATE_STOPPED
 from agent.credentials import SessionFactory
 from agent.forwarder import Forwarder
 from agent.runtime import Agent, Daemon
-from agent.sinks.paigo import PaigoSink
+from agent.clock import SystemClock
+from agent.metrics import Metrics
+from agent.sinks import Backend, build_backend
 from agent.spool import Spool
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import Aws, make_config, measurement
@@ -23,12 +25,12 @@ UTC = timezone.utc
 
 
 @pytest.fixture
-def daemon_parts(aws: Aws, paigo: PaigoContractServer, tmp_path: Path) -> Iterator[tuple[Agent, Forwarder, PaigoSink]]:
+def daemon_parts(aws: Aws, paigo: PaigoContractServer, tmp_path: Path) -> Iterator[tuple[Agent, Forwarder, Backend]]:
     cfg = make_config(paigo, tmp_path, measurement(name="five", interval="5m"), measurement(name="hourly", interval="1h"))
     spool = Spool(cfg.spool.path)
     spool.claim()
-    sink = PaigoSink(cfg.backend)
-    yield Agent(cfg, SessionFactory(), spool), Forwarder(spool, sink), sink
+    sink = build_backend(cfg.backend, Metrics(), SystemClock())
+    yield Agent(cfg, SessionFactory(), spool), Forwarder(spool, sink.sink, sink.client), sink
     sink.close()
     spool.close()
 

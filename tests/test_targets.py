@@ -213,14 +213,16 @@ def test_targets_run_concurrently_within_the_per_region_limit(aws: Aws, aws_prox
 
 
 def test_an_overrunning_tick_is_skipped_and_counted(aws: Aws, paigo: PaigoContractServer, tmp_path: Path) -> None:
+    from agent.clock import SystemClock
     from agent.forwarder import Forwarder
-    from agent.sinks.paigo import PaigoSink
+    from agent.metrics import Metrics
+    from agent.sinks import build_backend
 
     cfg = make_config(paigo, tmp_path, measurement(name="slow", interval="1m"))
     spool = Spool(cfg.spool.path)
     agent = Agent(cfg, SessionFactory(), spool)
-    sink = PaigoSink(cfg.backend)
-    daemon = Daemon(agent, Forwarder(spool, sink), sink)
+    sink = build_backend(cfg.backend, Metrics(), SystemClock())
+    daemon = Daemon(agent, Forwarder(spool, sink.sink, sink.client), sink)
     before = REGISTRY.get_sample_value("usage_agent_ticks_skipped_total", {"measurement": "slow", "reason": "overran"}) or 0
     # what APScheduler dispatches when max_instances=1 refuses a run
     daemon.scheduler._dispatch_event(JobSubmissionEvent(EVENT_JOB_MAX_INSTANCES, "sample:slow", None, [AT]))

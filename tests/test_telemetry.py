@@ -25,7 +25,9 @@ from agent import __version__
 from agent.credentials import SessionFactory
 from agent.forwarder import Forwarder
 from agent.runtime import Agent, Daemon
-from agent.sinks.paigo import PaigoSink
+from agent.clock import SystemClock
+from agent.metrics import Metrics
+from agent.sinks import build_backend
 from agent.spool import Spool
 from agent.telemetry import REDACTED, REGISTRY, configure_logging, redact_secrets, redact_text
 from agent.testing.paigo_server import Fault, PaigoContractServer
@@ -185,9 +187,9 @@ def in_process(aws: Aws, paigo: PaigoContractServer, tmp_path: Path):
     cfg = make_config(paigo, tmp_path, measurement(name="five", interval="5m", metadata=bulky))
     spool = Spool(cfg.spool.path, max_records=2)
     spool.claim()
-    sink = PaigoSink(cfg.backend)
+    sink = build_backend(cfg.backend, Metrics(), SystemClock())
     agent = Agent(cfg, SessionFactory(), spool)
-    daemon = Daemon(agent, Forwarder(spool, sink), sink, clock=lambda: now[0])
+    daemon = Daemon(agent, Forwarder(spool, sink.sink, sink.client), sink, clock=lambda: now[0])
     host, port = daemon.server.start()
     yield daemon, now, f"http://{host}:{port}"
     daemon.server.stop()
@@ -263,8 +265,8 @@ def test_a_tick_that_overruns_skips_the_next_one_and_counts_it(aws: Aws, paigo: 
     cfg = make_config(paigo, tmp_path, measurement(name="every-second", interval="1s"))
     spool = Spool(cfg.spool.path)
     spool.claim()
-    sink = PaigoSink(cfg.backend)
-    daemon = Daemon(Agent(cfg, SessionFactory(), spool), Forwarder(spool, sink), sink)
+    sink = build_backend(cfg.backend, Metrics(), SystemClock())
+    daemon = Daemon(Agent(cfg, SessionFactory(), spool), Forwarder(spool, sink.sink, sink.client), sink)
     labels = {"measurement": "every-second", "reason": "overran"}
     before = REGISTRY.get_sample_value("usage_agent_ticks_skipped_total", labels) or 0
     blocker = sqlite3.connect(cfg.spool.path, isolation_level=None, check_same_thread=False)
