@@ -137,7 +137,9 @@ def send(client: httpx.Client, request: httpx.Request, timeout: float, metrics: 
         try:
             body = bytearray()
             complete = True
-            for chunk in response.iter_raw():
+            # raw bytes, never decoded: a capped read of a compressed answer could inflate far past the cap
+            chunks = [response.content] if response.is_stream_consumed else response.iter_raw()  # read already: a fake
+            for chunk in chunks:
                 body += chunk
                 if len(body) > ANSWER_CAP:
                     complete = False  # closing before the end drops the connection: it is not reused
