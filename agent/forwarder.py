@@ -1,4 +1,4 @@
-"""Lease -> send -> settle. Records leave the spool only as delivered (2xx) or dead (rejected).
+"""Lease -> deliver (``agent.delivery``) -> settle. Records leave the spool only as delivered (2xx) or dead (rejected).
 
 Retryable failures (timeouts, connection errors, 408/429/5xx, refused credentials) go back
 to pending with a capped exponential backoff with jitter, or the backend's Retry-After.
@@ -31,7 +31,7 @@ from agent.telemetry import Check
 log = structlog.get_logger("agent.forwarder")
 
 MAX_PAUSE = 60.0  # a paused forwarder (spool or audit copy not writable) tries again at least this often
-SETTLE_ROUNDS = 16  # a lease holds this many outcomes per request slot: they are settled as they arrive
+SETTLE_ROUNDS = 16  # records leased per request slot when each request carries one
 
 
 @dataclass
@@ -68,8 +68,9 @@ class Forwarder:
         self._spool = spool
         self._metrics = metrics or Metrics()
         self._delivery = Delivery(sink, client, self._metrics)
-        # enough for every request slot, and outcomes of several requests per slot to settle as they arrive
-        self._batch_size = batch_size or max(sink.max_batch * sink.max_in_flight, SETTLE_ROUNDS * sink.max_in_flight)
+        # one-record requests: several per request slot in a lease, their outcomes settled as they arrive
+        per_slot = sink.max_batch if sink.max_batch > 1 else SETTLE_ROUNDS
+        self._batch_size = batch_size or per_slot * sink.max_in_flight
         self._settle_every = settle_every
         self._lease_seconds = lease_seconds
         self._base_backoff = base_backoff
