@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.config import HttpBackend, OpenMeterBackend, PaigoBackend
+from agent.config import FileBackend, HttpBackend, OpenMeterBackend, PaigoBackend
 from agent.delivery import Delivery
 from agent.metrics import Metrics
 from agent.sinks.base import Delivered, Rejected, RetryLater
@@ -30,7 +30,7 @@ PAIGO = {"type": "paigo", "url": "https://api.paigo.test", "token_url": "https:/
          "client_id": "client-abc", "client_secret": "s3cr3t"}
 
 
-class Backend:
+class Peer:
     """A scripted peer behind MockTransport; keeps every request it was sent."""
 
     def __init__(self, handler: Handler):
@@ -58,11 +58,11 @@ def paigo_answers(usage: Handler, tokens: list[str] | None = None) -> Handler:
     return answer
 
 
-def delivery_over(sink: Any, backend: Backend, metrics: Metrics | None = None) -> Delivery:
+def delivery_over(sink: Any, backend: Peer, metrics: Metrics | None = None) -> Delivery:
     return Delivery(sink, http_client(5.0, 8, httpx.MockTransport(backend)), metrics or Metrics())
 
 
-def paigo(backend: Backend, metrics: Metrics | None = None, **overrides: Any) -> tuple[PaigoSink, Delivery]:
+def paigo(backend: Peer, metrics: Metrics | None = None, **overrides: Any) -> tuple[PaigoSink, Delivery]:
     metrics = metrics or Metrics()
     client = http_client(5.0, 8, httpx.MockTransport(backend))
     sink = PaigoSink(PaigoBackend.model_validate({**PAIGO, **overrides}), client, metrics, FakeClock())
@@ -74,7 +74,7 @@ def outcomes(delivery: Delivery, records: list, stop: threading.Event | None = N
 
 
 def test_openmeter_renders_one_batch_request_with_the_agents_headers() -> None:
-    backend = Backend(lambda request: httpx.Response(204))
+    backend = Peer(lambda request: httpx.Response(204))
     sink = OpenMeterSink(OpenMeterBackend(type="openmeter", url="https://om.test", token="om-token", batch_size=3))
     records = make_records(4)
     got = outcomes(delivery_over(sink, backend), records)
@@ -95,7 +95,7 @@ def test_a_poison_record_is_found_by_halving_a_batch_the_backend_rejects_whole()
             return httpx.Response(400, json={"title": "invalid event"})
         return httpx.Response(204)
 
-    backend = Backend(answer)
+    backend = Peer(answer)
     sink = OpenMeterSink(OpenMeterBackend(type="openmeter", url="https://om.test"))
     good = make_records(15)
     poison = make_records(1, customer="poison")[0]
@@ -110,7 +110,7 @@ def test_a_poison_record_is_found_by_halving_a_batch_the_backend_rejects_whole()
 
 def test_paigo_sends_one_record_per_request_with_a_token_fetched_through_the_same_client() -> None:
     metrics = Metrics()
-    backend = Backend(paigo_answers(lambda request: httpx.Response(201, json={"message": "Usage record created"})))
+    backend = Peer(paigo_answers(lambda request: httpx.Response(201, json={"message": "Usage record created"})))
     _, delivery = paigo(backend, metrics)
     records = make_records(3)
     assert set(outcomes(delivery, records).values()) == {Delivered(201)}
@@ -133,7 +133,7 @@ def test_a_401_renews_the_token_and_sends_once_more() -> None:
             return httpx.Response(401, json={"message": "Unauthorized"})
         return httpx.Response(200, json={"message": "ok"})
 
-    backend = Backend(paigo_answers(usage))
+    backend = Peer(paigo_answers(usage))
     _, delivery = paigo(backend)
     (record,) = make_records(1)
     assert outcomes(delivery, [record]) == {record.record_id: Delivered(200)}
@@ -141,7 +141,7 @@ def test_a_401_renews_the_token_and_sends_once_more() -> None:
 
 
 def test_a_401_to_the_renewed_token_too_is_held_back_with_an_alert() -> None:
-    backend = Backend(paigo_answers(lambda request: httpx.Response(401)))
+    backend = Peer(paigo_answers(lambda request: httpx.Response(401)))
     _, delivery = paigo(backend, max_in_flight=1)
     got = outcomes(delivery, make_records(5))
     assert backend.paths() == ["/oauth/token", "/usage", "/oauth/token", "/usage"]  # held: not one per record
@@ -150,7 +150,7 @@ def test_a_401_to_the_renewed_token_too_is_held_back_with_an_alert() -> None:
 
 
 def test_no_token_means_no_usage_request() -> None:
-    backend = Backend(lambda request: httpx.Response(503, headers={"Retry-After": "30"}))
+    backend = Peer(lambda request: httpx.Response(503, headers={"Retry-After": "30"}))
     _, delivery = paigo(backend)
     got = outcomes(delivery, make_records(4))
     assert backend.paths() == ["/oauth/token"]
@@ -161,7 +161,7 @@ def test_no_token_means_no_usage_request() -> None:
 def test_an_undocumented_2xx_and_a_redirect_are_not_delivery_and_not_followed() -> None:
     answers = iter([httpx.Response(200, text="<html>portal</html>", headers={"Content-Type": "text/html"}),
                     httpx.Response(302, headers={"Location": "https://elsewhere.test/usage"})])
-    backend = Backend(paigo_answers(lambda request: next(answers)))
+    backend = Peer(paigo_answers(lambda request: next(answers)))
     _, delivery = paigo(backend, max_in_flight=1)
     first, second = outcomes(delivery, make_records(2)).values()
     assert isinstance(first, RetryLater) and first.alert and "text/html" in first.reason
@@ -170,7 +170,7 @@ def test_an_undocumented_2xx_and_a_redirect_are_not_delivery_and_not_followed() 
 
 
 def test_an_answer_is_read_only_to_the_cap() -> None:
-    backend = Backend(lambda request: httpx.Response(422, content=b"e" * (1 << 20)))
+    backend = Peer(lambda request: httpx.Response(422, content=b"e" * (1 << 20)))
     sink = HttpSink(HttpBackend(type="http", url="https://billing.test/usage"))
     (outcome,) = outcomes(delivery_over(sink, backend), make_records(1)).values()
     assert isinstance(outcome, Rejected) and outcome.status == 422 and len(outcome.body) == 4000
@@ -178,7 +178,7 @@ def test_an_answer_is_read_only_to_the_cap() -> None:
 
 def test_retry_after_and_retryable_statuses_are_classified() -> None:
     statuses = iter([429, 503, 408, 404])
-    backend = Backend(lambda request: httpx.Response(next(statuses), headers={"Retry-After": "7"}))
+    backend = Peer(lambda request: httpx.Response(next(statuses), headers={"Retry-After": "7"}))
     sink = HttpSink(HttpBackend(type="http", url="https://billing.test/usage", batch_size=1))
     got = list(outcomes(delivery_over(sink, backend), make_records(4)).values())
     assert [(o.status, o.retry_after, o.alert) for o in got] == [(429, 7.0, False), (503, 7.0, False),
@@ -186,7 +186,7 @@ def test_retry_after_and_retryable_statuses_are_classified() -> None:
 
 
 def test_the_http_sink_signs_the_exact_body_on_its_clock() -> None:
-    backend = Backend(lambda request: httpx.Response(200))
+    backend = Peer(lambda request: httpx.Response(200))
     sink = HttpSink(HttpBackend(type="http", url="https://billing.test/usage", hmac_secret="k3y",
                                 headers={"X-Tenant": "acme"}), FakeClock(1_800_000_123.9))
     outcomes(delivery_over(sink, backend), make_records(2))
@@ -202,14 +202,14 @@ def test_a_transport_failure_is_retried_and_counted() -> None:
 
     metrics = Metrics()
     sink = OpenMeterSink(OpenMeterBackend(type="openmeter", url="https://om.test"))
-    got = outcomes(delivery_over(sink, Backend(refuse), metrics), make_records(3))
+    got = outcomes(delivery_over(sink, Peer(refuse), metrics), make_records(3))
     assert all(isinstance(o, RetryLater) and o.reason.startswith("connection error") for o in got.values())
     assert metrics.value("usage_agent_backend_responses_total", {"status": "connection_error"}) == 1
 
 
 def test_sends_run_up_to_max_in_flight_at_once() -> None:
     together = threading.Barrier(4, timeout=10)  # breaks (and the test fails) unless four sends wait at once
-    backend = Backend(paigo_answers(lambda request: (together.wait(), httpx.Response(200, json={"message": "ok"}))[1]))
+    backend = Peer(paigo_answers(lambda request: (together.wait(), httpx.Response(200, json={"message": "ok"}))[1]))
     _, delivery = paigo(backend, max_in_flight=4)
     assert set(outcomes(delivery, make_records(8)).values()) == {Delivered(200)}
 
@@ -221,15 +221,14 @@ def test_once_stopped_no_send_starts() -> None:
         stop.set()  # the first send is in flight when the stop comes
         return httpx.Response(204)
 
-    backend = Backend(answer)
+    backend = Peer(answer)
     sink = OpenMeterSink(OpenMeterBackend(type="openmeter", url="https://om.test", batch_size=2))
     got = outcomes(delivery_over(sink, backend), make_records(6), stop)
     assert len(backend.requests) == 1 and list(got.values()) == [Delivered(204)] * 2  # the rest stay leased
 
 
 def test_the_file_sink_classifies_a_write_cut_short(tmp_path: Any) -> None:
-    sink = FileSink.__new__(FileSink)  # classify only: no file is opened
-    sink._writer = type("W", (), {"path": tmp_path / "usage.jsonl"})()  # type: ignore[attr-defined]
+    sink = FileSink(FileBackend(type="file", path=str(tmp_path / "usage.jsonl")))  # opens nothing before a write
     got = sink.classify(Written(2, OSError(errno.ENOSPC, "No space left on device")), make_records(5))
     assert got[:2] == [Delivered(), Delivered()]
     assert all(isinstance(o, RetryLater) and o.alert and "No space left on device" in o.reason for o in got[2:])
@@ -238,7 +237,7 @@ def test_the_file_sink_classifies_a_write_cut_short(tmp_path: Any) -> None:
 
 @pytest.mark.parametrize("status", [401, 403, 405, 415])
 def test_statuses_that_are_not_the_records_fault_alert(status: int) -> None:
-    backend = Backend(lambda request: httpx.Response(status))
+    backend = Peer(lambda request: httpx.Response(status))
     sink = OpenMeterSink(OpenMeterBackend(type="openmeter", url="https://om.test"))
     got = outcomes(delivery_over(sink, backend), make_records(4))
     assert len(backend.requests) == 1  # not halved: the records are not at fault

@@ -121,7 +121,7 @@ def http_client(timeout: float, connections: int = 8, transport: httpx.BaseTrans
         mounts = {pattern: _DeadlineTransport(limits, proxy) if proxy else None
                   for pattern, proxy in get_environment_proxies().items()}
     return httpx.Client(timeout=httpx.Timeout(timeout), transport=transport, mounts=mounts,
-                        headers=DEFAULT_HEADERS, follow_redirects=False, trust_env=False)
+                        headers=DEFAULT_HEADERS, follow_redirects=False)
 
 
 def send(client: httpx.Client, request: httpx.Request, timeout: float, metrics: Metrics) -> Answer:
