@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from agent.metrics import Metrics
     from agent.settings import AgentConfig
     from agent.shard import Shard
-    from agent.sinks.base import Sink
+    from agent.sinks import Backend
     from agent.spool import Spool
     from agent.ticks import Agent
 
@@ -74,11 +74,11 @@ def cmd_validate(args: argparse.Namespace, _process: Process) -> int:
     return EXIT_OK
 
 
-def _wire(cfg: AgentConfig, process: Process, with_spool: bool, shard: Shard | None) -> tuple[Agent, Sink, Spool | None]:
+def _wire(cfg: AgentConfig, process: Process, with_spool: bool, shard: Shard | None) -> tuple[Agent, Backend, Spool | None]:
     """The sampling side (sessions, agent), the sink and, unless only collecting, the spool."""
     from agent.credentials import SessionFactory
     from agent.shard import EVERYTHING
-    from agent.sinks import build_sink
+    from agent.sinks import build_backend
     from agent.spool import Spool
     from agent.ticks import Agent
 
@@ -89,19 +89,20 @@ def _wire(cfg: AgentConfig, process: Process, with_spool: bool, shard: Shard | N
         spool.claim()
     sessions = SessionFactory(metrics=metrics, clock=clock)
     agent = Agent(cfg, sessions, spool, metrics=metrics, clock=clock, shard=shard or EVERYTHING)
-    return agent, build_sink(cfg), spool
+    return agent, build_backend(cfg.backend, metrics, clock), spool
 
 
-def _forwarder(cfg: AgentConfig, process: Process, spool: Spool, sink: Sink) -> tuple[Any, Any]:
+def _forwarder(cfg: AgentConfig, process: Process, spool: Spool, backend: Backend) -> tuple[Any, Any]:
     """The forwarder, with the audit copy when one is configured (closed by the caller)."""
     from agent.forwarder import Forwarder
     from agent.sinks.file import AuditLog
 
-    audit = AuditLog(cfg.audit, sink.name, sink.render) if cfg.audit else None
-    return Forwarder(spool, sink, clock=process.clock, audit=audit), audit
+    audit = AuditLog(cfg.audit, backend.name, backend.sink.element) if cfg.audit else None
+    return Forwarder(spool, backend.sink, backend.client, metrics=process.metrics, clock=process.clock,
+                     audit=audit), audit
 
 
-def _close(agent: Agent, sink: Sink, spool: Spool | None, audit: Any) -> None:
+def _close(agent: Agent, sink: Backend, spool: Spool | None, audit: Any) -> None:
     """The parts ``_wire`` and ``_forwarder`` built, sampling first, the spool and audit copy last."""
     agent.close()
     sink.close()
@@ -138,7 +139,9 @@ def cmd_once(args: argparse.Namespace, process: Process) -> int:
                 result = agent.collect(m, args.at or process.clock.now() - m.delay)
                 failed |= not result.ok
                 records += result.records
-            for body in sink.bodies(records):  # each request body (file: each line) exactly as sent
+            from agent.delivery import bodies
+
+            for body in bodies(sink.sink, records):  # each request body (file: each line) exactly as sent
                 sys.stdout.buffer.write(body + b"\n")
             sys.stdout.flush()
         finally:

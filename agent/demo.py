@@ -104,7 +104,7 @@ def run_demo(*, metrics: Metrics, clock: Clock, out: Any = None) -> int:
     from agent.credentials import SessionFactory
     from agent.forwarder import Forwarder
     from agent.records import format_decimal
-    from agent.sinks.paigo import PaigoSink
+    from agent.sinks import build_backend
     from agent.spool import Spool
     from agent.ticks import Agent
 
@@ -129,9 +129,10 @@ def run_demo(*, metrics: Metrics, clock: Clock, out: Any = None) -> int:
         cfg = parse_config(raw, "<demo>", dict(os.environ))
         spool = Spool(cfg.spool.path, cfg.spool.max_records, clock=clock)
         spool.claim()
-        sink = PaigoSink(cfg.backend)
+        sink = build_backend(cfg.backend, metrics, clock)
         agent = Agent(cfg, SessionFactory(metrics=metrics, clock=clock), spool, metrics=metrics, clock=clock)
-        forwarder = Forwarder(spool, sink, clock=clock, base_backoff=0.05, max_backoff=0.2)
+        forwarder = Forwarder(spool, sink.sink, sink.client, metrics=metrics, clock=clock,
+                              base_backoff=0.05, max_backoff=0.2)
         # the backend starts with an outage: the records wait in the spool and are retried
         backend.script("/usage", Fault(status=503), Fault(status=429, retry_after="0"), Fault(drop=True))
 

@@ -1,4 +1,4 @@
-"""Lease -> send -> settle. Records leave the spool only as delivered (2xx) or dead (rejected).
+"""Lease -> deliver (``agent.delivery``) -> settle. Records leave the spool only as delivered (2xx) or dead (rejected).
 
 Retryable failures (timeouts, connection errors, 408/429/5xx, refused credentials) go back
 to pending with a capped exponential backoff with jitter, or the backend's Retry-After.
@@ -11,23 +11,27 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import httpx
 import structlog
 
+from agent.clock import Clock, SystemClock
 from agent.convert import UsageRecord
-from agent.sinks.base import Delivered, Outcome, Rejected, RetryLater, Sink
+from agent.delivery import Delivery
 from agent.errors import AuditError, SpoolError
+from agent.metrics import Metrics
+from agent.sinks.base import Delivered, Outcome, Rejected, RetryLater, Sink
 from agent.sinks.file import AuditLog
 from agent.spool import Dead, Retry, Spool
-from agent.telemetry import AUDIT_WRITE_ERRORS, RECORDS_DEAD, RECORDS_DELIVERED, Check
+from agent.telemetry import Check
 
 log = structlog.get_logger("agent.forwarder")
 
 MAX_PAUSE = 60.0  # a paused forwarder (spool or audit copy not writable) tries again at least this often
+SETTLE_ROUNDS = 16  # records leased per request slot when each request carries one
 
 
 @dataclass
@@ -49,23 +53,29 @@ class Forwarder:
         self,
         spool: Spool,
         sink: Sink,
+        client: httpx.Client | None = None,
+        *,
+        metrics: Metrics | None = None,
+        clock: Clock | None = None,
         batch_size: int | None = None,
         settle_every: int = 16,
         lease_seconds: float = 900.0,
         base_backoff: float = 1.0,
         max_backoff: float = 300.0,
-        clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         audit: AuditLog | None = None,
     ):
         self._spool = spool
-        self._sink = sink
-        self._batch_size = batch_size or sink.batch_size
+        self._metrics = metrics or Metrics()
+        self._delivery = Delivery(sink, client, self._metrics)
+        # one-record requests: several per request slot in a lease, their outcomes settled as they arrive
+        per_slot = sink.max_batch if sink.max_batch > 1 else SETTLE_ROUNDS
+        self._batch_size = batch_size or per_slot * sink.max_in_flight
         self._settle_every = settle_every
         self._lease_seconds = lease_seconds
         self._base_backoff = base_backoff
         self._max_backoff = max_backoff
-        self._clock = clock
+        self._clock = clock or SystemClock()
         self._rng = rng or random.Random()
         self.stopping = threading.Event()
         self._attempts: dict[str, int] = {}  # leased record id -> sends tried before this lease
@@ -101,14 +111,14 @@ class Forwarder:
             self._settle([], result)
         leased = self._spool.lease_batch(self._batch_size, self._lease_seconds)
         # rows dead-lettered as damaged count as taken and dead: a batch of only those does not end a drain
-        RECORDS_DEAD.inc(self._spool.lease_dead)
+        self._metrics.records_dead.inc(self._spool.lease_dead)
         result.dead += self._spool.lease_dead
         result.leased = len(leased) + self._spool.lease_dead
         if not leased:
             return result
         self._attempts.update({item.record.record_id: item.attempts for item in leased})
         settled: list[tuple[UsageRecord, Outcome]] = []
-        for record, outcome in self._sink.deliver([item.record for item in leased], self.stopping):
+        for record, outcome in self._delivery.deliver([item.record for item in leased], self.stopping):
             self._watch(outcome)
             settled.append((record, outcome))
             if len(settled) >= self._settle_every:
@@ -121,7 +131,7 @@ class Forwarder:
         """Track an alert (a configuration problem: redirect, refused credentials) until a record gets through."""
         if isinstance(outcome, RetryLater) and outcome.alert:
             if self._alerting is None:
-                self._alerting = (self._clock(), outcome.reason)
+                self._alerting = (self._clock.time(), outcome.reason)
         elif isinstance(outcome, Delivered) or (isinstance(outcome, Rejected) and outcome.status is not None):
             self._alerting = None  # the backend judged a record: the configuration works
 
@@ -130,7 +140,7 @@ class Forwarder:
         if self._alerting is None:
             return Check("delivery", True, "no configuration problem seen since the last delivery")
         since, reason = self._alerting
-        age = self._clock() - since
+        age = self._clock.time() - since
         return Check("delivery", age <= alert_after,
                      f"for {age:.0f}s (spool.alert_after={alert_after:.0f}s): {reason}")
 
@@ -142,7 +152,7 @@ class Forwarder:
         self._unwritten = []
         if not done:
             return
-        now = self._clock()
+        now = self._clock.time()
         delivered: list[str] = []
         retries: list[Retry] = []
         dead: list[Dead] = []
@@ -168,8 +178,8 @@ class Forwarder:
         self._audited.clear()
         for record, _ in done:
             self._attempts.pop(record.record_id, None)
-        RECORDS_DELIVERED.inc(len(delivered))
-        RECORDS_DEAD.inc(len(dead))
+        self._metrics.records_delivered.inc(len(delivered))
+        self._metrics.records_dead.inc(len(dead))
         result.delivered += len(delivered)
         result.retried += len(retries)
         result.dead += len(dead)
@@ -185,7 +195,7 @@ class Forwarder:
             self._audit.append(records, datetime.fromtimestamp(now, timezone.utc))
         except OSError as exc:
             self._unwritten = done
-            AUDIT_WRITE_ERRORS.inc()
+            self._metrics.audit_write_errors.inc()
             raise AuditError(f"cannot write the audit copy {self._audit.path}: {exc.strerror or exc}") from exc
         self._audited.update(r.record_id for r in records)
 
@@ -196,7 +206,7 @@ class Forwarder:
         until the pause ends; each failure doubles the pause, up to ``MAX_PAUSE``.
         """
         total = Pumped()
-        if self.paused_until is not None and self._clock() < self.paused_until:
+        if self.paused_until is not None and self._clock.time() < self.paused_until:
             return total
         while not self.stopping.is_set():
             try:
@@ -216,19 +226,20 @@ class Forwarder:
     def _pause(self, exc: SpoolError | AuditError) -> None:
         wait = min(MAX_PAUSE, self._base_backoff * 2 ** min(self._pauses, 32))
         self._pauses += 1
-        self.paused_until = self._clock() + wait
+        self.paused_until = self._clock.time() + wait
         what = "audit copy" if isinstance(exc, AuditError) else "spool"
         log.error(f"{what} unavailable; delivery paused until it can be written again",
                   error=str(exc), outcomes_held=len(self._unwritten), retry_in_seconds=round(wait, 3))
 
-    def drain_until(self, deadline: float, sleep: Callable[[float], None] = time.sleep) -> Pumped:
+    def drain_until(self, deadline: float, sleep: Callable[[float], None] | None = None) -> Pumped:
         """Send, waiting out backoffs (and pauses), until the spool holds nothing pending or ``deadline`` passes.
 
         At the deadline the forwarder stops for good (``stopping``): sends not started are
         not made, and those in flight end within their own total deadline.
         """
         total = Pumped()
-        timer = threading.Timer(max(0.0, deadline - self._clock()), self.stopping.set)
+        sleep = sleep or self._clock.sleep
+        timer = threading.Timer(max(0.0, deadline - self._clock.time()), self.stopping.set)
         timer.daemon = True
         timer.start()
         try:
@@ -237,7 +248,7 @@ class Forwarder:
                 due = self._spool.next_due()
                 if due is not None and self.paused_until is not None:
                     due = max(due, self.paused_until)
-                now = self._clock()
+                now = self._clock.time()
                 if due is None or due > deadline or now >= deadline:
                     return total
                 sleep(max(0.0, due - now))

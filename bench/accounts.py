@@ -192,7 +192,7 @@ def child_daemon(config_path: Path, ticks: int) -> None:
     from agent.credentials import SessionFactory
     from agent.forwarder import Forwarder
     from agent.metrics import Metrics
-    from agent.sinks import build_sink
+    from agent.sinks import build_backend
     from agent.spool import Spool
     from agent.telemetry import configure_logging
     from agent.ticks import Agent
@@ -207,10 +207,10 @@ def child_daemon(config_path: Path, ticks: int) -> None:
     now = [start]
     spool = Spool(cfg.spool.path, cfg.spool.max_records)
     spool.claim()
-    sink = build_sink(cfg)
     metrics = Metrics()
+    backend = build_backend(cfg.backend, metrics, SystemClock())
     agent = Agent(cfg, SessionFactory(metrics=metrics, clock=SystemClock()), spool, metrics=metrics, clock=Hourly())
-    forwarder = Forwarder(spool, sink)
+    forwarder = Forwarder(spool, backend.sink, backend.client, metrics=metrics, clock=SystemClock())
     rss = []
     for tick in range(ticks):
         now[0] = start + timedelta(hours=tick, minutes=30)

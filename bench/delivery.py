@@ -32,21 +32,28 @@ PER_TICK = 1000
 class DeliveryCase:
     name: str
     server: tuple[str, ...]  # python -m ... : prints {"url", ...} when ready, its counts when stdin closes
-    build_sink: Callable[[dict[str, Any]], Any]  # server info -> the agent's sink, configured as an operator would
+    build_sink: Callable[[dict[str, Any]], Any]  # server info -> the agent's sink and client (``sinks.Backend``)
     in_flight: int  # the sink's concurrent requests with that configuration
     naive_session: Callable[[httpx.Client, dict[str, Any]], dict[str, str]]  # -> headers for every request
     naive_request: Callable[[dict[str, Any], UsageRecord], tuple[str, Any]]  # -> (url, JSON body) of one record
 
 
+def _backend(backend: Any) -> Any:
+    """The sink and its client as the composition root builds them."""
+    from agent.clock import SystemClock
+    from agent.metrics import Metrics
+    from agent.sinks import build_backend
+
+    return build_backend(backend, Metrics(), SystemClock())
+
+
 def _paigo_sink(server: dict[str, Any]) -> Any:
     from agent.config import parse_backend
-    from agent.sinks.paigo import PaigoSink
     from bench.paigo_process import CLIENT_ID, CLIENT_SECRET
 
-    backend = parse_backend({"type": "paigo", "url": server["url"], "token_url": server["token_url"],
-                             "audience": "https://qnonyh1pc7.execute-api.us-east-1.amazonaws.com",
-                             "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET})
-    return PaigoSink(backend)
+    return _backend(parse_backend({"type": "paigo", "url": server["url"], "token_url": server["token_url"],
+                                   "audience": "https://qnonyh1pc7.execute-api.us-east-1.amazonaws.com",
+                                   "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}))
 
 
 def _paigo_token(client: httpx.Client, server: dict[str, Any]) -> dict[str, str]:
@@ -87,9 +94,7 @@ def _openmeter_backend(server: dict[str, Any]) -> Any:
 
 
 def _openmeter_sink(server: dict[str, Any]) -> Any:
-    from agent.sinks.openmeter import OpenMeterSink
-
-    return OpenMeterSink(_openmeter_backend(server))
+    return _backend(_openmeter_backend(server))
 
 
 def _openmeter_session(client: httpx.Client, server: dict[str, Any]) -> dict[str, str]:
@@ -104,9 +109,9 @@ _renderers: dict[str, Any] = {}
 def _openmeter_event(server: dict[str, Any], record: UsageRecord) -> tuple[str, Any]:
     """One CloudEvent per request: what an integration that does not batch sends."""
     if server["url"] not in _renderers:
-        sink = _openmeter_sink(server)
-        sink.close()  # only its render is used
-        _renderers[server["url"]] = sink.render
+        from agent.sinks.openmeter import OpenMeterSink
+
+        _renderers[server["url"]] = OpenMeterSink(_openmeter_backend(server)).element
     return f"{server['url']}/api/v1/events", _renderers[server["url"]](record)
 
 
@@ -125,12 +130,12 @@ def agent_forwarder(case: DeliveryCase, server: dict[str, Any], batches: list[li
         spool = Spool(Path(tmp) / "spool.db", max_records=10_000_000)
         for i, records in enumerate(batches):
             spool.commit_tick("ebs-gib-hours", BASE_TICK + timedelta(minutes=15 * i), records)
-        sink = case.build_sink(server)
-        if hasattr(sink, "token"):
-            sink.token.get()  # the naive loop fetches its token before its clock starts too
-        forwarder = Forwarder(spool, sink)
+        backend = case.build_sink(server)
+        if hasattr(backend.sink, "token"):
+            backend.sink.token.get()  # the naive loop fetches its token before its clock starts too
+        forwarder = Forwarder(spool, backend.sink, backend.client)
         timing, pumped = timed(forwarder.drain)
-        sink.close()
+        backend.close()
         delivered = spool.counts()["delivered"]
         spool.close()
     if pumped.delivered != total or delivered != total:

@@ -15,7 +15,6 @@ from agent.errors import ConfigError
 from agent.forwarder import Forwarder
 from agent.sinks.file import AuditLog, read_jsonl
 from agent.sinks.openmeter import OpenMeterSink
-from agent.telemetry import AUDIT_WRITE_ERRORS
 from agent.testing.openmeter_server import OpenMeterContractServer
 from agent.testing.server import Fault
 from tests.conftest import Aws, agent_command, backend_config, measurement, write_yaml
@@ -32,7 +31,7 @@ def openmeter() -> Iterator[OpenMeterContractServer]:
 
 def audited(server: OpenMeterContractServer, tmp_path: Path, audit_path: Path) -> Pipeline:
     sink = OpenMeterSink(parse_backend({"type": "openmeter", "url": server.url, "token": TOKEN}))
-    return Pipeline.over(sink, tmp_path / "spool.db", audit=AuditLog(parse_audit({"path": str(audit_path)}), sink.name, sink.render))
+    return Pipeline.over(sink, tmp_path / "spool.db", audit=AuditLog(parse_audit({"path": str(audit_path)}), sink.name, sink.element))
 
 
 def test_only_accepted_records_are_archived_exactly_as_sent(openmeter: OpenMeterContractServer, tmp_path: Path) -> None:
@@ -67,13 +66,13 @@ def test_an_unwritable_audit_copy_pauses_delivery_and_resends_nothing(
     p = audited(openmeter, tmp_path, blocker / "sent.jsonl")
     records = make_records(5)
     p.spool.commit_tick("ebs-storage", TICK, records)
-    errors_before = AUDIT_WRITE_ERRORS._value.get()
+    errors_before = p.metrics.value("usage_agent_audit_write_errors_total")
 
     with capture_logs() as logs:
         p.forwarder.drain()
     assert openmeter.accepted_ids() == {r.record_id for r in records}  # the backend has them ...
     assert p.spool.counts()["leased"] == 5  # ... but they are not settled until the audit has them
-    assert AUDIT_WRITE_ERRORS._value.get() == errors_before + 1
+    assert p.metrics.value("usage_agent_audit_write_errors_total") == errors_before + 1
     assert any(e["event"] == "audit copy unavailable; delivery paused until it can be written again" for e in logs)
     more = make_records(7)[5:]
     p.spool.commit_tick("ebs-storage", TICK, more)
@@ -95,13 +94,12 @@ def test_a_spool_failure_after_the_audit_does_not_archive_twice(openmeter: OpenM
     p = audited(openmeter, tmp_path, audit_path)
 
     class SpoolFailsAfterSending(OpenMeterSink):
-        def deliver(self, records, stop=None):  # type: ignore[no-untyped-def]
-            yield from super().deliver(records, stop)
+        def classify(self, answer, records):  # type: ignore[no-untyped-def]
             p.spool._db.execute("PRAGMA query_only=1")  # the spool cannot take the outcomes
+            return super().classify(answer, records)
 
-    p.sink.close()
     p.sink = SpoolFailsAfterSending(parse_backend({"type": "openmeter", "url": openmeter.url, "token": TOKEN}))
-    p.forwarder = Forwarder(p.spool, p.sink, clock=p.clock, audit=p.audit)
+    p.forwarder = Forwarder(p.spool, p.sink, p.client, metrics=p.metrics, clock=p.clock, audit=p.audit)
     records = make_records(4)
     p.spool.commit_tick("ebs-storage", TICK, records)
     p.forwarder.drain()

@@ -13,13 +13,18 @@ from typing import Any
 import jsonschema
 import pytest
 
+import httpx
+
 from agent.config import parse_backend
 from agent.settings import PaigoBackend
 from agent.convert import UsageRecord, record_id
+from agent.delivery import Delivery
 from agent.forwarder import Forwarder
+from agent.metrics import Metrics
 from agent.sinks.base import Sink, parse_retry_after
-from agent.sinks.file import AuditLog
+from agent.sinks.file import AuditLog, FileSink
 from agent.sinks.paigo import ClientCredentialsToken, PaigoSink
+from agent.sinks.transport import http_client
 from agent.spool import Spool
 from agent.testing.paigo_server import Fault, PaigoContractServer, usage_record_schema
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, DIMENSION
@@ -28,11 +33,22 @@ TICK = datetime(2026, 11, 21, 10, 0, tzinfo=timezone.utc)
 
 
 class FakeClock:
+    """Steady and epoch seconds in one number, ``now``; sleeping advances it."""
+
     def __init__(self, start: float = 1_800_000_000.0):
         self.now = start
 
     def __call__(self) -> float:
         return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.advance(max(0.0, seconds))
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
@@ -64,29 +80,53 @@ def backend(server: PaigoContractServer, **overrides: Any) -> PaigoBackend:
     })
 
 
+def client_for(sink_timeout: float = 10.0, transport: httpx.BaseTransport | None = None) -> httpx.Client:
+    """The agent's client, as the composition root builds it."""
+    return http_client(sink_timeout, 8, transport)
+
+
 @dataclass
 class Pipeline:
-    """A spool, a sink and a forwarder on one fake clock: delivery without real waits."""
+    """A spool, a sink, the client and a forwarder on one fake clock: delivery without real waits."""
 
     spool: Spool
     sink: Sink
     forwarder: Forwarder
     clock: FakeClock
     audit: AuditLog | None = None
+    client: httpx.Client | None = None
+    metrics: Metrics | None = None
 
     @classmethod
     def over(cls, sink: Sink, path: Path, clock: FakeClock | None = None, audit: AuditLog | None = None,
-             **forwarder: Any) -> Pipeline:
+             client: httpx.Client | None = None, metrics: Metrics | None = None, **forwarder: Any) -> Pipeline:
         clock = clock or FakeClock()
+        metrics = metrics or Metrics()
         spool = Spool(path, clock=clock)
         spool.claim()
-        return cls(spool, sink, Forwarder(spool, sink, clock=clock, audit=audit, **forwarder), clock, audit)
+        if client is None and not isinstance(sink, FileSink):
+            client = client_for(sink.timeout)
+        return cls(spool, sink, Forwarder(spool, sink, client, metrics=metrics, clock=clock, audit=audit, **forwarder),
+                   clock, audit, client, metrics)
 
     def close(self) -> None:
         if self.audit is not None:
             self.audit.close()
         self.sink.close()
+        if self.client is not None:
+            self.client.close()
         self.spool.close()
+
+    @classmethod
+    def paigo(cls, cfg: PaigoBackend, path: Path, clock: FakeClock | None = None, **forwarder: Any) -> Pipeline:
+        """The Paigo sink over the pipeline's client, its token timed on the pipeline's clock."""
+        clock, metrics = clock or FakeClock(), Metrics()
+        client = client_for(cfg.timeout.total_seconds())
+        return cls.over(PaigoSink(cfg, client, metrics, clock), path, clock, client=client, metrics=metrics, **forwarder)
+
+    def deliver(self, records: list[UsageRecord]) -> list[tuple[UsageRecord, Any]]:
+        """The records through the pipeline's sink and client, without the spool."""
+        return list(Delivery(self.sink, self.client, self.metrics or Metrics()).deliver(records))
 
     def enqueue(self, records: list[UsageRecord]) -> None:
         self.spool.commit_tick("ebs-storage", TICK, records)
@@ -104,7 +144,7 @@ class Pipeline:
 
 @pytest.fixture
 def pipeline(paigo: PaigoContractServer, tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline.over(PaigoSink(backend(paigo, timeout="1s")), tmp_path / "spool.db", batch_size=32)
+    p = Pipeline.paigo(backend(paigo, timeout="1s"), tmp_path / "spool.db", batch_size=32)
     yield p
     p.close()
 
@@ -139,16 +179,14 @@ def test_several_requests_in_flight_over_one_client(pipeline: Pipeline, paigo: P
 
 
 def test_token_is_cached_until_shortly_before_expiry(paigo: PaigoContractServer) -> None:
-    import httpx
-
     paigo.expires_in = 3600
-    now = [100.0]
-    with httpx.Client() as client:
-        token = ClientCredentialsToken(backend(paigo), client, monotonic=lambda: now[0])
+    clock = FakeClock(100.0)
+    with client_for() as client:
+        token = ClientCredentialsToken(backend(paigo), client, Metrics(), clock)
         first = token.get()
-        now[0] += 3000
+        clock.advance(3000)
         assert token.get() == first and paigo.token_requests == 1
-        now[0] += 301  # within five minutes of expires_in
+        clock.advance(301)  # within five minutes of expires_in
         assert token.get() != first and paigo.token_requests == 2
 
 
@@ -163,31 +201,24 @@ def test_token_is_fetched_again_once_on_401(pipeline: Pipeline, paigo: PaigoCont
 
 
 def test_rejected_credentials_keep_records_pending(paigo: PaigoContractServer, tmp_path: Path) -> None:
-    clock = FakeClock()
-    spool = Spool(tmp_path / "spool.db", clock=clock)
-    sink = PaigoSink(backend(paigo, client_secret="wrong"))
-    forwarder = Forwarder(spool, sink, clock=clock)
-    spool.commit_tick("ebs-storage", TICK, make_records(40))
-    forwarder.drain()
-    assert spool.counts() == {"pending": 40, "leased": 0, "delivered": 0, "dead": 0}
-    row = spool.rows("pending")[0]
+    p = Pipeline.paigo(backend(paigo, client_secret="wrong"), tmp_path / "spool.db")
+    p.spool.commit_tick("ebs-storage", TICK, make_records(40))
+    p.forwarder.drain()
+    assert p.spool.counts() == {"pending": 40, "leased": 0, "delivered": 0, "dead": 0}
+    row = p.spool.rows("pending")[0]
     assert row["attempts"] == 1 and row["last_status"] == 401
     assert paigo.token_requests == 1  # one refusal holds the whole batch, not one request per record
     assert paigo.usage_requests == 0
-    sink.close()
-    spool.close()
+    p.close()
 
 
 def test_a_wrong_endpoint_keeps_records_pending(paigo: PaigoContractServer, tmp_path: Path) -> None:
-    clock = FakeClock()
-    spool = Spool(tmp_path / "spool.db", clock=clock)
-    sink = PaigoSink(backend(paigo, url=f"{paigo.url}/v2"))  # answers 404: not the records' fault
-    spool.commit_tick("ebs-storage", TICK, make_records(3))
-    Forwarder(spool, sink, clock=clock).drain()
-    assert spool.counts() == {"pending": 3, "leased": 0, "delivered": 0, "dead": 0}
-    assert {row["last_status"] for row in spool.rows("pending")} == {404}
-    sink.close()
-    spool.close()
+    p = Pipeline.paigo(backend(paigo, url=f"{paigo.url}/v2"), tmp_path / "spool.db")  # answers 404
+    p.spool.commit_tick("ebs-storage", TICK, make_records(3))
+    p.forwarder.drain()
+    assert p.spool.counts() == {"pending": 3, "leased": 0, "delivered": 0, "dead": 0}
+    assert {row["last_status"] for row in p.spool.rows("pending")} == {404}  # not the records' fault
+    p.close()
 
 
 def test_retry_after_is_honoured(pipeline: Pipeline, paigo: PaigoContractServer) -> None:
@@ -244,10 +275,9 @@ def test_a_rejected_record_is_dead_lettered_and_holds_back_nothing(paigo: PaigoC
 def test_backoff_is_exponential_capped_and_jittered(tmp_path: Path, paigo: PaigoContractServer) -> None:
     import random
 
-    spool = Spool(tmp_path / "spool.db")
-    forwarder = Forwarder(spool, PaigoSink(backend(paigo)), base_backoff=1.0, max_backoff=300.0, rng=random.Random(7))
+    p = Pipeline.paigo(backend(paigo), tmp_path / "spool.db", base_backoff=1.0, max_backoff=300.0, rng=random.Random(7))
     for attempts, ceiling in [(0, 1), (1, 2), (4, 16), (8, 256), (9, 300), (60, 300)]:
-        waits = [forwarder.backoff(attempts) for _ in range(50)]
+        waits = [p.forwarder.backoff(attempts) for _ in range(50)]
         assert all(ceiling / 2 <= w <= ceiling for w in waits)
         assert len(set(waits)) > 1  # jittered
-    spool.close()
+    p.close()

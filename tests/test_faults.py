@@ -20,7 +20,6 @@ from botocore.stub import Stubber
 from agent.config import parse_measurement
 from agent.samplers.base import Sample, Skipped, Target
 from agent.samplers.ebs import VOLUMES
-from agent.sinks.paigo import PaigoSink
 from agent.spool import Spool
 from agent.metrics import Metrics
 from agent.testing.paigo_server import Fault, PaigoContractServer
@@ -42,10 +41,8 @@ from tests.test_runtime import new_agent
 REPORT: list[tuple[str, int, int, int, int, int]] = []
 
 
-def run_with(url: str, token_url: str, tmp_path: Path, **sink: Any) -> tuple[Pipeline, PaigoSink]:
-    clock = FakeClock()
-    paigo_sink = PaigoSink(backend_for(url, token_url, **sink), monotonic=clock)  # token times on the same fake clock
-    return Pipeline.over(paigo_sink, tmp_path / "spool.db", clock, batch_size=64), paigo_sink
+def run_with(url: str, token_url: str, tmp_path: Path, **sink: Any) -> Pipeline:
+    return Pipeline.paigo(backend_for(url, token_url, **sink), tmp_path / "spool.db", FakeClock(), batch_size=64)
 
 
 def backend_for(url: str, token_url: str, **overrides: Any):
@@ -77,7 +74,7 @@ SCENARIOS: dict[str, list[Fault]] = {
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_backend_faults_lose_nothing(name: str, paigo: PaigoContractServer, tmp_path: Path) -> None:
-    run, sink = run_with(paigo.url, paigo.token_url, tmp_path)
+    run = run_with(paigo.url, paigo.token_url, tmp_path)
     records = make_records(60)
     run.spool.commit_tick("ebs-storage", records[0].timestamp, records)
     paigo.script("/usage", *SCENARIOS[name])
@@ -85,11 +82,11 @@ def test_backend_faults_lose_nothing(name: str, paigo: PaigoContractServer, tmp_
     check_nothing_lost(name, run, paigo, {r.record_id for r in records})
     if "hangs" not in name and "mid-response" not in name:
         assert paigo.duplicates() == 0  # nothing was accepted twice when no answer was lost
-    sink.close()
+    run.close()
 
 
 def test_401_after_token_revocation_inside_a_stream(paigo: PaigoContractServer, tmp_path: Path) -> None:
-    run, sink = run_with(paigo.url, paigo.token_url, tmp_path)
+    run = run_with(paigo.url, paigo.token_url, tmp_path)
     records = make_records(200)
     run.spool.commit_tick("ebs-storage", records[0].timestamp, records)
     for _ in range(2):  # the token is revoked between batches of 64, while records are streaming
@@ -98,11 +95,11 @@ def test_401_after_token_revocation_inside_a_stream(paigo: PaigoContractServer, 
     run.run_until_drained(200)
     check_nothing_lost("401 after token revocation", run, paigo, {r.record_id for r in records})
     assert paigo.token_requests == 3  # refreshed once per revocation, not once per record
-    sink.close()
+    run.close()
 
 
 def test_one_poison_record_in_a_busy_stream(paigo: PaigoContractServer, tmp_path: Path) -> None:
-    run, sink = run_with(paigo.url, paigo.token_url, tmp_path, max_in_flight=8)
+    run = run_with(paigo.url, paigo.token_url, tmp_path, max_in_flight=8)
     records = make_records(150) + make_records(1, customer="poison") + make_records(150, customer="beta")
     paigo.reject = lambda body: body["customerId"] == "poison"
     run.spool.commit_tick("ebs-storage", records[0].timestamp, records)
@@ -110,7 +107,7 @@ def test_one_poison_record_in_a_busy_stream(paigo: PaigoContractServer, tmp_path
     check_nothing_lost("400 for one record in a busy stream", run, paigo, {r.record_id for r in records})
     (dead,) = run.spool.rows("dead")
     assert dead["last_status"] == 400 and "Customer not found" in dead["last_error"]
-    sink.close()
+    run.close()
 
 
 def free_port() -> int:
@@ -122,7 +119,7 @@ def free_port() -> int:
 def test_connection_refused_until_the_backend_comes_up(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    run, sink = run_with(url, f"{url}/oauth/token", tmp_path)
+    run = run_with(url, f"{url}/oauth/token", tmp_path)
     records = make_records(40)
     run.spool.commit_tick("ebs-storage", records[0].timestamp, records)
     for _ in range(3):  # nobody listens: every attempt is refused
@@ -132,7 +129,7 @@ def test_connection_refused_until_the_backend_comes_up(tmp_path: Path) -> None:
     with PaigoContractServer(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, port=port) as server:
         run.run_until_drained(200)
         check_nothing_lost("connection refused", run, server, {r.record_id for r in records})
-    sink.close()
+    run.close()
 
 
 def test_report(capsys: pytest.CaptureFixture[str]) -> None:

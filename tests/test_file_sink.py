@@ -15,7 +15,9 @@ import pytest
 from agent.config import parse_backend
 from agent.errors import ConfigError
 from agent.convert import UsageRecord
+from agent.delivery import Delivery, bodies
 from agent.forwarder import Forwarder
+from agent.metrics import Metrics
 from agent.sinks.file import FileSink, read_jsonl
 from agent.spool import Spool
 from agent.testing.http_server import record_validator
@@ -24,6 +26,10 @@ from tests.test_delivery import TICK, FakeClock, make_records
 
 def file_sink(path: Path, **overrides: object) -> FileSink:
     return FileSink(parse_backend({"type": "file", "path": str(path), **overrides}))
+
+
+def deliver(sink: FileSink, records: list[UsageRecord]) -> list[tuple[UsageRecord, object]]:
+    return list(Delivery(sink, None, Metrics()).deliver(records))
 
 
 def assert_records(objects: list[dict[str, object]]) -> list[UsageRecord]:
@@ -57,7 +63,7 @@ def test_each_record_is_one_whole_line_of_its_own_json(tmp_path: Path) -> None:
 
 def test_nothing_is_opened_before_the_first_write(tmp_path: Path) -> None:
     sink = file_sink(tmp_path / "never" / "usage.jsonl")
-    assert sink.bodies(make_records(1))  # what --dry-run prints
+    assert bodies(sink, make_records(1))  # what --dry-run prints
     sink.close()
     assert not (tmp_path / "never").exists()
 
@@ -65,10 +71,10 @@ def test_nothing_is_opened_before_the_first_write(tmp_path: Path) -> None:
 def test_rotation_by_size_keeps_the_newest_files(tmp_path: Path) -> None:
     path = tmp_path / "usage.jsonl"
     records = make_records(60)
-    line = len(file_sink(path).bodies(records[:1])[0]) + 1
+    line = len(bodies(file_sink(path), records[:1])[0]) + 1
     sink = file_sink(path, max_bytes=line * 10 + line // 2, keep=2)  # room for 10 lines per file
     for i in range(0, 60, 7):
-        outcomes = list(sink.deliver(records[i:i + 7]))
+        outcomes = deliver(sink, records[i:i + 7])
         assert [type(o).__name__ for _, o in outcomes] == ["Delivered"] * len(records[i:i + 7])
     sink.close()
 
@@ -80,7 +86,7 @@ def test_rotation_by_size_keeps_the_newest_files(tmp_path: Path) -> None:
     assert kept == records[30:]  # in order, whole, nothing torn
 
     reopened = file_sink(path, max_bytes=line * 10 + line // 2, keep=2)  # numbering goes on after a restart
-    list(reopened.deliver(make_records(10, customer="later")))
+    deliver(reopened, make_records(10, customer="later"))
     reopened.close()
     assert sorted(p.name for p in tmp_path.glob("usage.jsonl.*")) == ["usage.jsonl.000005", "usage.jsonl.000006"]
 
@@ -88,7 +94,7 @@ def test_rotation_by_size_keeps_the_newest_files(tmp_path: Path) -> None:
 def test_a_torn_last_line_is_reported_never_returned_and_removed_on_open(tmp_path: Path) -> None:
     path = tmp_path / "usage.jsonl"
     sink = file_sink(path)
-    list(sink.deliver(make_records(2)))
+    deliver(sink, make_records(2))
     sink.close()
     whole = path.read_bytes()
     with open(path, "ab") as f:  # what a crash mid-write leaves: the start of a line
@@ -99,7 +105,7 @@ def test_a_torn_last_line_is_reported_never_returned_and_removed_on_open(tmp_pat
     assert contents.torn == [(3, "unterminated last line (62 bytes)")]
 
     sink = file_sink(path)
-    list(sink.deliver(make_records(3)[2:]))
+    deliver(sink, make_records(3)[2:])
     sink.close()
     assert path.read_bytes().startswith(whole)
     contents = read_jsonl(path)
@@ -110,15 +116,18 @@ _CHILD = textwrap.dedent("""
     import sys
     from dataclasses import replace
     from agent.config import parse_backend
+    from agent.delivery import Delivery
+    from agent.metrics import Metrics
     from agent.sinks.file import FileSink
     from tests.test_delivery import make_records
 
     sink = FileSink(parse_backend({"type": "file", "path": sys.argv[1], "max_bytes": 1 << 40}))
+    delivery = Delivery(sink, None, Metrics())
     pad = "x" * 3000  # large lines: a batch takes many pages, so a kill lands inside one write
     batch = [replace(r, metadata={"pad": pad}) for r in make_records(3000)]
     print("ready", flush=True)
     while True:
-        for _ in sink.deliver(batch):
+        for _ in delivery.deliver(batch):
             pass
 """)
 
@@ -154,7 +163,7 @@ def test_kill_9_mid_write_never_yields_a_torn_record(tmp_path: Path) -> None:
             torn_seen += 1
             # the next start removes the torn tail; what follows is whole
             sink = file_sink(path, max_bytes=1 << 40)
-            list(sink.deliver(make_records(1, customer="after-restart")))
+            deliver(sink, make_records(1, customer="after-restart"))
             sink.close()
             after = read_jsonl(path)
             assert after.torn == [] and after.objects[-1]["customer_id"] == "after-restart"
@@ -165,17 +174,19 @@ def test_kill_9_mid_write_never_yields_a_torn_record(tmp_path: Path) -> None:
 
 
 def _run_with_file_size_limit(path: Path, limit: int) -> list[str]:
-    """FileSink.deliver in a child process whose files may not grow past ``limit`` (EFBIG)."""
+    """Delivery to a FileSink in a child process whose files may not grow past ``limit`` (EFBIG)."""
     code = textwrap.dedent(f"""
         import resource, signal
         from agent.config import parse_backend
+        from agent.delivery import Delivery
+        from agent.metrics import Metrics
         from agent.sinks.file import FileSink
         from tests.test_delivery import make_records
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
-        sink = FileSink(parse_backend({{"type": "file", "path": {str(path)!r}}}))
+        delivery = Delivery(FileSink(parse_backend({{"type": "file", "path": {str(path)!r}}})), None, Metrics())
         for batch in (make_records(3), make_records(20, customer="big")):
-            print(",".join(type(o).__name__ + ("!" if getattr(o, "alert", False) else "") for _, o in sink.deliver(batch)))
+            print(",".join(type(o).__name__ + ("!" if getattr(o, "alert", False) else "") for _, o in delivery.deliver(batch)))
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).parent.parent)
@@ -185,7 +196,7 @@ def _run_with_file_size_limit(path: Path, limit: int) -> list[str]:
 
 def test_a_write_cut_short_leaves_no_partial_line(tmp_path: Path) -> None:
     path = tmp_path / "usage.jsonl"
-    line = len(file_sink(path).bodies(make_records(1))[0]) + 1
+    line = len(bodies(file_sink(path), make_records(1))[0]) + 1
     first, second = _run_with_file_size_limit(path, limit=line * 10)
     assert first == ",".join(["Delivered"] * 3)
     assert second == ",".join(["RetryLater!"] * 20)  # not the records' fault: retried, with an alert

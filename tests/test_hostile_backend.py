@@ -25,11 +25,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.config import parse_backend
+from agent.delivery import Delivery, bodies
+from agent.metrics import Metrics
 from agent.sinks.base import Delivered, Rejected, RetryLater, Sink, classify
 from agent.sinks.file import FileSink
 from agent.sinks.http import HttpSink
 from agent.sinks.openmeter import OpenMeterSink
-from agent.sinks.paigo import PaigoSink
 from agent.spool import Spool
 from agent.telemetry import redact_secrets
 from agent.testing.http_server import HttpContractServer
@@ -62,20 +63,22 @@ class Backend:
 def hostile(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """Each HTTP backend's sink over its contract server, 0.5 s of total deadline per request."""
     kind = request.param
+    spool = tmp_path / "spool.db"
     if kind == "paigo":
         server: LoopbackServer = PaigoContractServer(client_id=CLIENT_ID, client_secret=CLIENT_SECRET).start()
-        sink: Sink = PaigoSink(backend(server, timeout=HALF_SECOND))
+        pipeline = Pipeline.paigo(backend(server, timeout=HALF_SECOND), spool)
         path = "/usage"
     elif kind == "openmeter":
         server = OpenMeterContractServer(token=OM_TOKEN).start()
-        sink = OpenMeterSink(parse_backend(
-            {"type": "openmeter", "url": server.url, "token": OM_TOKEN, "timeout": HALF_SECOND}))
+        pipeline = Pipeline.over(OpenMeterSink(parse_backend(
+            {"type": "openmeter", "url": server.url, "token": OM_TOKEN, "timeout": HALF_SECOND})), spool)
         path = "/api/v1/events"
     else:
         server = HttpContractServer().start()
-        sink = HttpSink(parse_backend({"type": "http", "url": server.usage_url, "timeout": HALF_SECOND}))
+        sink: Sink = HttpSink(parse_backend({"type": "http", "url": server.usage_url, "timeout": HALF_SECOND}))
+        pipeline = Pipeline.over(sink, spool)
         path = "/usage"
-    found = Backend(kind, server, Pipeline.over(sink, tmp_path / "spool.db"), path)
+    found = Backend(kind, server, pipeline, path)
     yield found
     found.pipeline.close()
     server.stop()
@@ -98,7 +101,7 @@ def test_trickled_headers_end_at_the_total_deadline(hostile: Backend) -> None:
 def test_a_trickling_token_endpoint_ends_at_the_deadline_too(paigo: PaigoContractServer, tmp_path: Path) -> None:
     paigo.script("/oauth/token", *[Fault(answer=ServerAnswer(200, {"access_token": "t"}, headers={"X-Pad": PAD}),
                                          trickle=0.05) for _ in range(5)])
-    pipeline = Pipeline.over(PaigoSink(backend(paigo, timeout=HALF_SECOND)), tmp_path / "spool.db")
+    pipeline = Pipeline.paigo(backend(paigo, timeout=HALF_SECOND), tmp_path / "spool.db")
     pipeline.enqueue(make_records(20))
     started = time.monotonic()
     pipeline.forwarder.drain()
@@ -211,17 +214,20 @@ FORWARD_ONCE = """
 import sys
 from agent.config import parse_backend
 from agent.forwarder import Forwarder
+from agent.metrics import Metrics
 from agent.sinks.paigo import PaigoSink
+from agent.sinks.transport import http_client
 from agent.spool import Spool
 from agent.telemetry import configure_logging
 configure_logging()
 url, token_url, path = sys.argv[1:4]
+client = http_client(10.0, 4)
 sink = PaigoSink(parse_backend({"type": "paigo", "url": url, "token_url": token_url, "client_id": "%s",
-                               "client_secret": "%s", "max_in_flight": 4}))
+                               "client_secret": "%s", "max_in_flight": 4}), client, Metrics())
 spool = Spool(path)
 spool.claim()
-Forwarder(spool, sink).drain()
-sink.close()
+Forwarder(spool, sink, client).drain()
+client.close()
 spool.close()
 # this process's peak RSS since its exec (ru_maxrss would count the forking parent's pages)
 print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")), file=sys.stderr)
@@ -288,7 +294,7 @@ def test_a_redirect_fails_readiness_after_alert_after(paigo: PaigoContractServer
     paigo.script("/usage", *[Fault(answer=ServerAnswer(307, headers={"Location": "https://moved.example/usage"}))
                              for _ in range(10)])
     clock = FakeClock()
-    pipeline = Pipeline.over(PaigoSink(backend(paigo)), tmp_path / "spool.db", clock)
+    pipeline = Pipeline.paigo(backend(paigo), tmp_path / "spool.db", clock)
     pipeline.enqueue(make_records(2))
     pipeline.forwarder.drain()
     assert pipeline.forwarder.delivery_check(3600).ok  # an alert, not yet for an hour
@@ -304,7 +310,7 @@ def test_a_redirect_fails_readiness_after_alert_after(paigo: PaigoContractServer
 
 def test_a_redirecting_token_endpoint_keeps_records_pending(paigo: PaigoContractServer, tmp_path: Path) -> None:
     paigo.script("/oauth/token", Fault(answer=ServerAnswer(302, headers={"Location": "https://sso.example/login"})))
-    pipeline = Pipeline.over(PaigoSink(backend(paigo)), tmp_path / "spool.db")
+    pipeline = Pipeline.paigo(backend(paigo), tmp_path / "spool.db")
     pipeline.enqueue(make_records(3))
     pipeline.forwarder.drain()
     assert pipeline.spool.counts()["pending"] == 3 and paigo.usage_requests == 0
@@ -378,7 +384,7 @@ def test_a_malformed_token_answer_keeps_records_pending_and_names_the_peer(
     payload, problem = MALFORMED_TOKENS[name]
     answer = ServerAnswer(200, payload) if payload is not None else ServerAnswer(200, raw=b"[" * 10_000)
     paigo.script("/oauth/token", *[Fault(answer=answer) for _ in range(50)])
-    pipeline = Pipeline.over(PaigoSink(backend(paigo)), tmp_path / "spool.db")
+    pipeline = Pipeline.paigo(backend(paigo), tmp_path / "spool.db")
     pipeline.enqueue(make_records(50))
     pipeline.forwarder.drain()
     assert pipeline.spool.counts() == {"pending": 50, "leased": 0, "delivered": 0, "dead": 0}
@@ -390,8 +396,7 @@ def test_a_malformed_token_answer_keeps_records_pending_and_names_the_peer(
 
 def test_an_api_refusing_every_token_costs_one_refresh_per_burst(paigo: PaigoContractServer, tmp_path: Path) -> None:
     clock = FakeClock()
-    sink = PaigoSink(backend(paigo), monotonic=clock)
-    pipeline = Pipeline.over(sink, tmp_path / "spool.db", clock, batch_size=250)
+    pipeline = Pipeline.paigo(backend(paigo), tmp_path / "spool.db", clock, batch_size=250)
     paigo.script("/usage", *[Fault(status=401) for _ in range(10_000)])
     pipeline.enqueue(make_records(250))
     pipeline.forwarder.drain()
@@ -441,15 +446,15 @@ def test_a_record_that_cannot_be_rendered_is_dead_lettered_alone(hostile: Backen
     assert dead["id"] == records[2].record_id and dead["last_status"] is None
     assert dead["last_error"].startswith("cannot render the record for the backend: UnicodeEncodeError")
     with capture_logs() as logs:
-        bodies = pipeline.sink.bodies(records)  # a dry run leaves it out (and says so) instead of failing
-    assert b"udcff" not in b"".join(bodies) and len(b"".join(bodies)) > 0
+        shown = bodies(pipeline.sink, records)  # a dry run leaves it out (and says so) instead of failing
+    assert b"udcff" not in b"".join(shown) and len(b"".join(shown)) > 0
     assert [e["record_id"] for e in logs if e["event"] == "record left out: it would be dead-lettered"] == [records[2].record_id]
 
 
 def test_a_value_that_cannot_be_written_rejects_only_its_record(hostile: Backend) -> None:
     records = make_records(4)
     records[1] = replace(records[1], value=Decimal("1E+999999999"))  # past any plain decimal string
-    outcomes = {r.record_id: o for r, o in hostile.pipeline.sink.deliver(records)}
+    outcomes = {r.record_id: o for r, o in hostile.pipeline.deliver(records)}
     assert isinstance(outcomes[records[1].record_id], Rejected)
     assert "Overflow" in outcomes[records[1].record_id].body
     assert sum(isinstance(o, Delivered) for o in outcomes.values()) == 3
@@ -459,7 +464,7 @@ def test_the_file_sink_dead_letters_an_unrenderable_record_alone(tmp_path: Path)
     sink = FileSink(parse_backend({"type": "file", "path": str(tmp_path / "usage.jsonl")}))
     records = make_records(4)
     records[1] = replace(records[1], metadata={"bad": "\udcff"})  # a lone surrogate has no UTF-8
-    outcomes = dict((r.record_id, o) for r, o in sink.deliver(records))
+    outcomes = dict((r.record_id, o) for r, o in Delivery(sink, None, Metrics()).deliver(records))
     sink.close()
     assert isinstance(outcomes[records[1].record_id], Rejected)
     assert "UnicodeEncodeError" in outcomes[records[1].record_id].body

@@ -15,11 +15,12 @@ from structlog.testing import capture_logs
 from agent.config import parse_backend, parse_config
 from agent.settings import HttpBackend
 from agent.errors import ConfigError
+from agent.delivery import bodies
 from agent.sinks.http import HttpSink
 from agent.testing.http_server import HttpContractServer, verify_signature
 from agent.testing.server import Fault
 from tests.conftest import backend_config
-from tests.test_delivery import TICK, Pipeline, make_records
+from tests.test_delivery import TICK, FakeClock, Pipeline, make_records
 
 SECRET = "hmac-9c1e7f"
 NOW = 1_800_000_000.0
@@ -42,7 +43,7 @@ def http_backend(server: HttpContractServer, tmp_path: Path, **overrides: Any) -
 
 
 def http_pipeline(server: HttpContractServer, tmp_path: Path, sink_clock: float = NOW, **backend: Any) -> Pipeline:
-    return Pipeline.over(HttpSink(http_backend(server, tmp_path, **backend), clock=lambda: sink_clock),
+    return Pipeline.over(HttpSink(http_backend(server, tmp_path, **backend), clock=FakeClock(sink_clock)),
                          tmp_path / "spool.db")
 
 
@@ -67,7 +68,7 @@ def test_a_batch_is_one_array_of_records_with_the_configured_headers(server: Htt
     headers, body = server.last_request  # type: ignore[misc]
     assert headers["x-tenant"] == "acme" and headers["authorization"] == "Bearer in-house"
     assert headers["content-type"] == "application/json"
-    assert body == pipeline.sink.bodies(records)[0]  # what --dry-run prints is what was sent
+    assert body == bodies(pipeline.sink, records)[0]  # what --dry-run prints is what was sent
     assert pipeline.spool.counts()["delivered"] == 3
 
 

@@ -18,11 +18,12 @@ from structlog.testing import capture_logs
 
 from agent.config import SOURCE_PATTERN, parse_backend, parse_config
 from agent.convert import record_id
+from agent.delivery import Delivery, bodies
 from agent.forwarder import Forwarder
-from agent.sinks import build_sink
+from agent.metrics import Metrics
+from agent.sinks import build_backend
 from agent.sinks.openmeter import OpenMeterSink
 from agent.spool import Spool
-from agent.telemetry import BACKEND_RESPONSES
 from agent.testing.openmeter_server import OpenMeterContractServer, event_validator
 from agent.testing.server import Fault
 from tests.conftest import ACCOUNT, DIMENSION, Aws, agent_command, backend_config, measurement, write_yaml
@@ -78,10 +79,10 @@ def sample_and_forward(server: OpenMeterContractServer, tmp_path: Path, spool_na
     spool = Spool(cfg.spool.path, clock=FakeClock())
     spool.claim()
     agent = new_agent(cfg, spool)
-    sink = build_sink(cfg)
+    sink = build_backend(cfg.backend, agent.metrics, FakeClock())
     try:
         results = agent.sample_all(AT)
-        Forwarder(spool, sink, clock=FakeClock()).drain()
+        Forwarder(spool, sink.sink, sink.client, clock=FakeClock()).drain()
         assert spool.counts()["delivered"] == sum(len(r.records) for r in results)
         return [record for r in results for record in r.records]
     finally:
@@ -133,8 +134,7 @@ def test_rerunning_a_tick_yields_identical_events_and_openmeter_keeps_one(
     second = sample_and_forward(openmeter, tmp_path, "second.db")  # a fresh spool: everything is sent again
     assert [r.record_id for r in second] == [r.record_id for r in first]
     sink = OpenMeterSink(parse_backend(om_backend(openmeter)))
-    assert sink.bodies(second) == sink.bodies(first)  # byte for byte
-    sink.close()
+    assert bodies(sink, second) == bodies(sink, first)  # byte for byte
     assert openmeter.events == stored
     assert openmeter.duplicates() == len(first) == 4
 
@@ -182,7 +182,7 @@ def test_the_server_checks_formats() -> None:
 
 def test_429_and_503_are_retried_and_retry_after_is_honoured(openmeter: OpenMeterContractServer, pipeline: Pipeline) -> None:
     openmeter.script("/api/v1/events", Fault(status=429, retry_after="7"), Fault(status=503))
-    answered_429 = BACKEND_RESPONSES.labels("429")._value.get()
+    answered_429 = pipeline.metrics.value("usage_agent_backend_responses_total", {"status": "429"})
     records = make_records(20)
     pipeline.spool.commit_tick("ebs-storage", TICK, records)
 
@@ -198,7 +198,8 @@ def test_429_and_503_are_retried_and_retry_after_is_honoured(openmeter: OpenMete
 
     assert openmeter.accepted_ids() == {r.record_id for r in records}
     assert pipeline.spool.counts()["delivered"] == 20 and not openmeter.refused
-    assert BACKEND_RESPONSES.labels("429")._value.get() == answered_429 + 1  # counted like every backend answer
+    # counted like every backend answer
+    assert pipeline.metrics.value("usage_agent_backend_responses_total", {"status": "429"}) == answered_429 + 1
 
 
 def test_timeouts_and_lost_answers_are_retried_and_deduplicated(openmeter: OpenMeterContractServer, pipeline: Pipeline) -> None:
@@ -233,8 +234,8 @@ def test_token_from_a_file(openmeter: OpenMeterContractServer, tmp_path: Path) -
     token_file.write_text(f"{TOKEN}\n")
     cfg = parse_config(backend_config({"type": "openmeter", "url": openmeter.url, "token_file": str(token_file)},
                                       tmp_path), "<test>", {})
-    sink = build_sink(cfg)
-    outcomes = list(sink.deliver(make_records(2)))
+    sink = build_backend(cfg.backend, Metrics(), FakeClock())
+    outcomes = list(Delivery(sink.sink, sink.client, Metrics()).deliver(make_records(2)))
     sink.close()
     assert [type(o).__name__ for _, o in outcomes] == ["Delivered", "Delivered"]
 

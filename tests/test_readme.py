@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import pytest
 import yaml
@@ -20,6 +21,8 @@ from agent.config import BACKEND_TYPES, load_config, parse_backend, parse_measur
 from agent.convert import convert
 from agent.errors import ConfigError
 from agent.samplers.base import Sample
+from agent.delivery import bodies
+from agent.metrics import Metrics
 from agent.sinks.paigo import PaigoSink
 from agent.testing.paigo_server import usage_record_schema
 
@@ -108,10 +111,8 @@ def test_the_paigo_body_shown_is_what_the_agent_sends() -> None:
     samples = [Sample(volume, "us-east-1", "214826386939", {"size_gib": Decimal(gib)}, {"customer-id": "acme"})
                for volume, gib in (("vol-1", 100), ("vol-2", 7))]
     (record,) = convert(measurement, "size_gib", "GiB", samples, datetime(2026, 11, 21, 10, tzinfo=timezone.utc)).records
-    sink = PaigoSink(parse_backend({"type": "paigo", "client_id": "client-abc", "client_secret": "s3cr3t"}))
-    try:
-        body = json.loads(sink.bodies([record])[0])
-    finally:
-        sink.close()
+    sink = PaigoSink(parse_backend({"type": "paigo", "client_id": "client-abc", "client_secret": "s3cr3t"}),
+                     httpx.Client(), Metrics())
+    body = json.loads(bodies(sink, [record])[0])  # a dry run sends nothing
     assert json.dumps(body) == json.dumps(shown)  # key order included
     jsonschema.Draft7Validator(usage_record_schema()).validate(body)

@@ -16,7 +16,7 @@ from agent.credentials import SessionFactory
 from agent.daemon import Daemon
 from agent.forwarder import Forwarder
 from agent.metrics import Metrics
-from agent.sinks.paigo import PaigoSink
+from agent.sinks import Backend, build_backend
 from agent.spool import Spool
 from agent.testing.paigo_server import PaigoContractServer
 from agent.ticks import Agent
@@ -68,17 +68,18 @@ def new_agent(cfg, spool: Spool | None = None, *, metrics: Metrics | None = None
 
 
 @pytest.fixture
-def daemon_parts(aws: Aws, paigo: PaigoContractServer, tmp_path: Path) -> Iterator[tuple[Agent, Forwarder, PaigoSink]]:
+def daemon_parts(aws: Aws, paigo: PaigoContractServer, tmp_path: Path) -> Iterator[tuple[Agent, Forwarder, Backend]]:
     cfg = make_config(paigo, tmp_path, measurement(name="five", interval="5m"), measurement(name="hourly", interval="1h"))
     spool = Spool(cfg.spool.path)
     spool.claim()
-    sink = PaigoSink(cfg.backend)
-    yield new_agent(cfg, spool), Forwarder(spool, sink), sink
+    agent = new_agent(cfg, spool)
+    sink = build_backend(cfg.backend, agent.metrics, agent.clock)
+    yield agent, Forwarder(spool, sink.sink, sink.client, metrics=agent.metrics, clock=agent.clock), sink
     sink.close()
     spool.close()
 
 
-def daemon_of(agent: Agent, forwarder: Forwarder, sink: PaigoSink, clock=None, **options) -> Daemon:
+def daemon_of(agent: Agent, forwarder: Forwarder, sink: Backend, clock=None, **options) -> Daemon:
     return Daemon(agent, forwarder, sink, metrics=agent.metrics, clock=clock or agent.clock, **options)
 
 

@@ -212,14 +212,17 @@ def test_targets_run_concurrently_within_the_per_region_limit(aws: Aws, aws_prox
 
 
 def test_an_overrunning_tick_is_skipped_and_counted(aws: Aws, paigo: PaigoContractServer, tmp_path: Path) -> None:
+    from agent.clock import SystemClock
     from agent.forwarder import Forwarder
-    from agent.sinks.paigo import PaigoSink
+    from agent.metrics import Metrics
+    from agent.sinks import build_backend
 
     cfg = make_config(paigo, tmp_path, measurement(name="slow", interval="1m"))
     spool = Spool(cfg.spool.path)
     agent = new_agent(cfg, spool)
-    sink = PaigoSink(cfg.backend)
-    daemon = Daemon(agent, Forwarder(spool, sink), sink, metrics=agent.metrics, clock=agent.clock)
+    sink = build_backend(cfg.backend, agent.metrics, agent.clock)
+    daemon = Daemon(agent, Forwarder(spool, sink.sink, sink.client, metrics=agent.metrics, clock=agent.clock), sink,
+                    metrics=agent.metrics, clock=agent.clock)
     before = agent.metrics.value("usage_agent_ticks_skipped_total", {"measurement": "slow", "reason": "overran"})
     # what APScheduler dispatches when max_instances=1 refuses a run
     daemon.scheduler._dispatch_event(JobSubmissionEvent(EVENT_JOB_MAX_INSTANCES, "sample:slow", None, [AT]))

@@ -27,7 +27,7 @@ from agent.credentials import SessionFactory
 from agent.daemon import Daemon
 from agent.forwarder import Forwarder
 from agent.metrics import Metrics
-from agent.sinks.paigo import PaigoSink
+from agent.sinks import build_backend
 from agent.spool import Spool
 from agent.telemetry import REDACTED, configure_logging, redact_secrets, redact_text
 from agent.testing.paigo_server import Fault, PaigoContractServer
@@ -188,9 +188,10 @@ def in_process(aws: Aws, paigo: PaigoContractServer, tmp_path: Path):
     cfg = make_config(paigo, tmp_path, measurement(name="five", interval="5m", metadata=bulky))
     spool = Spool(cfg.spool.path, max_records=2)
     spool.claim()
-    sink = PaigoSink(cfg.backend)
     agent = new_agent(cfg, spool, clock=clock)
-    daemon = Daemon(agent, Forwarder(spool, sink), sink, metrics=agent.metrics, clock=clock)
+    sink = build_backend(cfg.backend, agent.metrics, clock)
+    daemon = Daemon(agent, Forwarder(spool, sink.sink, sink.client, metrics=agent.metrics, clock=clock), sink,
+                    metrics=agent.metrics, clock=clock)
     host, port = daemon.server.start()
     yield daemon, clock, f"http://{host}:{port}"
     daemon.server.stop()
@@ -268,9 +269,10 @@ def test_a_tick_that_overruns_skips_the_next_one_and_counts_it(aws: Aws, paigo: 
     cfg = make_config(paigo, tmp_path, measurement(name="hourly", interval="1h"))
     spool = Spool(cfg.spool.path)
     spool.claim()
-    sink = PaigoSink(cfg.backend)
     agent = new_agent(cfg, spool)
-    daemon = Daemon(agent, Forwarder(spool, sink), sink, metrics=agent.metrics, clock=agent.clock)
+    sink = build_backend(cfg.backend, agent.metrics, agent.clock)
+    daemon = Daemon(agent, Forwarder(spool, sink.sink, sink.client, metrics=agent.metrics, clock=agent.clock), sink,
+                    metrics=agent.metrics, clock=agent.clock)
     labels = {"measurement": "hourly", "reason": "overran"}
     before = agent.metrics.value("usage_agent_ticks_skipped_total", labels)
     blocker = sqlite3.connect(cfg.spool.path, isolation_level=None, check_same_thread=False)

@@ -1,18 +1,37 @@
-"""Backends the forwarder delivers to, behind one small protocol (``sinks.base.Sink``)."""
+"""Backends the forwarder delivers to, each a ``sinks.base.Sink`` (render + classify)."""
 
 from __future__ import annotations
 
-from agent.settings import AgentConfig, FileBackend, HttpBackend, OpenMeterBackend, PaigoBackend
+from dataclasses import dataclass
+
+import httpx
+
+from agent.clock import Clock
+from agent.settings import FileBackend, HttpBackend, OpenMeterBackend, PaigoBackend
+from agent.metrics import Metrics
 from agent.sinks.base import Delivered, Outcome, Rejected, RetryLater, Sink
+from agent.sinks.transport import http_client
 
 
-def build_sink(cfg: AgentConfig) -> Sink:
+BackendSettings = PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend
+
+
+def build_client(backend: BackendSettings, transport: httpx.BaseTransport | None = None) -> httpx.Client | None:
+    """The one client every request to the backend goes through (None for the file backend):
+    as many connections as requests may be in flight, each request within ``backend.timeout``."""
+    if isinstance(backend, FileBackend):
+        return None
+    connections = backend.max_in_flight if isinstance(backend, PaigoBackend) else 1
+    return http_client(backend.timeout.total_seconds(), connections, transport)
+
+
+def build_sink(backend: BackendSettings, client: httpx.Client | None, metrics: Metrics, clock: Clock) -> Sink:
     """The sink for ``backend.type``; the composition root calls this once. Opens nothing yet."""
-    backend = cfg.backend
     if isinstance(backend, PaigoBackend):
         from agent.sinks.paigo import PaigoSink
 
-        return PaigoSink(backend)
+        assert client is not None
+        return PaigoSink(backend, client, metrics, clock)
     if isinstance(backend, OpenMeterBackend):
         from agent.sinks.openmeter import OpenMeterSink
 
@@ -20,11 +39,35 @@ def build_sink(cfg: AgentConfig) -> Sink:
     if isinstance(backend, HttpBackend):
         from agent.sinks.http import HttpSink
 
-        return HttpSink(backend)
+        return HttpSink(backend, clock)
     assert isinstance(backend, FileBackend)
     from agent.sinks.file import FileSink
 
     return FileSink(backend)
 
 
-__all__ = ["Delivered", "Outcome", "Rejected", "RetryLater", "Sink", "build_sink"]
+@dataclass
+class Backend:
+    """What the composition root delivers to: the sink, and the one client its requests go over."""
+
+    sink: Sink
+    client: httpx.Client | None
+
+    @property
+    def name(self) -> str:
+        return self.sink.name
+
+    def close(self) -> None:
+        self.sink.close()
+        if self.client is not None:
+            self.client.close()
+
+
+def build_backend(backend: BackendSettings, metrics: Metrics, clock: Clock,
+                  transport: httpx.BaseTransport | None = None) -> Backend:
+    client = build_client(backend, transport)
+    return Backend(build_sink(backend, client, metrics, clock), client)
+
+
+__all__ = ["Backend", "Delivered", "Outcome", "Rejected", "RetryLater", "Sink", "build_backend", "build_client",
+           "build_sink"]

@@ -1,33 +1,24 @@
-"""The sink protocol, what a send can come to, and the one bounded way to send a request.
+"""What a sink is: a declaration of what it takes, ``render`` and ``classify``; and what a send
+can come to (``Delivered`` / ``RetryLater`` / ``Rejected``).
 
-Every request a sink makes goes through ``send``: it is held to a total deadline (connect,
-write, headers and body together), whatever the peer does, and at most ``ANSWER_CAP`` bytes
-of the answer are read before the connection is closed. Redirects are never followed.
+A sink turns records into one request and an answer into an outcome per record. It does not
+batch, pool, thread, split or back off: ``agent.delivery`` does that for every sink, driven by
+``max_batch``, ``array_body``, ``max_in_flight`` and ``split_rejected``.
 """
 
 from __future__ import annotations
 
 import email.utils
 import json
-import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import httpcore
 import httpx
-import structlog
-from httpx._utils import get_environment_proxies  # the rules httpx itself applies to HTTPS_PROXY, NO_PROXY
 
-from agent import __version__
 from agent.convert import UsageRecord
 from agent.errors import excerpt
-from agent.telemetry import BACKEND_RESPONSES
-
-log = structlog.get_logger("agent.sinks")
 
 RETRY_AFTER_MAX = 3600.0  # a backend asking for more than an hour is clamped to an hour
 ANSWER_CAP = 16 * 1024  # bytes of an answer read: success bodies are tiny, errors are only excerpted
@@ -59,163 +50,29 @@ class Rejected:
 Outcome = Delivered | RetryLater | Rejected
 
 
-class Sink(Protocol):
-    name: str
-    batch_size: int  # records the forwarder leases at a time
-
-    def render(self, record: UsageRecord) -> Any:
-        """The JSON the backend receives for a record: a whole body, or its element of a batch."""
-
-    def bodies(self, records: Sequence[UsageRecord]) -> list[bytes]:
-        """The exact bytes ``deliver`` sends for these records on a first try: one entry per
-        request body (file sink: per line, without the newline). Records that cannot be
-        rendered are left out (and logged): ``deliver`` dead-letters them."""
-
-    def deliver(
-        self, records: Sequence[UsageRecord], stop: threading.Event | None = None
-    ) -> Iterator[tuple[UsageRecord, Outcome]]:
-        """Send records, yielding each outcome as it is known. Never raises for I/O failures
-        or for a record that cannot be rendered.
-
-        Once ``stop`` is set, sends not yet started are skipped (no outcome is yielded for
-        them; they stay leased and go out again after the lease ends or the next start).
-        """
-
-    def close(self) -> None: ...
+@dataclass(frozen=True)
+class SendAgain:
+    """A classification meaning: the credentials were renewed, send the same records once more now."""
 
 
-def json_bytes(value: Any) -> bytes:
-    """The one serialisation of every body: compact, UTF-8, key order as built."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+class NotSendable(Exception):
+    """``render`` cannot make a request now (no token): every record of the batch gets ``outcome``."""
 
-
-def encode(render: Callable[[UsageRecord], Any], records: Sequence[UsageRecord]
-           ) -> tuple[list[tuple[UsageRecord, bytes]], list[tuple[UsageRecord, Rejected]]]:
-    """Each record as its JSON bytes; a record whose render raises is set apart, rejected
-    with the reason, so it cannot hold back the others."""
-    encoded: list[tuple[UsageRecord, bytes]] = []
-    failed: list[tuple[UsageRecord, Rejected]] = []
-    for record in records:
-        try:
-            encoded.append((record, json_bytes(render(record))))
-        except RENDER_ERRORS as exc:
-            reason = f"cannot render the record for the backend: {type(exc).__name__}: {excerpt(str(exc))}"
-            failed.append((record, Rejected(status=None, body=reason)))
-    return encoded, failed
-
-
-def renderable(render: Callable[[UsageRecord], Any], records: Sequence[UsageRecord]) -> list[tuple[UsageRecord, bytes]]:
-    """``encode`` for ``bodies`` (dry runs): the records that cannot be rendered are logged."""
-    encoded, failed = encode(render, records)
-    for record, rejected in failed:
-        log.error("record left out: it would be dead-lettered", record_id=record.record_id,
-                  measurement=record.measurement, reason=rejected.body)
-    return encoded
-
-
-# -- the bounded exchange ----------------------------------------------------------------
-
-_DEADLINE: ContextVar[float | None] = ContextVar("request_deadline", default=None)  # monotonic
-
-
-def _within(timeout: float | None, expired: type[Exception]) -> float | None:
-    """A socket operation's timeout, cut to what is left of the request's total deadline."""
-    deadline = _DEADLINE.get()
-    if deadline is None:
-        return timeout
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise expired("the request's total deadline passed")
-    return left if timeout is None else min(timeout, left)
-
-
-class _DeadlineStream(httpcore.NetworkStream):
-    """Every read and write waits at most until the deadline of the request it serves, so a
-    peer that trickles bytes cannot stretch a request past it."""
-
-    _WRITE_SLICE = 64 * 1024  # each slice gets what is left of the deadline, not the whole timeout
-
-    def __init__(self, inner: httpcore.NetworkStream):
-        self._inner = inner
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, _within(timeout, httpcore.ReadTimeout))
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        for start in range(0, len(buffer), self._WRITE_SLICE):
-            self._inner.write(buffer[start:start + self._WRITE_SLICE], _within(timeout, httpcore.WriteTimeout))
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
-        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname,
-                                                     _within(timeout, httpcore.ConnectTimeout)))
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _DeadlineBackend(httpcore.NetworkBackend):
-    def __init__(self) -> None:
-        self._inner = httpcore.SyncBackend()
-
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Any = None) -> httpcore.NetworkStream:
-        return _DeadlineStream(self._inner.connect_tcp(host, port, _within(timeout, httpcore.ConnectTimeout),
-                                                       local_address, socket_options))
-
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Any = None) -> httpcore.NetworkStream:
-        return _DeadlineStream(self._inner.connect_unix_socket(path, _within(timeout, httpcore.ConnectTimeout),
-                                                               socket_options))
-
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(seconds)
-
-
-class _DeadlineTransport(httpx.HTTPTransport):
-    """httpx's own transport (its proxies, exception mapping and streams) over sockets that
-    honour each request's total deadline."""
-
-    def __init__(self, limits: httpx.Limits, proxy: str | None = None):
-        super().__init__(limits=limits, proxy=proxy)
-        # httpx takes no network backend yet (encode/httpx#3749): the pool it built gets ours
-        self._pool._network_backend = _DeadlineBackend()  # type: ignore[union-attr]
-
-
-def count_response(response: httpx.Response) -> None:
-    """httpx response hook: every answer the backend gives, by status."""
-    BACKEND_RESPONSES.labels(str(response.status_code)).inc()
-
-
-def http_client(timeout: float, headers: dict[str, str] | None = None, connections: int = 8) -> httpx.Client:
-    """The client a sink sends with: redirects not followed, answers not compressed (a
-    capped read of a compressed answer could inflate far past the cap)."""
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    # the environment's proxies (HTTPS_PROXY, NO_PROXY …), mounted as httpx mounts them for its own transport
-    proxies = {pattern: _DeadlineTransport(limits, proxy) if proxy else None
-               for pattern, proxy in get_environment_proxies().items()}
-    return httpx.Client(
-        timeout=httpx.Timeout(timeout),
-        transport=_DeadlineTransport(limits),
-        mounts=proxies,
-        headers={"User-Agent": f"usage-agent/{__version__}", "Accept-Encoding": "identity", **(headers or {})},
-        event_hooks={"response": [count_response]},
-        follow_redirects=False,
-    )
+    def __init__(self, outcome: RetryLater):
+        super().__init__(outcome.reason)
+        self.outcome = outcome
 
 
 @dataclass(frozen=True)
 class Answer:
-    """What a peer answered, read no further than ``ANSWER_CAP`` bytes."""
+    """What a peer answered to ``request``, read no further than ``ANSWER_CAP`` bytes."""
 
     status: int
     headers: httpx.Headers
     body: bytes
     complete: bool  # False: the body went on past the cap and was not read
     url: str
+    request: httpx.Request | None = None
 
     @property
     def text(self) -> str:
@@ -230,28 +87,49 @@ class Answer:
         return f"{excerpt(kind, 80)}{more}: {excerpt(self.text)!r}"
 
 
-def send(client: httpx.Client, request: httpx.Request, timeout: float) -> Answer:
-    """Send ``request`` and read its answer, all within ``timeout`` seconds in total.
+class Sink(Protocol):
+    name: str
+    max_batch: int  # the most records one request (or write) carries
+    array_body: bool  # one request's body is a JSON array of many records (else: one record per body or line)
+    max_in_flight: int  # requests the delivery may have open at once
+    split_rejected: bool  # a 4xx rejects the whole batch without naming the bad records: halve it to find them
+    timeout: float  # seconds each request may take in total
 
-    Raises httpx.HTTPError when no answer came in time or the connection failed.
-    """
-    token = _DEADLINE.set(time.monotonic() + timeout)
-    try:
-        response = client.send(request, stream=True)
+    def element(self, record: UsageRecord) -> Any:
+        """The JSON the backend receives for a record: a whole body, or its element of a batch."""
+
+    def render(self, elements: Sequence[bytes]) -> Any:
+        """One request carrying these encoded elements (an ``httpx.Request``; the file sink: its
+        write). May raise ``NotSendable``."""
+
+    def classify(self, answer: Any, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain]:
+        """The outcome of each record the request carried."""
+
+    def close(self) -> None: ...
+
+
+def json_bytes(value: Any) -> bytes:
+    """The one serialisation of every body: compact, UTF-8, key order as built."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def json_array(elements: Sequence[bytes]) -> bytes:
+    return b"[" + b",".join(elements) + b"]"  # the bytes json_bytes gives for the list
+
+
+def encode(element: Callable[[UsageRecord], Any], records: Sequence[UsageRecord]
+           ) -> tuple[list[tuple[UsageRecord, bytes]], list[tuple[UsageRecord, Rejected]]]:
+    """Each record as its JSON bytes; a record whose rendering raises is set apart, rejected
+    with the reason, so it cannot hold back the others."""
+    encoded: list[tuple[UsageRecord, bytes]] = []
+    failed: list[tuple[UsageRecord, Rejected]] = []
+    for record in records:
         try:
-            body = bytearray()
-            complete = True
-            for chunk in response.iter_raw():
-                body += chunk
-                if len(body) > ANSWER_CAP:
-                    complete = False  # closing before the end drops the connection: it is not reused
-                    break
-            return Answer(response.status_code, response.headers, bytes(body[:ANSWER_CAP]), complete,
-                          str(request.url))
-        finally:
-            response.close()
-    finally:
-        _DEADLINE.reset(token)
+            encoded.append((record, json_bytes(element(record))))
+        except RENDER_ERRORS as exc:
+            reason = f"cannot render the record for the backend: {type(exc).__name__}: {excerpt(str(exc))}"
+            failed.append((record, Rejected(status=None, body=reason)))
+    return encoded, failed
 
 
 # -- classification ------------------------------------------------------------------------
@@ -320,81 +198,25 @@ def classify(answer: Answer, success: SuccessCheck | None = None) -> Outcome:
 
 def transport_failure(exc: httpx.HTTPError, timeout: float | None = None) -> RetryLater:
     kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection error"
-    BACKEND_RESPONSES.labels(kind.replace(" ", "_")).inc()
     within = f" (no whole answer within {timeout:g}s)" if timeout is not None and kind == "timeout" else ""
     return RetryLater(f"{kind}{within}: {type(exc).__name__}: {excerpt(str(exc))}")
 
 
-def deliver_halving(
-    records: Sequence[UsageRecord],
-    send: Callable[[Sequence[UsageRecord]], Outcome],
-    stop: threading.Event | None = None,
-) -> Iterator[tuple[UsageRecord, Outcome]]:
-    """Send a batch as one request; when the backend rejects it (4xx), send each half again,
-    down to single records, so only the records at fault are dead-lettered.
-
-    A rejected batch of n records with one bad record costs about 2·log2(n) more requests.
-    Retryable outcomes hold the (sub-)batch they answered; the rest go on.
-    """
-    waiting = [records] if records else []
-    while waiting:
-        if stop is not None and stop.is_set():
-            return  # not sent: left leased, sent again later
-        batch = waiting.pop()
-        outcome = send(batch)
-        if isinstance(outcome, Rejected) and len(batch) > 1:
-            middle = len(batch) // 2
-            waiting += [batch[middle:], batch[:middle]]  # first half next: outcomes keep lease order
-            continue
-        for record in batch:
-            yield record, outcome
-
-
-class JsonArraySink(ABC):
-    """A backend that takes a JSON array of rendered records per request, ``batch_size`` at
-    a time; subclasses say how a record renders, how a body is posted and (if the backend
-    documents one) what its success answer is."""
+class BatchSink:
+    """A backend that takes a JSON array of records per request and judges the batch as a whole
+    (2xx takes all of it, a 4xx rejects all of it); subclasses say how a record renders, how a
+    body is posted and (if the backend documents one) what its success answer is."""
 
     name: str
-    batch_size: int
-    _client: httpx.Client
-    _timeout: float
+    max_batch: int
+    array_body = True
+    max_in_flight = 1  # batches go out one after the other, in lease order
+    split_rejected = True
+    timeout: float
     success: SuccessCheck | None = None
 
-    @abstractmethod
-    def render(self, record: UsageRecord) -> Any: ...
-
-    @abstractmethod
-    def _request(self, body: bytes) -> httpx.Request: ...
-
-    def _batches(self, items: Sequence[Any]) -> list[Sequence[Any]]:
-        return [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-
-    @staticmethod
-    def _array(elements: Sequence[bytes]) -> bytes:
-        return b"[" + b",".join(elements) + b"]"  # the bytes json_bytes gives for the list
-
-    def bodies(self, records: Sequence[UsageRecord]) -> list[bytes]:
-        encoded = renderable(self.render, records)
-        return [self._array([body for _, body in batch]) for batch in self._batches(encoded)]
-
-    def deliver(
-        self, records: Sequence[UsageRecord], stop: threading.Event | None = None
-    ) -> Iterator[tuple[UsageRecord, Outcome]]:
-        encoded, failed = encode(self.render, records)
-        yield from failed
-        element = {record.record_id: body for record, body in encoded}
-
-        def send_batch(batch: Sequence[UsageRecord]) -> Outcome:
-            try:
-                answer = send(self._client, self._request(self._array([element[r.record_id] for r in batch])),
-                              self._timeout)
-            except httpx.HTTPError as exc:
-                return transport_failure(exc, self._timeout)
-            return classify(answer, self.success)
-
-        for batch in self._batches([record for record, _ in encoded]):
-            yield from deliver_halving(batch, send_batch, stop)
+    def classify(self, answer: Answer, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain]:
+        return [classify(answer, self.success)] * len(records)
 
     def close(self) -> None:
-        self._client.close()
+        """Nothing to release: the client is the composition root's."""

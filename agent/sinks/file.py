@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,7 +24,7 @@ import structlog
 
 from agent.settings import FileBackend, JsonlFile
 from agent.convert import UsageRecord, format_timestamp
-from agent.sinks.base import Delivered, Outcome, RetryLater, encode, json_bytes, renderable
+from agent.sinks.base import Delivered, Outcome, RetryLater, SendAgain, json_bytes
 
 log = structlog.get_logger("agent.sinks.file")
 
@@ -199,35 +198,57 @@ def read_jsonl(path: str | Path) -> JsonlContents:
     return out
 
 
+@dataclass(frozen=True)
+class Written:
+    """What a write came to: how many of its lines are durable, and why the rest are not."""
+
+    durable: int
+    error: OSError | None = None
+
+
+@dataclass(frozen=True)
+class JsonlAppend:
+    """The file sink's request: these lines, appended (and fsync'd) by ``perform``."""
+
+    writer: JsonlWriter
+    lines: Sequence[bytes]
+
+    def perform(self) -> Written:
+        durable = 0
+        try:
+            for count in self.writer.append(self.lines):
+                durable += count
+        except OSError as exc:
+            return Written(durable, exc)
+        return Written(durable)
+
+
 class FileSink:
     """Each record as one line: the agent's own record JSON (``UsageRecord.to_json``)."""
 
     name = "file"
-    batch_size = 100
+    max_batch = 100
+    array_body = False  # one line per record
+    max_in_flight = 1  # one writer, one file
+    split_rejected = False  # a write never rejects a record
+    timeout = 0.0  # local writes: no request deadline
 
     def __init__(self, cfg: FileBackend):
         self._writer = JsonlWriter.from_config(cfg)  # opens the file on the first write, not before
 
-    def render(self, record: UsageRecord) -> dict[str, Any]:
+    def element(self, record: UsageRecord) -> dict[str, Any]:
         return record.to_json()
 
-    def bodies(self, records: Sequence[UsageRecord]) -> list[bytes]:
-        return [line for _, line in renderable(self.render, records)]
+    def render(self, elements: Sequence[bytes]) -> JsonlAppend:
+        return JsonlAppend(self._writer, elements)
 
-    def deliver(self, records: Sequence[UsageRecord], stop: threading.Event | None = None
-                ) -> Iterator[tuple[UsageRecord, Outcome]]:
-        encoded, failed = encode(self.render, records)
-        yield from failed
-        done = 0
-        try:
-            for durable in self._writer.append([line for _, line in encoded]):
-                for record, _ in encoded[done:done + durable]:
-                    yield record, Delivered()
-                done += durable
-        except OSError as exc:
-            failure = RetryLater(f"cannot write {self._writer.path}: {exc.strerror or exc}", alert=True)
-            for record, _ in encoded[done:]:
-                yield record, failure
+    def classify(self, answer: Written, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain]:
+        outcomes: list[Outcome | SendAgain] = [Delivered()] * answer.durable
+        if answer.error is not None:
+            failure = RetryLater(f"cannot write {self._writer.path}: {answer.error.strerror or answer.error}",
+                                 alert=True)
+            outcomes += [failure] * (len(records) - answer.durable)
+        return outcomes
 
     def close(self) -> None:
         self._writer.close()
@@ -236,7 +257,7 @@ class FileSink:
 class AuditLog:
     """The audit copy: one line per record the backend accepted, written when its Delivered
     outcome is settled: ``{"id", "backend", "delivered_at", "body"}``, where body is the
-    record exactly as the backend received it (``Sink.render``)."""
+    record exactly as the backend received it (``Sink.element``)."""
 
     def __init__(self, cfg: JsonlFile, sink_name: str, render: Callable[[UsageRecord], Any]):
         self._writer = JsonlWriter.from_config(cfg)

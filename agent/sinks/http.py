@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
+from agent.clock import Clock, SystemClock
 from agent.settings import HttpBackend
 from agent.convert import UsageRecord
-from agent.sinks.base import JsonArraySink, http_client
+from agent.sinks.base import BatchSink, json_array
+from agent.sinks.transport import request
 
 TIMESTAMP_HEADER = "X-Usage-Timestamp"
 SIGNATURE_HEADER = "X-Usage-Signature"
@@ -36,23 +37,24 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
     return f"sha256={digest}"
 
 
-class HttpSink(JsonArraySink):
+class HttpSink(BatchSink):
     name = "http"
 
-    def __init__(self, cfg: HttpBackend, clock: Callable[[], float] = time.time):
-        self._cfg = cfg
-        self._clock = clock
+    def __init__(self, cfg: HttpBackend, clock: Clock | None = None):
+        self._url = httpx.URL(cfg.url)
+        self._clock = clock or SystemClock()
         self._secret = cfg.hmac_secret.get_secret_value().encode() if cfg.hmac_secret is not None else None
-        self._timeout = cfg.timeout.total_seconds()
-        self._client = http_client(self._timeout, {**cfg.header_values(), "Content-Type": "application/json"})
-        self.batch_size = cfg.batch_size
+        self._headers = {**cfg.header_values(), "Content-Type": "application/json"}
+        self.timeout = cfg.timeout.total_seconds()
+        self.max_batch = cfg.batch_size
 
-    def render(self, record: UsageRecord) -> dict[str, Any]:
+    def element(self, record: UsageRecord) -> dict[str, Any]:
         return record.to_json()
 
-    def _request(self, body: bytes) -> httpx.Request:
-        headers = {}
+    def render(self, elements: Sequence[bytes]) -> httpx.Request:
+        body = json_array(elements)
+        headers = self._headers
         if self._secret is not None:
-            timestamp = str(int(self._clock()))
-            headers = {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: sign(self._secret, timestamp, body)}
-        return self._client.build_request("POST", self._cfg.url, content=body, headers=headers)
+            timestamp = str(int(self._clock.time()))
+            headers = {**headers, TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: sign(self._secret, timestamp, body)}
+        return request("POST", self._url, headers, body)

@@ -3,7 +3,7 @@
 Body: a JSON array of events as ``application/cloudevents-batch+json``; ``Authorization:
 Bearer <token>`` when a token is configured. 2xx accepts the whole batch. OpenMeter answers
 ``400 application/problem+json`` for the whole batch when any event is invalid, so a
-rejected batch is halved until the bad events stand alone (``deliver_halving``).
+rejected batch is halved until the bad events stand alone (``split_rejected``).
 OpenMeter deduplicates on (source, id): a re-sent record is not counted twice.
 Its documented success answer is ``204 No Content`` (``202 Accepted`` from deployments that
 ingest asynchronously); any other 2xx is not OpenMeter answering, and is not delivery.
@@ -11,13 +11,15 @@ ingest asynchronously); any other 2xx is not OpenMeter answering, and is not del
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
 from agent.settings import OpenMeterBackend
 from agent.convert import UsageRecord, format_decimal, format_timestamp
-from agent.sinks.base import Answer, JsonArraySink, http_client
+from agent.sinks.base import Answer, BatchSink, json_array
+from agent.sinks.transport import request
 
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 
@@ -27,20 +29,20 @@ def ingested(answer: Answer) -> str | None:
     return None if answer.status in (202, 204) else f"with {answer.describe()}, where OpenMeter answers 204 No Content"
 
 
-class OpenMeterSink(JsonArraySink):
+class OpenMeterSink(BatchSink):
     name = "openmeter"
 
     def __init__(self, cfg: OpenMeterBackend):
         self._cfg = cfg
-        headers = {"Content-Type": BATCH_CONTENT_TYPE}
+        self._url = httpx.URL(f"{cfg.url}/api/v1/events")
+        self._headers = {"Content-Type": BATCH_CONTENT_TYPE}
         if cfg.token is not None:
-            headers["Authorization"] = f"Bearer {cfg.token.get_secret_value()}"
-        self._timeout = cfg.timeout.total_seconds()
-        self._client = http_client(self._timeout, headers)
-        self.batch_size = cfg.batch_size
+            self._headers["Authorization"] = f"Bearer {cfg.token.get_secret_value()}"
+        self.timeout = cfg.timeout.total_seconds()
+        self.max_batch = cfg.batch_size
         self.success = ingested
 
-    def render(self, record: UsageRecord) -> dict[str, Any]:
+    def element(self, record: UsageRecord) -> dict[str, Any]:
         return {
             "specversion": "1.0",
             "id": record.record_id,
@@ -59,5 +61,5 @@ class OpenMeterSink(JsonArraySink):
             },
         }
 
-    def _request(self, body: bytes) -> httpx.Request:
-        return self._client.build_request("POST", f"{self._cfg.url}/api/v1/events", content=body)
+    def render(self, elements: Sequence[bytes]) -> httpx.Request:
+        return request("POST", self._url, self._headers, json_array(elements))

@@ -5,7 +5,7 @@ client_id, client_secret}``; the answer's ``access_token`` (a non-empty string) 
 ``Authorization: Bearer`` until shortly before ``expires_in`` (1 s to a year; an hour when
 absent) runs out. A 401 from the API fetches a new token once per burst of 401s; when the
 API refuses the new token too, tokens are held back with a growing wait. Records go out
-concurrently over one pooled client. Paigo documents its success answer as a JSON object
+concurrently over the agent's one client. Paigo documents its success answer as a JSON object
 with a ``message``: any other 2xx body is not delivery.
 """
 
@@ -14,31 +14,29 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import httpx
 import structlog
 
+from agent.clock import Clock, SystemClock
 from agent.settings import PaigoBackend
 from agent.convert import UsageRecord, format_decimal, format_timestamp
+from agent.metrics import Metrics
 from agent.sinks.base import (
     Answer,
+    NotSendable,
     Outcome,
     RetryLater,
+    SendAgain,
     classify,
-    encode,
-    http_client,
     parse_retry_after,
     redirected,
-    renderable,
-    send,
     transport_failure,
 )
-from agent.telemetry import TOKEN_REFRESHES
+from agent.sinks.transport import request, send
 
 log = structlog.get_logger("agent.sinks.paigo")
 
@@ -48,10 +46,8 @@ HOLD_MAX = 300.0  # the longest wait between token attempts that keep failing
 _BEARER = re.compile(r"^[\x21-\x7e]+$")  # what an Authorization header can carry
 
 
-class TokenUnavailable(Exception):
-    def __init__(self, outcome: RetryLater):
-        super().__init__(outcome.reason)
-        self.outcome = outcome
+class TokenUnavailable(NotSendable):
+    """No token to send with: the records wait for ``outcome``."""
 
 
 def _kind(value: Any) -> str:
@@ -126,17 +122,13 @@ class ClientCredentialsToken:
     records nor an API that answers 401 to every token turns into a burst of token requests.
     """
 
-    def __init__(
-        self,
-        cfg: PaigoBackend,
-        client: httpx.Client,
-        monotonic: Callable[[], float] = time.monotonic,
-        failure_hold: float = 5.0,
-    ):
+    def __init__(self, cfg: PaigoBackend, client: httpx.Client, metrics: Metrics, clock: Clock | None = None,
+                 failure_hold: float = 5.0):
         self._cfg = cfg
         self._client = client
+        self._metrics = metrics
         self._timeout = cfg.timeout.total_seconds()
-        self._monotonic = monotonic
+        self._monotonic = (clock or SystemClock()).monotonic
         self._failure_hold = failure_hold
         self._host = httpx.URL(cfg.token_url).host
         self._lock = threading.Lock()
@@ -203,7 +195,7 @@ class ClientCredentialsToken:
         }
         try:
             answer = send(self._client, self._client.build_request("POST", self._cfg.token_url, json=body),
-                          self._timeout)
+                          self._timeout, self._metrics)
         except httpx.HTTPError as exc:
             failure = transport_failure(exc, self._timeout)
             raise TokenUnavailable(replace(failure, reason=f"token endpoint {self._host}: {failure.reason}")) from exc
@@ -217,23 +209,27 @@ class ClientCredentialsToken:
                 alert=not retryable))
         token, lifetime = token_from(answer, self._host)
         self.fetches += 1
-        TOKEN_REFRESHES.labels("backend").inc()
+        self._metrics.token_refreshes.labels("backend").inc()
         log.info("token fetched", token_url=self._cfg.token_url, expires_in=lifetime)
         return token, lifetime
 
 
 class PaigoSink:
+    """One record per request, ``max_in_flight`` at once; the token is fetched through the same client."""
+
     name = "paigo"
+    max_batch = 1
+    array_body = False
+    split_rejected = False  # one record per request: a 4xx names it
 
-    def __init__(self, cfg: PaigoBackend, monotonic: Callable[[], float] = time.monotonic):
-        self._cfg = cfg
-        self._timeout = cfg.timeout.total_seconds()
-        self._client = http_client(self._timeout, connections=cfg.max_in_flight)
-        self.token = ClientCredentialsToken(cfg, self._client, monotonic)
-        self._pool = ThreadPoolExecutor(max_workers=cfg.max_in_flight, thread_name_prefix="paigo-send")
-        self.batch_size = cfg.max_in_flight * 16  # outcomes are settled as they arrive, not per batch
+    def __init__(self, cfg: PaigoBackend, client: httpx.Client, metrics: Metrics, clock: Clock | None = None):
+        self.timeout = cfg.timeout.total_seconds()
+        self.max_in_flight = cfg.max_in_flight
+        self.token = ClientCredentialsToken(cfg, client, metrics, clock)
+        self._url = httpx.URL(f"{cfg.url}/usage")
+        self._headers = {"Content-Type": "application/json"}
 
-    def render(self, record: UsageRecord) -> dict[str, Any]:
+    def element(self, record: UsageRecord) -> dict[str, Any]:
         return {
             "dimensionId": record.dimension_id,
             "customerId": record.customer_id,
@@ -242,58 +238,21 @@ class PaigoSink:
             "metadata": {**record.metadata, "recordId": record.record_id},
         }
 
-    def bodies(self, records: Sequence[UsageRecord]) -> list[bytes]:
-        return [body for _, body in renderable(self.render, records)]  # one request per record
+    def render(self, elements: Sequence[bytes]) -> httpx.Request:
+        (body,) = elements
+        return request("POST", self._url, {**self._headers, "Authorization": f"Bearer {self.token.get()}"}, body)
 
-    def deliver(
-        self, records: Sequence[UsageRecord], stop: threading.Event | None = None
-    ) -> Iterator[tuple[UsageRecord, Outcome]]:
-        encoded, failed = encode(self.render, records)
-        yield from failed
-        if not encoded:
-            return
-        try:
-            self.token.get()
-        except TokenUnavailable as exc:  # no token, no point in sending any of them
-            for record, _ in encoded:
-                yield record, exc.outcome
-            return
-        futures = {self._pool.submit(self._send, body): record for record, body in encoded}
-        try:
-            for future in as_completed(futures):
-                if stop is not None and stop.is_set():
-                    for waiting in futures:
-                        waiting.cancel()  # only those not started; running sends finish
-                if not future.cancelled():
-                    yield futures[future], future.result()
-        finally:
-            for waiting in futures:
-                waiting.cancel()
-
-    def _post(self, token: str, body: bytes) -> Answer:
-        request = self._client.build_request("POST", f"{self._cfg.url}/usage", content=body, headers={
-            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        return send(self._client, request, self._timeout)
-
-    def _send(self, body: bytes) -> Outcome:
-        try:
-            token = self.token.get()
-            answer = self._post(token, body)
-            if answer.status == 401:
-                held = self.token.after_401(token)
-                if held is not None:
-                    return held
-                token = self.token.get()
-                answer = self._post(token, body)
-                if answer.status == 401:
-                    return self.token.after_401(token) or classify(answer)
+    def classify(self, answer: Answer, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain]:
+        assert answer.request is not None
+        token = answer.request.headers["Authorization"].removeprefix("Bearer ")
+        outcome: Outcome | SendAgain
+        if answer.status == 401:
+            held = self.token.after_401(token)
+            outcome = SendAgain() if held is None else held
+        else:
             self.token.accepted(token)
-        except TokenUnavailable as exc:
-            return exc.outcome
-        except httpx.HTTPError as exc:
-            return transport_failure(exc, self._timeout)
-        return classify(answer, documented_success)
+            outcome = classify(answer, documented_success)
+        return [outcome] * len(records)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._client.close()
+        """Nothing to release: the client is the composition root's."""

@@ -1,0 +1,129 @@
+"""How records reach a sink, the same for every sink: in batches of its ``max_batch``, up to
+``max_in_flight`` requests at once over the agent's one client, a rejected batch halved
+until the records at fault stand alone (``split_rejected``), and a request whose
+credentials were renewed sent once more. Backoff and Retry-After are the forwarder's.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+
+import httpx
+import structlog
+
+from agent.convert import UsageRecord
+from agent.metrics import Metrics
+from agent.sinks.base import (
+    NotSendable,
+    Outcome,
+    Rejected,
+    SendAgain,
+    Sink,
+    classify,
+    encode,
+    json_array,
+    transport_failure,
+)
+from agent.sinks.transport import send
+
+log = structlog.get_logger("agent.delivery")
+
+Encoded = tuple[UsageRecord, bytes]
+
+
+def _chunks(items: Sequence[Encoded], size: int) -> list[Sequence[Encoded]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def bodies(sink: Sink, records: Sequence[UsageRecord]) -> list[bytes]:
+    """The exact bytes a first send of these records carries, one entry per request body
+    (Paigo: per record; file: per line, without the newline): what ``once --dry-run``
+    prints. Records that cannot be rendered are left out, and logged."""
+    encoded, failed = encode(sink.element, records)
+    for record, rejected in failed:
+        log.error("record left out: it would be dead-lettered", record_id=record.record_id,
+                  measurement=record.measurement, reason=rejected.body)
+    if not sink.array_body:
+        return [body for _, body in encoded]
+    return [json_array([body for _, body in chunk]) for chunk in _chunks(encoded, sink.max_batch)]
+
+
+class Delivery:
+    """Sends records through ``sink`` over ``client`` (None for a sink that writes locally)."""
+
+    def __init__(self, sink: Sink, client: httpx.Client | None, metrics: Metrics):
+        self.sink = sink
+        self._client = client
+        self._metrics = metrics
+
+    def deliver(self, records: Sequence[UsageRecord], stop: threading.Event | None = None
+                ) -> Iterator[tuple[UsageRecord, Outcome]]:
+        """Each record's outcome as it is known. Never raises for I/O failures or for a
+        record that cannot be rendered (it is rejected alone).
+
+        Once ``stop`` is set, sends not yet started are skipped (no outcome is yielded for
+        them; they stay leased and go out again after the lease ends or the next start);
+        sends in flight end within their own deadline.
+        """
+        stop = stop or threading.Event()
+        encoded, failed = encode(self.sink.element, records)
+        yield from failed
+        batches = _chunks(encoded, self.sink.max_batch)
+        workers = min(self.sink.max_in_flight, len(batches))
+        if workers <= 1:
+            for batch in batches:
+                yield from self._batch(batch, stop)
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix=f"{self.sink.name}-send") as pool:
+            futures: list[Future[list[tuple[UsageRecord, Outcome]]]] = [
+                pool.submit(lambda b: list(self._batch(b, stop)), batch) for batch in batches]
+            try:
+                for future in as_completed(futures):
+                    if stop.is_set():
+                        for waiting in futures:
+                            waiting.cancel()  # only those not started; running sends finish
+                    if not future.cancelled():
+                        yield from future.result()
+            finally:
+                for waiting in futures:
+                    waiting.cancel()
+
+    def _batch(self, batch: Sequence[Encoded], stop: threading.Event) -> Iterator[tuple[UsageRecord, Outcome]]:
+        """One batch as one request; when the backend rejects it (4xx) and does not say which
+        records it means, each half again, down to single records, so only those at fault are
+        dead-lettered: about 2·log2(n) more requests for one bad record in n."""
+        waiting = [batch] if batch else []
+        while waiting:
+            if stop.is_set():
+                return  # not sent: left leased, sent again later
+            part = waiting.pop()
+            outcomes = self._exchange(part)
+            if self.sink.split_rejected and len(part) > 1 and any(isinstance(o, Rejected) for o in outcomes):
+                middle = len(part) // 2
+                waiting += [part[middle:], part[:middle]]  # first half next: outcomes keep lease order
+                continue
+            yield from zip((record for record, _ in part), outcomes)
+
+    def _exchange(self, part: Sequence[Encoded]) -> list[Outcome]:
+        """Render, send, classify; once more at once when the sink renewed its credentials."""
+        records = [record for record, _ in part]
+        for _ in range(2):
+            try:
+                rendered = self.sink.render([body for _, body in part])
+            except NotSendable as exc:
+                return [exc.outcome] * len(records)
+            if isinstance(rendered, httpx.Request):
+                assert self._client is not None, f"the {self.sink.name} sink sends requests: it needs a client"
+                try:
+                    answer = send(self._client, rendered, self.sink.timeout, self._metrics)
+                except httpx.HTTPError as exc:
+                    return [transport_failure(exc, self.sink.timeout)] * len(records)
+            else:
+                answer = rendered.perform()  # a local write
+            outcomes = self.sink.classify(answer, records)
+            if not any(isinstance(o, SendAgain) for o in outcomes):
+                return outcomes  # type: ignore[return-value]
+        # renewed credentials refused as well, and not held back by the sink: the answer as it is
+        return [classify(answer) if isinstance(o, SendAgain) else o for o in outcomes]
