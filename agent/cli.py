@@ -177,10 +177,11 @@ def _wire(cfg: AgentConfig, with_spool: bool, shard: Shard | None) -> tuple[Any,
     from agent.shard import EVERYTHING
     from agent.sinks import build_sink
     from agent.spool import Spool
+    from agent.telemetry import METRICS
 
     spool = None
     if with_spool:
-        spool = Spool(cfg.spool.path, cfg.spool.max_records, clock=CLOCK)
+        spool = Spool(cfg.spool.path, cfg.spool.max_records, clock=CLOCK, metrics=METRICS)
         spool.claim()
     return Agent(cfg, SessionFactory(), spool, shard=shard or EVERYTHING), build_sink(cfg), spool
 
@@ -275,10 +276,10 @@ def cmd_spool(args: argparse.Namespace) -> int:
     if not Path(spool_cfg.path).is_file():  # a mistyped path must not create an empty spool that reports zeros
         raise ConfigError(args.config, [("spool.path", f"no spool at {spool_cfg.path}; spool commands never create one")])
     if args.spool_command == "salvage":
-        report = salvage(spool_cfg.path)
+        report = salvage(spool_cfg.path, clock=CLOCK)
         print(json.dumps(report.as_dict(), indent=2))
         return EXIT_OK
-    spool = Spool.open_existing(spool_cfg.path, spool_cfg.max_records)  # and refuses a file that is not a spool
+    spool = Spool.open_existing(spool_cfg.path, spool_cfg.max_records, clock=CLOCK)  # and refuses a file that is not a spool
     try:
         if args.spool_command == "stats":
             print(json.dumps(spool.stats(), indent=2))
