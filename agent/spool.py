@@ -67,11 +67,11 @@ class Spool:
 
     def facts(self) -> SpoolFacts:
         with self._lock:
-            return SpoolFacts(self.path, self.max_records, self.unsent(), self.oldest_unsent_age(), self._refusing,
-                              self._disk_low, self._write_error, len(self._held))
+            return SpoolFacts(self.path, self.max_records, self._refusing, self._write_error, self.unsent(),
+                              self.oldest_unsent_age(), self._disk_low, len(self._held))
 
     @property
-    def full(self) -> bool:  # facts().refusing_ticks, as the readiness checks read it
+    def full(self) -> bool:  # facts().full, as the readiness checks read it
         return self._refusing
 
     @property

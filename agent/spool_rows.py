@@ -77,11 +77,11 @@ class SpoolFacts:
 
     path: Path
     max_records: int
+    full: bool  # a tick was refused (cap or disk) and nothing since says there is room again
+    write_error: str | None  # the last write that changed something failed with this; None once one succeeds
     unsent: int  # pending + leased
     oldest_unsent_age: float | None  # seconds; None when nothing is unsent
-    refusing_ticks: bool  # the last tick was refused (cap or disk) and nothing since says there is room
     disk_low: bool  # the last tick was refused for disk space
-    write_error: str | None  # the last write that changed something failed with this; None once one succeeds
     held_outcomes: int  # delivery outcomes a failed write left in memory
 
 

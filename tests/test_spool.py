@@ -188,8 +188,8 @@ def test_facts_and_metrics_go_where_the_spool_is_told(tmp_path, clock):
     clock.advance(30)
     with pytest.raises(SpoolFullError):
         spool.commit_tick("ebs-storage", T2, [make_record("acme", T2)])
-    assert spool.facts() == SpoolFacts(path=tmp_path / "spool.db", max_records=2, unsent=2, oldest_unsent_age=30.0,
-                                       refusing_ticks=True, disk_low=False, write_error=None, held_outcomes=0)
+    assert spool.facts() == SpoolFacts(path=tmp_path / "spool.db", max_records=2, full=True, write_error=None, unsent=2,
+                                       oldest_unsent_age=30.0, disk_low=False, held_outcomes=0)
     assert metrics.value("usage_agent_spool_full") == 1
     spool._db.execute("PRAGMA query_only=ON")
     with pytest.raises(SpoolError):
@@ -199,7 +199,7 @@ def test_facts_and_metrics_go_where_the_spool_is_told(tmp_path, clock):
     assert "readonly" in (spool.facts().write_error or "")
     spool.settle(delivered=ids(spool.lease_batch(10, 60)))
     facts = spool.facts()
-    assert (facts.refusing_ticks, facts.write_error, facts.unsent, facts.oldest_unsent_age) == (False, None, 0, None)
+    assert (facts.full, facts.write_error, facts.unsent, facts.oldest_unsent_age) == (False, None, 0, None)
     assert metrics.value("usage_agent_spool_full") == 0
     spool.close()
 
