@@ -12,20 +12,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from decimal import ROUND_HALF_EVEN, Context, Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from agent.config import PER_SECONDS, Customer, Measurement
+from agent.records import WIDE, UsageRecord, record_id
+from agent.records import format_decimal, format_timestamp, parse_timestamp  # noqa: F401 - their old home; importers move to agent.records
 from agent.samplers import REGISTRY
 
 AGGREGATE = "aggregate"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_WIDE = Context(prec=100, rounding=ROUND_HALF_EVEN)
 
 
 def tick_floor(at: datetime, interval_seconds: int) -> datetime:
@@ -34,80 +33,6 @@ def tick_floor(at: datetime, interval_seconds: int) -> datetime:
         raise ValueError("tick_floor needs a timezone-aware datetime")
     elapsed = int((at - _EPOCH).total_seconds() // 1)
     return _EPOCH + timedelta(seconds=elapsed - elapsed % interval_seconds)
-
-
-_TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
-_TIMESTAMP_SHAPE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
-
-
-def format_timestamp(at: datetime) -> str:
-    """RFC 3339, UTC, ``Z`` suffix, whole seconds."""
-    return at.astimezone(timezone.utc).strftime(_TIMESTAMP)
-
-
-def parse_timestamp(text: str) -> datetime:
-    """The inverse of ``format_timestamp``. Every leased record passes here: the shape is checked
-    first, then fromisoformat parses it (strptime took a sixth of the spool's CPU)."""
-    if _TIMESTAMP_SHAPE.fullmatch(text) is None:
-        raise ValueError(f"time data {text!r} does not match format {_TIMESTAMP!r}")
-    return datetime.fromisoformat(text)
-
-
-def format_decimal(value: Decimal) -> str:
-    """Plain decimal string: ``1.75``, ``100``, ``0``; never ``1.75E+0`` or ``-0``."""
-    if value.is_zero():
-        return "0"
-    return format(value.normalize(_WIDE), "f")
-
-
-def record_id(measurement: str, dimension_id: str, customer_id: str, resource: str, tick: datetime) -> str:
-    key = "\x1f".join(("v1", measurement, dimension_id, customer_id, resource, format_timestamp(tick)))
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """One billable amount for one customer and one window, in the agent's own shape."""
-
-    record_id: str
-    measurement: str
-    event_type: str
-    dimension_id: str
-    customer_id: str
-    timestamp: datetime
-    value: Decimal
-    unit: str
-    resource: str
-    metadata: Mapping[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.record_id,
-            "measurement": self.measurement,
-            "event_type": self.event_type,
-            "dimension_id": self.dimension_id,
-            "customer_id": self.customer_id,
-            "timestamp": format_timestamp(self.timestamp),
-            "value": format_decimal(self.value),
-            "unit": self.unit,
-            "resource": self.resource,
-            "metadata": dict(self.metadata),
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> UsageRecord:
-        return cls(
-            record_id=data["id"],
-            measurement=data["measurement"],
-            event_type=data["event_type"],
-            dimension_id=data["dimension_id"],
-            customer_id=data["customer_id"],
-            timestamp=parse_timestamp(data["timestamp"]),
-            value=Decimal(data["value"]),
-            unit=data["unit"],
-            resource=data["resource"],
-            metadata=dict(data["metadata"]),
-        )
 
 
 @dataclass(frozen=True)
@@ -175,7 +100,7 @@ class Tally:
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = _Group(sample) if per_resource else _Group(sample, regions=set(), accounts=set())
-        group.total = _WIDE.add(group.total, value)  # exact, whichever thread's decimal context runs this
+        group.total = WIDE.add(group.total, value)  # exact, whichever thread's decimal context runs this
         group.count += 1
         if group.regions is not None and group.accounts is not None:
             group.regions.add(sample.region)
@@ -186,7 +111,7 @@ class Tally:
         for key, theirs in other.groups.items():
             group = self.groups.setdefault(key, theirs)
             if group is not theirs:
-                group.total = _WIDE.add(group.total, theirs.total)
+                group.total = WIDE.add(group.total, theirs.total)
                 group.count += theirs.count
                 if group.regions is not None and group.accounts is not None:
                     group.regions |= theirs.regions or set()
@@ -214,8 +139,8 @@ class Tally:
 
         records = []
         for (customer_id, resource), group in sorted(self.groups.items(), key=lambda item: item[0]):
-            value = _WIDE.divide(_WIDE.multiply(group.total, Decimal(numerator)), Decimal(denominator))
-            value = value.quantize(quantum, rounding=ROUND_HALF_EVEN, context=_WIDE)
+            value = WIDE.divide(WIDE.multiply(group.total, Decimal(numerator)), Decimal(denominator))
+            value = value.quantize(quantum, rounding=ROUND_HALF_EVEN, context=WIDE)
             if resource == AGGREGATE:
                 facts = {
                     "regions": ",".join(sorted(group.regions or ())),

@@ -21,10 +21,9 @@ import random
 import re
 import socket
 import threading
-import time
 from collections.abc import Callable
 from contextvars import ContextVar
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import botocore.session
@@ -34,10 +33,10 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from botocore.retries.standard import RetryEventAdapter, StandardRetryConditions
 
 from agent import __version__
+from agent.clock import Clock
 from agent.errors import AssumeRoleError, SamplingError
-from agent.telemetry import ASSUME_ROLE_FAILURES, AWS_API_CALLS, AWS_API_ERRORS, AWS_CLIENTS_BUILT, TOKEN_REFRESHES
+from agent.metrics import Metrics
 
-Clock = Callable[[], datetime]
 RoleKey = tuple[str | None, str | None]  # (role arn, external id); (None, None) = own identity
 
 ATTEMPTS = 8  # per AWS call, the first included
@@ -55,10 +54,6 @@ CLIENT_CONFIG = Config(
 _ACTING_AS: ContextVar[Any] = ContextVar("usage_agent_acting_as", default=None)
 
 
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def default_session_name() -> str:
     """``usage-agent-<host>``: what a customer sees in CloudTrail for our calls."""
     host = re.sub(r"[^\w+=,.@-]", "-", socket.gethostname())
@@ -72,18 +67,23 @@ def describe_aws_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def count_aws_calls(event_name: str, parsed_response: Any = None, response_dict: Any = None,
-                    exception: Exception | None = None, **_: Any) -> None:
+class CallCounter:
     """botocore ``response-received`` hook: every attempt (retries included), and the failed ones by code."""
-    _, service, operation = event_name.split(".", 2)
-    AWS_API_CALLS.labels(service, operation).inc()
-    if exception is not None:
-        code = type(exception).__name__
-    elif response_dict is not None and response_dict.get("status_code", 200) >= 300:
-        code = ((parsed_response or {}).get("Error") or {}).get("Code") or str(response_dict["status_code"])
-    else:
-        return
-    AWS_API_ERRORS.labels(service, operation, code).inc()
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+
+    def __call__(self, event_name: str, parsed_response: Any = None, response_dict: Any = None,
+                 exception: Exception | None = None, **_: Any) -> None:
+        _, service, operation = event_name.split(".", 2)
+        self._metrics.aws_api_calls.labels(service, operation).inc()
+        if exception is not None:
+            code = type(exception).__name__
+        elif response_dict is not None and response_dict.get("status_code", 200) >= 300:
+            code = ((parsed_response or {}).get("Error") or {}).get("Code") or str(response_dict["status_code"])
+        else:
+            return
+        self._metrics.aws_api_errors.labels(service, operation, code).inc()
 
 
 class Backoff:
@@ -93,7 +93,7 @@ class Backoff:
     adaptive mode a send rate, per client: on a shared client one account's throttling would
     hold back every other account in the region."""
 
-    def __init__(self, attempts: int = ATTEMPTS, sleep: Callable[[float], None] = time.sleep,
+    def __init__(self, sleep: Callable[[float], None], attempts: int = ATTEMPTS,
                  cap: float = 20.0, jitter: Callable[[], float] = random.random):
         self._conditions = StandardRetryConditions(max_attempts=attempts)
         self._sleep = sleep
@@ -164,10 +164,11 @@ class SessionFactory:
 
     def __init__(
         self,
-        clock: Clock = utc_now,
+        *,
+        metrics: Metrics,
+        clock: Clock,
         duration_seconds: int = 3600,
         session_name: str | None = None,
-        sleep: Callable[[float], None] = time.sleep,
         assume_role_in_flight: int = ASSUME_ROLE_IN_FLIGHT,
     ):
         self._base = botocore.session.get_session()  # the agent's own identity
@@ -175,10 +176,12 @@ class SessionFactory:
         # one parsed copy of each service model (~20 MB for EC2) for both sessions
         self._signing.register_component("data_loader", self._base.get_component("data_loader"))
         self._signing.register_component("credential_provider", CredentialResolver([_ActingAccountProvider()]))
-        self._clock = clock
+        self._metrics = metrics
+        self._clock = clock  # now(): when the assumed credentials are renewed; sleep(): retry backoff
         self._duration = duration_seconds
         self._session_name = session_name or default_session_name()
-        self._backoff = Backoff(sleep=sleep)
+        self._calls = CallCounter(metrics)
+        self._backoff = Backoff(sleep=clock.sleep)
         self._assuming = threading.BoundedSemaphore(assume_role_in_flight)
         self._lock = threading.Lock()
         self._credentials: dict[RoleKey, Any] = {}
@@ -194,7 +197,7 @@ class SessionFactory:
         return self._base.get_config_variable("region") or "us-east-1"
 
     def _prepared(self, client: Any) -> Any:
-        client.meta.events.register("response-received", count_aws_calls)
+        client.meta.events.register("response-received", self._calls)
         client.meta.events.register("needs-retry", self._backoff)
         return client
 
@@ -217,9 +220,9 @@ class SessionFactory:
             with self._assuming:
                 creds = self._sts().assume_role(**params)["Credentials"]
         except (ClientError, BotoCoreError) as exc:
-            ASSUME_ROLE_FAILURES.labels(role_arn).inc()
+            self._metrics.assume_role_failures.labels(role_arn).inc()
             raise AssumeRoleError(f"cannot assume {role_arn}: {describe_aws_error(exc)}") from exc
-        TOKEN_REFRESHES.labels("aws_role").inc()
+        self._metrics.token_refreshes.labels("aws_role").inc()
         expiry = creds["Expiration"]
         return {
             "access_key": creds["AccessKeyId"],
@@ -261,7 +264,7 @@ class SessionFactory:
                 expiry_time=datetime.fromisoformat(first["expiry_time"]),
                 refresh_using=refresh,
                 method="sts-assume-role",
-                time_fetcher=self._clock,
+                time_fetcher=self._clock.now,
             )
         with self._lock:
             return self._credentials.setdefault(key, credentials)
@@ -278,7 +281,7 @@ class SessionFactory:
                     shared = self._clients.get(key)
                 if shared is None:
                     shared = self._prepared(self._signing.create_client(service, region_name=region, config=CLIENT_CONFIG))
-                    AWS_CLIENTS_BUILT.labels(service).inc()
+                    self._metrics.aws_clients_built.labels(service).inc()
                     with self._lock:
                         self._clients[key] = shared
         return AccountClient(shared, credentials)

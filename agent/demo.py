@@ -14,10 +14,14 @@ import os
 import sys
 import tempfile
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.clock import Clock
+    from agent.metrics import Metrics
 
 ROLE_ARN = "arn:aws:iam::123456789012:role/usage-agent-demo"
 EXTERNAL_ID = "demo-external-id"
@@ -87,7 +91,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt.format(*headers), line, *(fmt.format(*row) for row in rows)])
 
 
-def run_demo(out: Any = None) -> int:
+def run_demo(*, metrics: Metrics, clock: Clock, out: Any = None) -> int:
     out = out or sys.stdout
     try:
         from moto.server import ThreadedMotoServer
@@ -97,12 +101,12 @@ def run_demo(out: Any = None) -> int:
         print(f"the demo needs the demo extra: pip install 'usage-agent[demo]' ({exc})", file=sys.stderr)
         return 1
     from agent.config import parse_config
-    from agent.convert import format_decimal
     from agent.credentials import SessionFactory
     from agent.forwarder import Forwarder
-    from agent.runtime import Agent
+    from agent.records import format_decimal
     from agent.sinks.paigo import PaigoSink
     from agent.spool import Spool
+    from agent.ticks import Agent
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -123,15 +127,15 @@ def run_demo(out: Any = None) -> int:
         volumes = _seed(endpoint)
         raw = demo_config(backend.url, backend.token_url, str(workdir / "spool.db"))
         cfg = parse_config(raw, "<demo>", dict(os.environ))
-        spool = Spool(cfg.spool.path, cfg.spool.max_records)
+        spool = Spool(cfg.spool.path, cfg.spool.max_records, clock=clock, metrics=metrics)
         spool.claim()
         sink = PaigoSink(cfg.backend)
-        agent = Agent(cfg, SessionFactory(), spool)
-        forwarder = Forwarder(spool, sink, base_backoff=0.05, max_backoff=0.2)
+        agent = Agent(cfg, SessionFactory(metrics=metrics, clock=clock), spool, metrics=metrics, clock=clock)
+        forwarder = Forwarder(spool, sink, clock=clock, base_backoff=0.05, max_backoff=0.2)
         # the backend starts with an outage: the records wait in the spool and are retried
         backend.script("/usage", Fault(status=503), Fault(status=429, retry_after="0"), Fault(drop=True))
 
-        start = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+        start = clock.now().replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
         ticks = [start + timedelta(minutes=15 * i) for i in range(4)]
         sampled: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
         sampled_records: dict[tuple[str, str], int] = defaultdict(int)
@@ -148,7 +152,7 @@ def run_demo(out: Any = None) -> int:
                 for record in result.records:
                     sampled[(result.measurement, record.customer_id)] += record.value
                     sampled_records[(result.measurement, record.customer_id)] += 1
-            pumped = forwarder.drain_until(deadline=datetime.now(timezone.utc).timestamp() + 10)
+            pumped = forwarder.drain_until(deadline=clock.time() + 10)
             print(f"  tick {tick:%Y-%m-%d %H:%M}Z: {pumped.delivered} delivered, {pumped.retried} retried", file=out)
 
         received: dict[tuple[str, str], Decimal] = defaultdict(Decimal)

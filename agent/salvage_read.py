@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.convert import UsageRecord, format_timestamp
+from agent.records import UsageRecord, format_timestamp
 from agent.spool_files import STATES
 from agent.spool_rows import parse_body
 

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from agent.clock import Clock, SystemClock
-from agent.convert import UsageRecord, format_timestamp
+from agent.records import UsageRecord, format_timestamp
 from agent.errors import SpoolDiskLowError, SpoolError, SpoolFullError
 from agent.metrics import Metrics
 from agent.spool_files import (MIN_FREE_BYTES, STATES, Reserve, acquire_lock, free_bytes, open_database,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.convert import UsageRecord, format_decimal
+from agent.records import UsageRecord, format_decimal
 
 
 def parse_body(record_id: str, body: bytes | str) -> UsageRecord:

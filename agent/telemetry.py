@@ -1,7 +1,7 @@
 """Logs, metrics and the health endpoints.
 
 Logging: structlog to stderr, JSON lines unless stderr is a terminal, secrets redacted.
-Metrics: one prometheus registry for the process. ``MetricsServer`` serves it on
+Metrics: ``MetricsServer`` serves the registry of the process's ``Metrics`` on
 ``server.listen`` as ``/metrics``, next to ``/healthz`` (alive) and ``/readyz`` (the checks
 the daemon passes in), from daemon threads.
 """
@@ -21,9 +21,8 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import structlog
-from prometheus_client import make_wsgi_app
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from agent import __version__
 from agent.errors import ServeError
 
 REDACTED = "[redacted]"
@@ -91,33 +90,19 @@ def configure_logging(level: str | None = None, json_output: bool | None = None)
 
 # -- metrics -------------------------------------------------------------------------------
 # The process's metrics are one ``Metrics`` object (agent/metrics.py), built by the composition
-# root and passed to each stage. METRICS and the names below are that object while the stages
-# are moved onto it; nothing new may use them.
+# root and passed to each stage. METRICS and the names below are that object for the stages
+# not yet given one (spool, forwarder, sinks); nothing new may use them.
 
 from agent.metrics import Metrics  # noqa: E402
 
 METRICS = Metrics()
 REGISTRY = METRICS.registry
-RECORDS_SPOOLED = METRICS.records_spooled
 RECORDS_DELIVERED = METRICS.records_delivered
 RECORDS_DEAD = METRICS.records_dead
-RESOURCES_SKIPPED = METRICS.resources_skipped
-TICKS_FAILED = METRICS.ticks_failed
-TARGETS_FAILED = METRICS.targets_failed
-TICKS_MISSED = METRICS.ticks_missed
 SPOOL_WRITE_ERRORS = METRICS.spool_write_errors
-OLDEST_UNSENT_AGE = METRICS.oldest_unsent_age
 SPOOL_FULL = METRICS.spool_full
 AUDIT_WRITE_ERRORS = METRICS.audit_write_errors
-SPOOL_DEPTH = METRICS.spool_depth
-SAMPLES = METRICS.samples
-TICK_DURATION = METRICS.tick_duration
-TICKS_SKIPPED = METRICS.ticks_skipped
-AWS_API_ERRORS = METRICS.aws_api_errors
-AWS_API_CALLS = METRICS.aws_api_calls
-AWS_CLIENTS_BUILT = METRICS.aws_clients_built
 BACKEND_RESPONSES = METRICS.backend_responses
-ASSUME_ROLE_FAILURES = METRICS.assume_role_failures
 TOKEN_REFRESHES = METRICS.token_refreshes
 
 
@@ -154,14 +139,15 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class MetricsServer:
-    """``/metrics`` (the registry), ``/healthz`` (the process serves) and ``/readyz`` (every check ok)."""
+    """``/metrics`` (the registry it is given), ``/healthz`` (the process serves) and ``/readyz``
+    (every check ok)."""
 
-    def __init__(self, listen: str, readiness: Callable[[], Iterable[Check]],
+    def __init__(self, listen: str, registry: CollectorRegistry, readiness: Callable[[], Iterable[Check]],
                  refresh: Callable[[], object] | None = None):
         self._listen = listen
         self._readiness = readiness
         self._refresh = refresh  # gauges read from the spool at scrape time
-        self._metrics = make_wsgi_app(REGISTRY)
+        self._metrics = make_wsgi_app(registry)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 

@@ -21,13 +21,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from bench.common import ROOT, Timing, helper_process
 from bench.ec2_server import account_id, expected_gib, external_id, role_arn
 from bench.sampling import _peak_rss_mb, aws_environment
+
+if TYPE_CHECKING:
+    from agent.metrics import Metrics
 
 AT = "2026-01-01T10:30:00Z"
 VOLUMES = 10  # per account and region
@@ -132,23 +135,22 @@ def _sums(path: Path) -> dict[str, int]:
     return sums
 
 
-def _aws_calls() -> dict[str, float]:
-    from agent.telemetry import REGISTRY
-
-    return {f"{s.labels['service']}:{s.labels['operation']}": s.value for metric in REGISTRY.collect()
+def _aws_calls(metrics: Metrics) -> dict[str, float]:
+    return {f"{s.labels['service']}:{s.labels['operation']}": s.value for metric in metrics.registry.collect()
             if metric.name == "usage_agent_aws_api_calls" for s in metric.samples if s.name.endswith("_total")}
 
 
 def child_once(config_path: Path) -> None:
     """``usage-agent once`` as the console script runs it, then this process's peak RSS."""
     from agent.cli import main
+    from agent.telemetry import METRICS  # the Metrics the CLI wires in
 
     code = main(["once", "-c", str(config_path), "--at", AT])
     if code != 0:
         raise SystemExit(f"usage-agent once exited {code}")
     document = yaml.safe_load(config_path.read_text())
     print(json.dumps({"peak_mb": round(_peak_rss_mb(), 1), "sums": _sums(Path(document["backend"]["path"])),
-                      "aws_calls": _aws_calls()}))
+                      "aws_calls": _aws_calls(METRICS)}))
 
 
 def child_floor(accounts: int) -> None:
@@ -185,13 +187,19 @@ def child_daemon(config_path: Path, ticks: int) -> None:
     """What ``usage-agent run`` does each tick, ``ticks`` times in a row: sample every target,
     spool, forward; the RSS after each tick. The clock moves an hour a tick (the region
     lists are listed again every tick); the credentials keep the real clock."""
+    from agent.clock import SystemClock
     from agent.config import load_config
     from agent.credentials import SessionFactory
     from agent.forwarder import Forwarder
-    from agent.runtime import Agent
+    from agent.metrics import Metrics
     from agent.sinks import build_sink
     from agent.spool import Spool
     from agent.telemetry import configure_logging
+    from agent.ticks import Agent
+
+    class Hourly(SystemClock):
+        def now(self) -> datetime:
+            return now[0]
 
     configure_logging(level="warning")
     cfg = load_config(str(config_path), dict(os.environ))
@@ -200,7 +208,8 @@ def child_daemon(config_path: Path, ticks: int) -> None:
     spool = Spool(cfg.spool.path, cfg.spool.max_records)
     spool.claim()
     sink = build_sink(cfg)
-    agent = Agent(cfg, SessionFactory(), spool, clock=lambda: now[0])
+    metrics = Metrics()
+    agent = Agent(cfg, SessionFactory(metrics=metrics, clock=SystemClock()), spool, metrics=metrics, clock=Hourly())
     forwarder = Forwarder(spool, sink)
     rss = []
     for tick in range(ticks):
@@ -211,7 +220,7 @@ def child_daemon(config_path: Path, ticks: int) -> None:
         forwarder.drain()
         rss.append(round(_rss_mb(), 1))
     agent.close()
-    print(json.dumps({"rss_mb": rss, "peak_mb": round(_peak_rss_mb(), 1), "aws_calls": _aws_calls()}))
+    print(json.dumps({"rss_mb": rss, "peak_mb": round(_peak_rss_mb(), 1), "aws_calls": _aws_calls(metrics)}))
 
 
 if __name__ == "__main__":

@@ -66,10 +66,12 @@ def measurement(region: str) -> dict[str, Any]:
 
 def build_agent(spool_path: Path, regions: tuple[str, ...]) -> Any:
     """The agent as the CLI wires it, with one measurement per region."""
+    from agent.clock import SystemClock
     from agent.config import parse_config
     from agent.credentials import SessionFactory
-    from agent.runtime import Agent
+    from agent.metrics import Metrics
     from agent.spool import Spool
+    from agent.ticks import Agent
 
     cfg = parse_config(
         {
@@ -80,7 +82,9 @@ def build_agent(spool_path: Path, regions: tuple[str, ...]) -> Any:
         "<bench>",
         {},
     )
-    return Agent(cfg, SessionFactory(), Spool(spool_path, max_records=10_000_000))
+    metrics, clock = Metrics(), SystemClock()
+    return Agent(cfg, SessionFactory(metrics=metrics, clock=clock), Spool(spool_path, max_records=10_000_000),
+                 metrics=metrics, clock=clock)
 
 
 def floor_count(ec2: Any) -> int:

@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
+from agent.clock import SystemClock
 from agent.credentials import SessionFactory
-from agent.runtime import Agent
-from agent.telemetry import REGISTRY
+from agent.metrics import Metrics
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import Aws, AwsProxy, aws_error, make_config, measurement, through
+from tests.test_runtime import FakeClock, new_agent
 
 AT = datetime(2026, 11, 21, 10, 7, tzinfo=timezone.utc)
 REGIONS = ["us-east-1", "eu-west-1", "ap-south-1"]
@@ -106,19 +107,20 @@ def _accounts_config(paigo: PaigoContractServer, tmp_path: Path, accounts: list[
     return cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"workers": workers})})
 
 
-def _metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+def _metric(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.value(name, labels)
 
 
 def test_every_call_is_signed_with_its_own_accounts_key_through_one_client_per_region(
         aws: Aws, keyed: KeyedProxy, paigo: PaigoContractServer, tmp_path: Path) -> None:
     accounts = ACCOUNTS[:3]
     cfg = _accounts_config(paigo, tmp_path, accounts)
-    built = _metric("usage_agent_aws_clients_built_total", service="ec2")
-    calls = _metric("usage_agent_aws_api_calls_total", service="ec2", operation="DescribeVolumes")
+    metrics = Metrics()
+    built = _metric(metrics, "usage_agent_aws_clients_built_total", service="ec2")
+    calls = _metric(metrics, "usage_agent_aws_api_calls_total", service="ec2", operation="DescribeVolumes")
     keyed.signed.clear()
 
-    agent = Agent(cfg, SessionFactory())
+    agent = new_agent(cfg, metrics=metrics)
     result = agent.collect(cfg.measurements[0], AT)
     agent.close()
 
@@ -128,8 +130,8 @@ def test_every_call_is_signed_with_its_own_accounts_key_through_one_client_per_r
     # each account's three regions were listed with that account's key, and with no other
     listed = sorted((account, region) for action, region, account, _ in keyed.signed if action == "DescribeVolumes")
     assert listed == sorted((a, region) for a in accounts for region in REGIONS)
-    assert _metric("usage_agent_aws_clients_built_total", service="ec2") - built == len(REGIONS)  # not 3 x 3
-    assert _metric("usage_agent_aws_api_calls_total", service="ec2", operation="DescribeVolumes") - calls == 9
+    assert _metric(metrics, "usage_agent_aws_clients_built_total", service="ec2") - built == len(REGIONS)  # not 3 x 3
+    assert _metric(metrics, "usage_agent_aws_api_calls_total", service="ec2", operation="DescribeVolumes") - calls == 9
 
 
 def test_assume_role_is_limited_per_caller_once_per_account_and_regions_listed_once(
@@ -137,10 +139,11 @@ def test_assume_role_is_limited_per_caller_once_per_account_and_regions_listed_o
     accounts = [f"{100000000000 + i:012d}" for i in range(9)]
     keyed.rules.append(lambda action, region: time.sleep(0.05) if action == "AssumeRole" else None)  # STS's pace
     cfg = _accounts_config(paigo, tmp_path, accounts, regions="all")
-    refreshes = _metric("usage_agent_token_refreshes_total", kind="aws_role")
-    assumed = _metric("usage_agent_aws_api_calls_total", service="sts", operation="AssumeRole")
+    metrics, clock = Metrics(), SystemClock()
+    refreshes = _metric(metrics, "usage_agent_token_refreshes_total", kind="aws_role")
+    assumed = _metric(metrics, "usage_agent_aws_api_calls_total", service="sts", operation="AssumeRole")
 
-    agent = Agent(cfg, SessionFactory(assume_role_in_flight=3))
+    agent = new_agent(cfg, metrics=metrics, sessions=SessionFactory(metrics=metrics, clock=clock, assume_role_in_flight=3))
     first = agent.collect(cfg.measurements[0], AT)
     second = agent.collect(cfg.measurements[0], AT + timedelta(minutes=15))
     agent.close()
@@ -149,15 +152,15 @@ def test_assume_role_is_limited_per_caller_once_per_account_and_regions_listed_o
     actions = [action for action, *_ in keyed.signed]
     assert actions.count("AssumeRole") == 9 and actions.count("DescribeRegions") == 9  # for both ticks
     assert keyed.max_in_flight["AssumeRole", "us-east-1"] == 3  # concurrent, within the caller's limit
-    assert _metric("usage_agent_token_refreshes_total", kind="aws_role") - refreshes == 9
-    assert _metric("usage_agent_aws_api_calls_total", service="sts", operation="AssumeRole") - assumed == 9
+    assert _metric(metrics, "usage_agent_token_refreshes_total", kind="aws_role") - refreshes == 9
+    assert _metric(metrics, "usage_agent_aws_api_calls_total", service="sts", operation="AssumeRole") - assumed == 9
 
 
 def test_targets_are_served_one_account_after_another(aws: Aws, keyed: KeyedProxy, paigo: PaigoContractServer,
                                                       tmp_path: Path) -> None:
     accounts = ACCOUNTS[:3]
     cfg = _accounts_config(paigo, tmp_path, accounts, workers=1)
-    agent = Agent(cfg, SessionFactory())
+    agent = new_agent(cfg)
     assert agent.collect(cfg.measurements[0], AT).ok
     agent.close()
     order = [account for action, _, account, _ in keyed.signed if action == "DescribeVolumes"]
@@ -175,13 +178,15 @@ def test_a_throttled_account_backs_off_while_the_others_go_on(aws: Aws, keyed: K
     waited: list[bool] = []
     delays: list[float] = []
 
-    def sleep(seconds: float) -> None:  # the slow account's backoff lasts until the others are done
-        delays.append(seconds)
-        waited.append(others_done.wait(timeout=20))
+    class Backoff(SystemClock):
+        def sleep(self, seconds: float) -> None:  # the slow account's backoff lasts until the others are done
+            delays.append(seconds)
+            waited.append(others_done.wait(timeout=20))
 
     keyed.after_answer = lambda answered: others_done.set() if all(answered.get(a) == 1 for a in others) else None
     cfg = _accounts_config(paigo, tmp_path, ACCOUNTS[:4], workers=4, regions=["us-east-1"])
-    agent = Agent(cfg, SessionFactory(sleep=sleep))
+    metrics = Metrics()
+    agent = new_agent(cfg, metrics=metrics, sessions=SessionFactory(metrics=metrics, clock=Backoff()))
     result = agent.collect(cfg.measurements[0], AT)
     agent.close()
 
@@ -190,21 +195,21 @@ def test_a_throttled_account_backs_off_while_the_others_go_on(aws: Aws, keyed: K
         f"cust-{a}": Decimal(_size(a, "us-east-1")) for a in ACCOUNTS[:4]}
     assert len(delays) == 3 and waited == [True, True, True]  # the others finished during the backoff
     assert all(0 <= d <= 2.0 ** i for i, d in enumerate(delays))  # capped exponential, jittered
-    errors = _metric("usage_agent_aws_api_errors_total", service="ec2", operation="DescribeVolumes",
+    errors = _metric(metrics, "usage_agent_aws_api_errors_total", service="ec2", operation="DescribeVolumes",
                      code="RequestLimitExceeded")
     assert errors >= 3
 
 
 def test_renewed_credentials_sign_the_next_calls_of_their_own_account(aws: Aws, keyed: KeyedProxy) -> None:
-    now = [datetime.now(timezone.utc)]
-    factory = SessionFactory(clock=lambda: now[0])
+    clock = FakeClock(datetime.now(timezone.utc))
+    factory = SessionFactory(metrics=Metrics(), clock=clock)
     roles = [f"arn:aws:iam::{a}:role/usage-scraper" for a in ACCOUNTS[:2]]
     for _ in range(2):
         clients = [factory.client("ec2", "us-east-1", role, "ext") for role in roles]
         assert clients[0].meta is clients[1].meta  # one client signs for both
         for client in clients:
             client.describe_volumes()
-        now[0] += timedelta(minutes=55)  # inside botocore's mandatory refresh window of both
+        clock.advance(timedelta(minutes=55).total_seconds())  # inside botocore's mandatory refresh window of both
 
     listed = [(account, key) for action, _, account, key in keyed.signed if action == "DescribeVolumes"]
     assert [action for action, *_ in keyed.signed].count("AssumeRole") == 4  # each role assumed, then renewed

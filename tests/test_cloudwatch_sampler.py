@@ -12,13 +12,12 @@ import pytest
 from botocore.stub import ANY, Stubber
 
 from agent.config import Measurement
-from agent.credentials import SessionFactory
 from agent.errors import ConfigError
-from agent.runtime import Agent
 from agent.samplers.base import Sample, Skipped, Target
 from agent.samplers.cloudwatch import MAX_QUERIES, sample_metric
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, Aws, config_dict, make_config, measurement, only
+from tests.test_runtime import new_agent
 
 UTC = timezone.utc
 T = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
@@ -59,7 +58,7 @@ def test_egress_bytes_per_customer_for_the_window(aws: Aws, paigo: PaigoContract
     put(aws, globex, (T - 20 * minute, 4096.0))
     put(aws, globex, (T - 20 * minute, 5.0), extra={"Interface": "eth1"})  # another series shape: not this query
     cfg = make_config(paigo, tmp_path, egress())
-    agent = Agent(cfg, SessionFactory())
+    agent = new_agent(cfg)
     result = agent.collect(cfg.measurements[0], T + timedelta(minutes=7))
     agent.close()
 

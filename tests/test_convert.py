@@ -10,17 +10,8 @@ from decimal import Decimal
 import pytest
 
 from agent.config import Measurement
-from agent.convert import (
-    AGGREGATE,
-    Tally,
-    UsageRecord,
-    convert,
-    format_decimal,
-    format_timestamp,
-    parse_timestamp,
-    record_id,
-    tick_floor,
-)
+from agent.convert import AGGREGATE, Tally, convert, tick_floor
+from agent.records import UsageRecord, format_decimal, format_timestamp, parse_timestamp, record_id
 from agent.samplers.base import Sample
 
 UTC = timezone.utc
@@ -419,3 +410,14 @@ def test_timestamps_parse_only_in_the_shape_they_are_written():
                  "2023-02-29T10:15:00Z", "2024-03-01T24:00:00Z", ""):
         with pytest.raises(ValueError):
             parse_timestamp(text)
+
+
+def test_records_load_without_the_configuration():
+    """The spool, sinks and forwarder handle records; they must not pull in config (or anything else)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, agent.records; "
+             "print(sorted(m for m in sys.modules if m.startswith('agent.')))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "['agent.records']"

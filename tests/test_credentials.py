@@ -11,18 +11,19 @@ import boto3
 import httpx
 import pytest
 
+from agent.clock import SystemClock
 from agent.credentials import SessionFactory
 from agent.errors import AssumeRoleError
-from agent.runtime import Agent
+from agent.metrics import Metrics
 from agent.spool import Spool
-from agent.telemetry import REGISTRY
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, EXTERNAL_ID, ROLE_ARN, Aws, make_config, measurement
+from tests.test_runtime import FakeClock, new_agent
 
 
 def test_assume_role_passes_external_id_and_a_meaningful_session_name(aws: Aws) -> None:
     aws.volume("us-east-1", 8)
-    factory = SessionFactory()
+    factory = SessionFactory(metrics=Metrics(), clock=SystemClock())
 
     ec2 = factory.client("ec2", "us-east-1", ROLE_ARN, EXTERNAL_ID)
     assert len(ec2.describe_volumes()["Volumes"]) == 1
@@ -36,7 +37,7 @@ def test_assume_role_passes_external_id_and_a_meaningful_session_name(aws: Aws) 
 
 
 def test_one_assumed_role_per_role_and_external_id_and_one_client_per_region(aws: Aws) -> None:
-    factory = SessionFactory()
+    factory = SessionFactory(metrics=Metrics(), clock=SystemClock())
     for region in ("us-east-1", "eu-west-1", "ap-south-1"):
         factory.client("ec2", region, ROLE_ARN, EXTERNAL_ID).describe_volumes()
     assert len(aws.assumed_roles()) == 1
@@ -50,17 +51,17 @@ def test_one_assumed_role_per_role_and_external_id_and_one_client_per_region(aws
 
 
 def test_credentials_are_refreshed_when_they_near_expiry(aws: Aws) -> None:
-    now = [datetime.now(timezone.utc)]
-    factory = SessionFactory(clock=lambda: now[0], duration_seconds=3600)
+    clock = FakeClock(datetime.now(timezone.utc))
+    factory = SessionFactory(metrics=Metrics(), clock=clock, duration_seconds=3600)
     credentials = factory.credentials(ROLE_ARN, EXTERNAL_ID)
     first = credentials.get_frozen_credentials()
     expiry = aws.assumed_roles()[0].expiration.replace(tzinfo=timezone.utc)
 
-    now[0] = expiry - timedelta(minutes=20)  # still comfortably valid: no refresh
+    clock.at = expiry - timedelta(minutes=20)  # still comfortably valid: no refresh
     assert credentials.get_frozen_credentials().access_key == first.access_key
     assert len(aws.assumed_roles()) == 1
 
-    now[0] = expiry - timedelta(minutes=5)  # inside botocore's mandatory refresh window
+    clock.at = expiry - timedelta(minutes=5)  # inside botocore's mandatory refresh window
     second = credentials.get_frozen_credentials()
     assert second.access_key != first.access_key
     assert len(aws.assumed_roles()) == 2
@@ -106,7 +107,7 @@ def iam_enforced(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Iterator[Aws]:
 
 def test_wrong_external_id_is_denied_and_raises(iam_enforced: Aws) -> None:
     with pytest.raises(AssumeRoleError, match="AccessDenied"):
-        SessionFactory().credentials(ROLE_ARN, "not-the-external-id")
+        SessionFactory(metrics=Metrics(), clock=SystemClock()).credentials(ROLE_ARN, "not-the-external-id")
 
 
 def test_a_role_that_cannot_be_assumed_fails_only_its_measurement(
@@ -119,9 +120,9 @@ def test_a_role_that_cannot_be_assumed_fails_only_its_measurement(
         measurement(name="denied", external_id="wrong-external-id"),
     )
     spool = Spool(cfg.spool.path)
-    agent = Agent(cfg, SessionFactory(), spool)
+    agent = new_agent(cfg, spool)
     failures = {"measurement": "denied", "reason": "assume_role"}
-    before = REGISTRY.get_sample_value("usage_agent_ticks_failed_total", failures) or 0
+    before = agent.metrics.value("usage_agent_ticks_failed_total", failures)
 
     good, denied = agent.sample_all(datetime(2026, 11, 21, 10, 7, tzinfo=timezone.utc))
 
@@ -131,5 +132,5 @@ def test_a_role_that_cannot_be_assumed_fails_only_its_measurement(
     assert spool.counts()["pending"] == 1
     assert spool.last_tick("good") == "2026-11-21T10:00:00Z"
     assert spool.last_tick("denied") is None
-    assert REGISTRY.get_sample_value("usage_agent_ticks_failed_total", failures) == before + 1
+    assert agent.metrics.value("usage_agent_ticks_failed_total", failures) == before + 1
     spool.close()

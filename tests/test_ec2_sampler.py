@@ -13,13 +13,12 @@ import pytest
 from botocore.stub import Stubber
 
 from agent.config import Measurement
-from agent.credentials import SessionFactory
-from agent.runtime import Agent
 from agent.samplers import instance_types
 from agent.samplers.base import Sample, Skipped, Target
 from agent.samplers.ec2 import SPEC, sample_instances
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, TICK, Aws, make_config, measurement, only
+from tests.test_runtime import new_agent
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +71,7 @@ def test_runtime_in_instance_minutes_and_vcpu_hours(aws: Aws, paigo: PaigoContra
         ec2_measurement(name="ec2-vcpu-hours", metric="vcpus", mode="time_weighted", per="hour", interval="15m"),
         ec2_measurement(name="ec2-memory", metric="memory_gib", group_by="resource"),
     )
-    agent = Agent(cfg, SessionFactory())
+    agent = new_agent(cfg)
     at = datetime(2026, 11, 21, 10, 7, tzinfo=timezone.utc)
     minutes, vcpu_hours, memory = (agent.collect(m, at) for m in cfg.measurements)
     agent.close()

@@ -18,13 +18,11 @@ import pytest
 from botocore.stub import Stubber
 
 from agent.config import Measurement
-from agent.credentials import SessionFactory
-from agent.runtime import Agent
 from agent.samplers.base import Sample, Skipped, Target
 from agent.samplers.ebs import sample_volumes
 from agent.sinks.paigo import PaigoSink
 from agent.spool import Spool
-from agent.telemetry import REGISTRY
+from agent.metrics import Metrics
 from agent.testing.paigo_server import Fault, PaigoContractServer
 from tests.conftest import (
     ACCOUNT,
@@ -39,6 +37,7 @@ from tests.conftest import (
     only,
 )
 from tests.test_delivery import FakeClock, Pipeline, make_records
+from tests.test_runtime import new_agent
 
 REPORT: list[tuple[str, int, int, int, int, int]] = []
 
@@ -173,12 +172,13 @@ def test_an_unusable_customer_tag_is_skipped_and_counted(aws: Aws, paigo: PaigoC
     bad = aws.volume("us-east-1", 20, tags={"customer-id": " acme "})
     cfg = make_config(paigo, tmp_path, measurement(name="poison-tags"))
     spool = Spool(cfg.spool.path)
-    before = REGISTRY.get_sample_value("usage_agent_resources_skipped_total",
-                                       {"measurement": "poison-tags", "reason": "invalid_customer"}) or 0
-    (result,) = Agent(cfg, SessionFactory(), spool).sample_all(datetime(2026, 11, 21, 10, tzinfo=timezone.utc))
+    metrics = Metrics()
+    before = metrics.value("usage_agent_resources_skipped_total",
+                           {"measurement": "poison-tags", "reason": "invalid_customer"})
+    (result,) = new_agent(cfg, spool, metrics=metrics).sample_all(datetime(2026, 11, 21, 10, tzinfo=timezone.utc))
     assert result.ok and [(r.customer_id, r.value) for r in result.records] == [("acme", 10)]
-    after = REGISTRY.get_sample_value("usage_agent_resources_skipped_total",
-                                      {"measurement": "poison-tags", "reason": "invalid_customer"})
+    after = metrics.value("usage_agent_resources_skipped_total",
+                          {"measurement": "poison-tags", "reason": "invalid_customer"})
     assert after == before + 1 and bad
     spool.close()
 
@@ -190,14 +190,14 @@ def test_a_full_disk_fails_the_tick_keeps_the_state_and_recovers(aws: Aws, paigo
     aws.volume("us-east-1", 5, tags={"customer-id": "acme"})
     cfg = make_config(paigo, tmp_path)
     spool = Spool(cfg.spool.path)
-    agent = Agent(cfg, SessionFactory(), spool)
+    agent = new_agent(cfg, spool)
     t0 = datetime(2026, 11, 21, 10, tzinfo=timezone.utc)
     assert agent.sample_all(t0)[0].ok
 
     pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
     spool._db.execute(f"PRAGMA max_page_count={pages}")  # as if the disk had no room left
     fat = measurement(metadata={f"k{i}": "x" * 200 for i in range(40)})  # records that need new pages
-    agent_full = Agent(make_config(paigo, tmp_path, fat), SessionFactory(), spool)
+    agent_full = new_agent(make_config(paigo, tmp_path, fat), spool)
     failed = agent_full.sample_all(t0 + timedelta(minutes=15))[0]
     assert not failed.ok and "full" in (failed.error or "")
     assert spool.last_tick("ebs-storage") == "2026-11-21T10:00:00Z"  # state did not advance
@@ -227,10 +227,11 @@ def test_throttling_is_retried_and_the_tick_completes(aws: Aws, aws_proxy: AwsPr
     cfg = make_config(paigo, tmp_path)
     spool = Spool(cfg.spool.path)
     throttled = {"service": "ec2", "operation": "DescribeVolumes", "code": "RequestLimitExceeded"}
-    before = REGISTRY.get_sample_value("usage_agent_aws_api_errors_total", throttled) or 0
-    (result,) = Agent(cfg, SessionFactory(), spool).sample_all(datetime(2026, 11, 21, 10, tzinfo=timezone.utc))
+    metrics = Metrics()
+    before = metrics.value("usage_agent_aws_api_errors_total", throttled)
+    (result,) = new_agent(cfg, spool, metrics=metrics).sample_all(datetime(2026, 11, 21, 10, tzinfo=timezone.utc))
     assert aws_proxy.calls.count(("DescribeVolumes", "us-east-1")) == 4  # 3 throttled, then answered
     assert result.ok and [r.value for r in result.records] == [33]
     # each throttled attempt is counted, though botocore retried it and the tick succeeded
-    assert REGISTRY.get_sample_value("usage_agent_aws_api_errors_total", throttled) == before + 3
+    assert metrics.value("usage_agent_aws_api_errors_total", throttled) == before + 3
     spool.close()

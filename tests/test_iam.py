@@ -17,13 +17,14 @@ import pytest
 import yaml
 
 from agent.config import parse_config
+from agent.clock import SystemClock
 from agent.credentials import SessionFactory
 from agent.iam import plan, principal_of, render_terraform
-from agent.runtime import Agent
+from agent.metrics import Metrics
 from agent.spool import Spool
-from agent.telemetry import REGISTRY as METRICS
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, EXTERNAL_ID, ROLE_ARN, Aws, agent_command, make_config, measurement, write_config
+from tests.test_runtime import new_agent
 
 AT = datetime(2026, 11, 21, 10, 7, tzinfo=timezone.utc)
 ROOT = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}  # moto's unrestricted identity
@@ -85,9 +86,9 @@ def enforced(aws: Aws, paigo: PaigoContractServer, tmp_path: Path, monkeypatch: 
         state.enforce(False)
 
 
-def sample(paigo: PaigoContractServer, tmp_path: Path, calls: set[str] | None = None):
+def sample(paigo: PaigoContractServer, tmp_path: Path, metrics: Metrics, calls: set[str] | None = None):
     cfg = make_config(paigo, tmp_path)
-    sessions = SessionFactory()
+    sessions = SessionFactory(metrics=metrics, clock=SystemClock())
     if calls is not None:  # the sampler's own client, which the agent then reuses from the cache
         m = cfg.measurements[0]
         client = sessions.client("ec2", "us-east-1", m.iam_role_arn, m.external_id)  # ebs samples through ec2
@@ -95,7 +96,7 @@ def sample(paigo: PaigoContractServer, tmp_path: Path, calls: set[str] | None = 
             "before-call", lambda model, **_: calls.add(f"{model.service_model.signing_name}:{model.name}"))
     spool = Spool(tmp_path / "spool.db")
     try:
-        (result,) = Agent(cfg, sessions, spool).sample_all(AT)
+        (result,) = new_agent(cfg, spool, metrics=metrics, sessions=sessions).sample_all(AT)
     finally:
         spool.close()
     return result
@@ -114,7 +115,7 @@ def test_the_generated_policies_are_exactly_what_sampling_needs(
     (granted,) = role["permission_policy"]["Statement"]
 
     calls: set[str] = set()
-    result = sample(paigo, tmp_path, calls)
+    result = sample(paigo, tmp_path, Metrics(), calls)
     assert result.ok, result.error
     assert [r.value for r in result.records] == [64]
     assert sorted(calls) == granted["Action"] == ["ec2:DescribeVolumes"]  # what the sampler called, nothing else
@@ -126,10 +127,11 @@ def test_the_generated_policies_are_exactly_what_sampling_needs(
         enforced.iam().put_role_policy(RoleName="usage-scraper", PolicyName="usage-agent-read",
                                        PolicyDocument=json.dumps(fewer))
         enforced.enforce(True)
-        before = METRICS.get_sample_value("usage_agent_aws_api_errors_total", denied) or 0
-        failed = sample(paigo, tmp_path)
+        metrics = Metrics()
+        before = metrics.value("usage_agent_aws_api_errors_total", denied)
+        failed = sample(paigo, tmp_path, metrics)
         assert not failed.ok and f"not authorized to perform: {action}" in (failed.error or "")
-        assert METRICS.get_sample_value("usage_agent_aws_api_errors_total", denied) == before + 1
+        assert metrics.value("usage_agent_aws_api_errors_total", denied) == before + 1
 
 
 def test_the_agent_may_assume_only_the_configured_roles(
@@ -141,14 +143,15 @@ def test_the_agent_may_assume_only_the_configured_roles(
     enforced.enforce(True)
     other = f"arn:aws:iam::{ACCOUNT}:role/someone-else"
     labels = {"role_arn": other}
-    before = METRICS.get_sample_value("usage_agent_assume_role_failures_total", labels) or 0
+    metrics = Metrics()
+    before = metrics.value("usage_agent_assume_role_failures_total", labels)
     cfg = make_config(paigo, tmp_path, measurement(iam_role_arn=other))
-    result = Agent(cfg, SessionFactory()).collect(cfg.measurements[0], AT)
+    result = new_agent(cfg, metrics=metrics).collect(cfg.measurements[0], AT)
     assert not result.ok and "not authorized to perform: sts:AssumeRole" in (result.error or "")
-    assert METRICS.get_sample_value("usage_agent_assume_role_failures_total", labels) == before + 1
+    assert metrics.value("usage_agent_assume_role_failures_total", labels) == before + 1
 
     wrong_external_id = make_config(paigo, tmp_path, measurement(external_id="not-the-one"))
-    refused = Agent(wrong_external_id, SessionFactory()).collect(wrong_external_id.measurements[0], AT)
+    refused = new_agent(wrong_external_id).collect(wrong_external_id.measurements[0], AT)
     assert not refused.ok and "AccessDenied" in (refused.error or "")
 
 

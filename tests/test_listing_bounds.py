@@ -15,13 +15,13 @@ import pytest
 from botocore.stub import Stubber
 
 from agent.config import Measurement
-from agent.credentials import CLIENT_CONFIG, Backoff, SessionFactory
-from agent.runtime import Agent
+from agent.credentials import CLIENT_CONFIG, Backoff
 from agent.errors import EXCERPT as MAX_DETAIL
 from agent.samplers.base import CallError, Target
 from agent.samplers.ebs import PAGE_SIZE, sample_volumes
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, TICK, Aws, AwsProxy, aws_error, make_config, measurement, offline_client, only
+from tests.test_runtime import Monotonic, new_agent
 
 AT = datetime(2026, 11, 21, 10, 0, 30, tzinfo=timezone.utc)
 
@@ -131,7 +131,7 @@ def _in_eu(answer: Any) -> Any:
 
 def _tick(paigo: PaigoContractServer, tmp_path: Path, clock: Any = None, **fields: Any) -> Any:
     cfg = make_config(paigo, tmp_path, measurement(regions=["us-east-1", "eu-west-1"], group_by="resource", **fields))
-    agent = Agent(cfg, SessionFactory(), monotonic=clock or Ticking(0.0))
+    agent = new_agent(cfg, clock=Monotonic(clock or Ticking(0.0)))
     try:
         return agent.collect(cfg.measurements[0], AT)
     finally:

@@ -18,9 +18,7 @@ from structlog.testing import capture_logs
 
 from agent.config import SOURCE_PATTERN, OpenMeterBackend, parse_config
 from agent.convert import record_id
-from agent.credentials import SessionFactory
 from agent.forwarder import Forwarder
-from agent.runtime import Agent
 from agent.sinks import build_sink
 from agent.sinks.openmeter import OpenMeterSink
 from agent.spool import Spool
@@ -29,6 +27,7 @@ from agent.testing.openmeter_server import OpenMeterContractServer, event_valida
 from agent.testing.server import Fault
 from tests.conftest import ACCOUNT, DIMENSION, Aws, agent_command, backend_config, measurement, write_yaml
 from tests.test_delivery import TICK, FakeClock, Pipeline, make_records
+from tests.test_runtime import new_agent
 
 TOKEN = "om-6f1c2b7e"
 AT = datetime(2026, 11, 21, 10, 7, 30, tzinfo=timezone.utc)  # inside the 15-minute tick 10:00
@@ -78,7 +77,7 @@ def sample_and_forward(server: OpenMeterContractServer, tmp_path: Path, spool_na
                                       spool={"path": str(tmp_path / spool_name)}), "<test>", {})
     spool = Spool(cfg.spool.path, clock=FakeClock())
     spool.claim()
-    agent = Agent(cfg, SessionFactory(), spool)
+    agent = new_agent(cfg, spool)
     sink = build_sink(cfg)
     try:
         results = agent.sample_all(AT)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from agent.errors import SamplingError
-from agent.runtime import MAX_REGIONS, enabled_regions
+from agent.collect import MAX_REGIONS, enabled_regions
 
 
 def test_the_enabled_regions_of_an_answer() -> None:

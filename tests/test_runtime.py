@@ -4,22 +4,67 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from apscheduler.schedulers.base import STATE_STOPPED
 
+from agent.clock import SystemClock
 from agent.credentials import SessionFactory
+from agent.daemon import Daemon
 from agent.forwarder import Forwarder
-from agent.runtime import Agent, Daemon
+from agent.metrics import Metrics
 from agent.sinks.paigo import PaigoSink
 from agent.spool import Spool
 from agent.testing.paigo_server import PaigoContractServer
+from agent.ticks import Agent
 from tests.conftest import Aws, make_config, measurement
 
 UTC = timezone.utc
+
+
+class FakeClock:
+    """An ``agent.clock.Clock`` that moves only when told to (``sleep`` moves it, without waiting)."""
+
+    def __init__(self, at: datetime = datetime(2026, 11, 21, 10, 0, 30, tzinfo=UTC)):
+        self.at = at
+
+    def now(self) -> datetime:
+        return self.at
+
+    def time(self) -> float:
+        return self.at.timestamp()
+
+    def monotonic(self) -> float:
+        return self.at.timestamp()
+
+    def sleep(self, seconds: float) -> None:
+        self.advance(max(0.0, seconds))
+
+    def advance(self, seconds: float) -> None:
+        self.at += timedelta(seconds=seconds)
+
+
+class Monotonic(SystemClock):
+    """The system clock, with ``monotonic()`` read from ``reading`` (a test's own stepping counter)."""
+
+    def __init__(self, reading: Callable[[], float]):
+        super().__init__()
+        self._reading = reading
+
+    def monotonic(self) -> float:
+        return self._reading()
+
+
+def new_agent(cfg, spool: Spool | None = None, *, metrics: Metrics | None = None, clock=None,
+              sessions: SessionFactory | None = None, **options) -> Agent:
+    """An agent (and its sessions) counting into a ``Metrics()`` of its own unless given one, on the
+    system clock unless given another."""
+    metrics, clock = metrics or Metrics(), clock or SystemClock()
+    sessions = sessions or SessionFactory(metrics=metrics, clock=clock)
+    return Agent(cfg, sessions, spool, metrics=metrics, clock=clock, **options)
 
 
 @pytest.fixture
@@ -28,14 +73,18 @@ def daemon_parts(aws: Aws, paigo: PaigoContractServer, tmp_path: Path) -> Iterat
     spool = Spool(cfg.spool.path)
     spool.claim()
     sink = PaigoSink(cfg.backend)
-    yield Agent(cfg, SessionFactory(), spool), Forwarder(spool, sink), sink
+    yield new_agent(cfg, spool), Forwarder(spool, sink), sink
     sink.close()
     spool.close()
 
 
+def daemon_of(agent: Agent, forwarder: Forwarder, sink: PaigoSink, clock=None, **options) -> Daemon:
+    return Daemon(agent, forwarder, sink, metrics=agent.metrics, clock=clock or agent.clock, **options)
+
+
 def test_one_aligned_job_per_measurement_plus_the_forwarder(daemon_parts) -> None:
     agent, forwarder, sink = daemon_parts
-    daemon = Daemon(agent, forwarder, sink)
+    daemon = daemon_of(agent, forwarder, sink)
     jobs = {job.id: job for job in daemon.scheduler.get_jobs()}
     assert set(jobs) == {"sample:five", "sample:hourly", "forwarder", "watch-backlog", "prune"}
 
@@ -51,7 +100,7 @@ def test_a_job_woken_a_little_early_samples_the_tick_it_was_scheduled_for(aws: A
     aws.volume("us-east-1", 9, tags={"customer-id": "acme"})
     agent, forwarder, sink = daemon_parts
     early = datetime(2026, 11, 21, 9, 59, 59, 990000, tzinfo=UTC)
-    daemon = Daemon(agent, forwarder, sink, clock=lambda: early)
+    daemon = daemon_of(agent, forwarder, sink, clock=FakeClock(early))
     daemon._sample_job(agent.cfg.measurements[0])
     assert agent.spool.last_tick("five") == "2026-11-21T10:00:00Z"
 
@@ -60,9 +109,27 @@ def test_a_stop_requested_before_start_is_honoured(daemon_parts) -> None:
     agent, forwarder, sink = daemon_parts
     requested = threading.Event()
     requested.set()
-    daemon = Daemon(agent, forwarder, sink, stop_requested=requested)
+    daemon = daemon_of(agent, forwarder, sink, stop_requested=requested)
     started = time.monotonic()
     daemon.run()
     assert time.monotonic() - started < 5
     assert daemon.scheduler.state == STATE_STOPPED
     assert forwarder.stopping.is_set()
+
+
+def test_each_agent_counts_into_the_metrics_it_is_given(aws: Aws, paigo: PaigoContractServer, tmp_path: Path) -> None:
+    aws.volume("us-east-1", 9, tags={"customer-id": "acme"})
+    cfg = make_config(paigo, tmp_path, measurement(name="five", interval="5m"))
+    counted, idle = Metrics(), Metrics()
+    busy, quiet = new_agent(cfg, metrics=counted), new_agent(cfg, metrics=idle)
+    try:
+        assert busy.collect(cfg.measurements[0], datetime(2026, 11, 21, 10, 7, tzinfo=UTC)).ok
+    finally:
+        busy.close()
+        quiet.close()
+    calls = {"service": "ec2", "operation": "DescribeVolumes"}
+    assert counted.value("usage_agent_samples_total", {"measurement": "five"}) == 1
+    assert counted.value("usage_agent_aws_api_calls_total", calls) == 1
+    assert counted.value("usage_agent_token_refreshes_total", {"kind": "aws_role"}) == 1
+    assert idle.value("usage_agent_samples_total", {"measurement": "five"}) == 0
+    assert idle.value("usage_agent_aws_api_calls_total", calls) == 0

@@ -15,12 +15,14 @@ from hypothesis import strategies as st
 
 from agent.config import AgentConfig, parse_config
 from agent.convert import format_decimal
+from agent.clock import SystemClock
 from agent.credentials import SessionFactory
-from agent.runtime import Agent
+from agent.metrics import Metrics
 from agent.shard import Shard
 from agent.spool import Spool
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import Aws, agent_command, measurement, write_config
+from tests.test_runtime import new_agent
 
 REGIONS = ["us-east-1", "eu-west-1", "ap-northeast-1"]
 AT = datetime(2026, 11, 21, 10, 7, tzinfo=timezone.utc)
@@ -104,7 +106,7 @@ def seed_regions(aws: Aws) -> None:
 def spooled(cfg: AgentConfig, sessions: SessionFactory, tmp_path: Path, shard: Shard,
             name: str) -> dict[str, tuple[str, str, str]]:
     spool = Spool(tmp_path / f"{name}.db")
-    results = Agent(cfg, sessions, spool, shard=shard).sample_all(AT)
+    results = new_agent(cfg, spool, sessions=sessions, shard=shard).sample_all(AT)
     spool.close()
     assert all(r.ok for r in results)
     return {r.record_id: (r.customer_id, r.resource, format_decimal(r.value)) for result in results for r in result.records}
@@ -114,7 +116,7 @@ def spooled(cfg: AgentConfig, sessions: SessionFactory, tmp_path: Path, shard: S
 def test_shards_together_sample_exactly_what_one_agent_samples(aws: Aws, tmp_path: Path, group_by: str) -> None:
     seed_regions(aws)
     cfg = config(measurement(regions=REGIONS, group_by=group_by))
-    sessions = SessionFactory()  # one set of clients for the four agents: the test is about the split
+    sessions = SessionFactory(metrics=Metrics(), clock=SystemClock())  # one set of clients for the four agents: the test is about the split
     whole = spooled(cfg, sessions, tmp_path, Shard(0, 1), "whole")
     parts = [spooled(cfg, sessions, tmp_path, Shard(i, 3), f"part{i}") for i in range(3)]
 
@@ -153,7 +155,7 @@ def test_same_named_resources_in_each_region_are_split_and_never_merged(aws: Aws
             DBInstanceIdentifier="prod-db", DBInstanceClass="db.m5.large", Engine="postgres", AllocatedStorage=20 + i,
             MasterUsername="admin", MasterUserPassword="password123", Tags=[{"Key": "customer-id", "Value": "acme"}])
     cfg = config(measurement(resource_type="rds", metric="allocated_storage_gib", regions=REGIONS, group_by="resource"))
-    sessions = SessionFactory()
+    sessions = SessionFactory(metrics=Metrics(), clock=SystemClock())
     whole = spooled(cfg, sessions, tmp_path, Shard(0, 1), "whole")
     parts = [spooled(cfg, sessions, tmp_path, Shard(i, 3), f"part{i}") for i in range(3)]
 

@@ -17,17 +17,15 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.config import FileBackend
-from agent.credentials import SessionFactory
 from agent.errors import SpoolDiskLowError, SpoolError
 from agent.forwarder import MAX_PAUSE, Forwarder
 from agent.metrics import Metrics
-from agent.runtime import Agent
 from agent.sinks.file import FileSink
 from agent.spool import Dead, Reserve, Spool, open_failure
-from agent.telemetry import REGISTRY
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import Aws, make_config
 from tests.test_delivery import TICK, FakeClock, make_records
+from tests.test_runtime import new_agent
 
 MiB = 2**20
 UNLIMITED = 1073741823
@@ -93,19 +91,19 @@ def test_a_tick_is_refused_below_the_free_space_floor_and_outcomes_are_still_wri
     metrics = Metrics()
     spool = Spool(cfg.spool.path, min_free_bytes=64 * MiB, free_space=lambda: free[0], metrics=metrics)
     spool.claim()
-    agent = Agent(cfg, SessionFactory(), spool)
+    agent = new_agent(cfg, spool)
     t0 = datetime(2026, 11, 21, 10, tzinfo=timezone.utc)
     assert agent.sample_all(t0)[0].ok
     leased = [item.record.record_id for item in spool.lease_batch(10, 900)]
     labels = {"measurement": "ebs-storage", "reason": "disk_low"}
-    before = REGISTRY.get_sample_value("usage_agent_ticks_failed_total", labels) or 0
+    before = agent.metrics.value("usage_agent_ticks_failed_total", labels)
 
     free[0] = 40 * MiB  # something else on the volume took the space
     with capture_logs() as logs:
         refused = agent.sample_all(t0 + timedelta(minutes=15))[0]
     assert not refused.ok and f"{40 * MiB} bytes free on its disk, below the {64 * MiB}" in (refused.error or "")
     assert any(e["event"] == "tick not spooled; the sampler state stays where it was" for e in logs)
-    assert REGISTRY.get_sample_value("usage_agent_ticks_failed_total", labels) == before + 1
+    assert agent.metrics.value("usage_agent_ticks_failed_total", labels) == before + 1
     assert metrics.value("usage_agent_spool_full") == 1 and spool.full and spool.facts().disk_low
     assert spool.last_tick("ebs-storage") == "2026-11-21T10:00:00Z"
 

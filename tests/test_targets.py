@@ -16,12 +16,11 @@ import httpx
 import pytest
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 
-from agent.credentials import SessionFactory
-from agent.runtime import Agent, Daemon
+from agent.daemon import Daemon
 from agent.spool import Spool
-from agent.telemetry import REGISTRY
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, Aws, AwsProxy, aws_error, make_config, measurement
+from tests.test_runtime import new_agent
 
 AT = datetime(2026, 11, 21, 10, 7, tzinfo=timezone.utc)
 OTHER = "222222222222"
@@ -82,7 +81,7 @@ def accounts_measurement(acme_external_id: str, **overrides: Any) -> dict[str, A
 
 def test_each_account_is_its_own_customer(two_accounts: None, paigo: PaigoContractServer, tmp_path: Path) -> None:
     cfg = make_config(paigo, tmp_path, accounts_measurement("ext-acme"))
-    agent = Agent(cfg, SessionFactory())
+    agent = new_agent(cfg)
     result = agent.collect(cfg.measurements[0], AT)
     agent.close()
     assert result.ok
@@ -95,9 +94,9 @@ def test_each_account_is_its_own_customer(two_accounts: None, paigo: PaigoContra
 def test_a_denied_account_fails_alone(two_accounts: None, paigo: PaigoContractServer, tmp_path: Path) -> None:
     cfg = make_config(paigo, tmp_path, accounts_measurement("not-acme's-id"))
     spool = Spool(cfg.spool.path)
-    agent = Agent(cfg, SessionFactory(), spool)
+    agent = new_agent(cfg, spool)
     labels = {"measurement": "ebs-storage", "account": ACCOUNT, "region": "*", "reason": "assume_role"}
-    before = REGISTRY.get_sample_value("usage_agent_targets_failed_total", labels) or 0
+    before = agent.metrics.value("usage_agent_targets_failed_total", labels)
 
     (result,) = agent.sample_all(AT)
     agent.close()
@@ -107,7 +106,7 @@ def test_a_denied_account_fails_alone(two_accounts: None, paigo: PaigoContractSe
     assert all("AccessDenied" in f.error for f in result.failed_targets)
     assert [(r.customer_id, r.value) for r in result.records] == [("globex", Decimal(120))]  # no zero for acme
     assert spool.counts()["pending"] == 1 and spool.last_tick("ebs-storage") == "2026-11-21T10:00:00Z"
-    assert REGISTRY.get_sample_value("usage_agent_targets_failed_total", labels) == before + 1
+    assert agent.metrics.value("usage_agent_targets_failed_total", labels) == before + 1
     spool.close()
 
 
@@ -134,7 +133,7 @@ def test_regions_all_is_every_enabled_region(aws: Aws, aws_proxy: AwsProxy, paig
     aws.volume("us-east-1", 10, tags={"customer-id": "acme"})
     aws.volume("ap-southeast-2", 5, tags={"customer-id": "acme"})
     cfg = make_config(paigo, tmp_path, measurement(regions="all"))
-    agent = Agent(cfg, SessionFactory())
+    agent = new_agent(cfg)
     (record,) = agent.collect(cfg.measurements[0], AT).records
     agent.collect(cfg.measurements[0], AT)  # the region list is cached
     agent.close()
@@ -164,7 +163,7 @@ def test_a_failed_region_never_yields_a_partial_total(aws: Aws, aws_proxy: AwsPr
     aws_proxy.rules.append(_deny_in("eu-west-1"))
     cfg = make_config(paigo, tmp_path, measurement(regions=["us-east-1", "eu-west-1"], group_by=group_by,
                                                    customer=customer))
-    agent = Agent(cfg, SessionFactory())
+    agent = new_agent(cfg)
     result = agent.collect(cfg.measurements[0], AT)
     agent.close()
     assert [(f.region, f.reason) for f in result.failed_targets] == [("eu-west-1", "aws")]
@@ -183,7 +182,7 @@ def test_static_customers_in_healthy_accounts_are_kept(aws: Aws, aws_proxy: AwsP
     ])
     del raw["iam_role_arn"], raw["external_id"], raw["customer"]
     cfg = make_config(paigo, tmp_path, raw)
-    agent = Agent(cfg, SessionFactory())
+    agent = new_agent(cfg)
     result = agent.collect(cfg.measurements[0], AT)
     agent.close()
     # both accounts lost eu-west-1: both totals would be partial
@@ -199,8 +198,7 @@ def test_targets_run_concurrently_within_the_per_region_limit(aws: Aws, aws_prox
     aws_proxy.delay = 0.2
     names = [f"m{i}" for i in range(4)]  # four measurements over the same account and regions
     cfg = make_config(paigo, tmp_path, *(measurement(name=n, regions=regions, dimension_id=n) for n in names))
-    agent = Agent(cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"workers": 12})}),
-                  SessionFactory())
+    agent = new_agent(cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"workers": 12})}))
     threads = [threading.Thread(target=agent.collect, args=(m, AT)) for m in cfg.measurements]
     for thread in threads:
         thread.start()
@@ -218,13 +216,13 @@ def test_an_overrunning_tick_is_skipped_and_counted(aws: Aws, paigo: PaigoContra
 
     cfg = make_config(paigo, tmp_path, measurement(name="slow", interval="1m"))
     spool = Spool(cfg.spool.path)
-    agent = Agent(cfg, SessionFactory(), spool)
+    agent = new_agent(cfg, spool)
     sink = PaigoSink(cfg.backend)
-    daemon = Daemon(agent, Forwarder(spool, sink), sink)
-    before = REGISTRY.get_sample_value("usage_agent_ticks_skipped_total", {"measurement": "slow", "reason": "overran"}) or 0
+    daemon = Daemon(agent, Forwarder(spool, sink), sink, metrics=agent.metrics, clock=agent.clock)
+    before = agent.metrics.value("usage_agent_ticks_skipped_total", {"measurement": "slow", "reason": "overran"})
     # what APScheduler dispatches when max_instances=1 refuses a run
     daemon.scheduler._dispatch_event(JobSubmissionEvent(EVENT_JOB_MAX_INSTANCES, "sample:slow", None, [AT]))
-    assert REGISTRY.get_sample_value("usage_agent_ticks_skipped_total", {"measurement": "slow", "reason": "overran"}) == before + 1
+    assert agent.metrics.value("usage_agent_ticks_skipped_total", {"measurement": "slow", "reason": "overran"}) == before + 1
     assert daemon.scheduler.get_job("sample:slow").max_instances == 1
     agent.close()
     sink.close()
@@ -238,7 +236,7 @@ def test_a_garbled_aws_answer_fails_its_target_only(aws: Aws, aws_proxy: AwsProx
     aws_proxy.rules.append(lambda action, region: (200, b"<DescribeVolumesResponse><volumeSet><item>")
                            if action == "DescribeVolumes" and region == "eu-west-1" else None)
     cfg = make_config(paigo, tmp_path, measurement(regions=["us-east-1", "eu-west-1"], group_by="resource"))
-    agent = Agent(cfg, SessionFactory())
+    agent = new_agent(cfg)
     result = agent.collect(cfg.measurements[0], AT)
     agent.close()
     assert [(f.region, f.reason) for f in result.failed_targets] == [("eu-west-1", "aws")]

@@ -22,14 +22,17 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import __version__
+from agent.clock import SystemClock
 from agent.credentials import SessionFactory
+from agent.daemon import Daemon
 from agent.forwarder import Forwarder
-from agent.runtime import Agent, Daemon
+from agent.metrics import Metrics
 from agent.sinks.paigo import PaigoSink
 from agent.spool import Spool
-from agent.telemetry import REDACTED, REGISTRY, configure_logging, redact_secrets, redact_text
+from agent.telemetry import REDACTED, configure_logging, redact_secrets, redact_text
 from agent.testing.paigo_server import Fault, PaigoContractServer
 from tests.conftest import ACCOUNT, EXTERNAL_ID, ROLE_ARN, Aws, agent_command, make_config, measurement, write_config
+from tests.test_runtime import FakeClock, new_agent
 
 
 def test_secret_keys_and_bearer_tokens_are_redacted() -> None:
@@ -68,7 +71,7 @@ def test_debug_logs_of_aws_calls_keep_the_session_credentials_out(aws: Aws, monk
     monkeypatch.setattr(sys, "stderr", stream)
     configure_logging("debug", json_output=True)
     try:
-        sessions = SessionFactory()
+        sessions = SessionFactory(metrics=Metrics(), clock=SystemClock())
         sessions.client("ec2", "us-east-1", ROLE_ARN, EXTERNAL_ID).describe_volumes()
         frozen = sessions.credentials(ROLE_ARN, EXTERNAL_ID).get_frozen_credentials()
     finally:
@@ -180,16 +183,16 @@ def test_a_running_agent_serves_metrics_health_and_readiness(
 @pytest.fixture
 def in_process(aws: Aws, paigo: PaigoContractServer, tmp_path: Path):
     """A daemon with an injected clock, its endpoints served on 127.0.0.1; the scheduler is not started."""
-    now = [datetime(2026, 11, 21, 10, 0, 30, tzinfo=timezone.utc)]
+    clock = FakeClock(datetime(2026, 11, 21, 10, 0, 30, tzinfo=timezone.utc))
     bulky = {f"k{i}": "x" * 200 for i in range(40)}  # records that need new pages in the spool
     cfg = make_config(paigo, tmp_path, measurement(name="five", interval="5m", metadata=bulky))
     spool = Spool(cfg.spool.path, max_records=2)
     spool.claim()
     sink = PaigoSink(cfg.backend)
-    agent = Agent(cfg, SessionFactory(), spool)
-    daemon = Daemon(agent, Forwarder(spool, sink), sink, clock=lambda: now[0])
+    agent = new_agent(cfg, spool, clock=clock)
+    daemon = Daemon(agent, Forwarder(spool, sink), sink, metrics=agent.metrics, clock=clock)
     host, port = daemon.server.start()
-    yield daemon, now, f"http://{host}:{port}"
+    yield daemon, clock, f"http://{host}:{port}"
     daemon.server.stop()
     sink.close()
     spool.close()
@@ -201,34 +204,34 @@ def readyz(base: str) -> tuple[int, dict]:
 
 
 def test_not_ready_when_a_measurement_has_not_ticked_for_two_intervals(aws: Aws, in_process) -> None:
-    daemon, now, base = in_process
+    daemon, clock, base = in_process
     aws.volume("us-east-1", 4, tags={"customer-id": "acme"})
     m = daemon.agent.cfg.measurements[0]
     assert readyz(base)[0] == 200  # just started: the first tick is not due yet
 
-    now[0] += timedelta(minutes=10)  # exactly two intervals without a tick: still ready
+    clock.at += timedelta(minutes=10)  # exactly two intervals without a tick: still ready
     assert readyz(base)[0] == 200
-    now[0] += timedelta(seconds=1)
+    clock.at += timedelta(seconds=1)
     status, body = readyz(base)
     assert status == 503 and body["status"] == "not ready" and body["failed"] == ["tick:five"]
     (tick,) = [c for c in body["checks"] if c["name"] == "tick:five"]
     assert tick["detail"] == "no tick since the start at 2026-11-21T10:00:30Z, 601s ago; the limit is two intervals (600s)"
 
-    assert daemon.agent.sample_tick(m, now[0]).ok  # tick 10:10
+    assert daemon.agent.sample_tick(m, clock.at).ok  # tick 10:10
     assert readyz(base)[0] == 200
-    now[0] += timedelta(minutes=9)  # 10:19:31: the 10:10 tick is 571 s old
+    clock.at += timedelta(minutes=9)  # 10:19:31: the 10:10 tick is 571 s old
     assert readyz(base)[0] == 200
-    now[0] += timedelta(minutes=1)
+    clock.at += timedelta(minutes=1)
     assert readyz(base)[1]["failed"] == ["tick:five"]
 
 
 def test_not_ready_while_the_spool_is_full_until_it_drains(aws: Aws, in_process) -> None:
-    daemon, now, base = in_process
+    daemon, clock, base = in_process
     for customer in ("acme", "globex"):
         aws.volume("us-east-1", 4, tags={"customer-id": customer})
     m = daemon.agent.cfg.measurements[0]
-    assert daemon.agent.sample_tick(m, now[0]).ok  # two records: the spool's cap
-    refused = daemon.agent.sample_tick(m, now[0] + timedelta(minutes=5))
+    assert daemon.agent.sample_tick(m, clock.at).ok  # two records: the spool's cap
+    refused = daemon.agent.sample_tick(m, clock.at + timedelta(minutes=5))
     assert not refused.ok and "max_records" in (refused.error or "")
     status, body = readyz(base)
     assert status == 503 and body["failed"] == ["spool_not_full"]
@@ -241,39 +244,46 @@ def test_not_ready_while_the_spool_is_full_until_it_drains(aws: Aws, in_process)
 
 
 def test_not_ready_while_the_spool_cannot_be_written(aws: Aws, in_process) -> None:
-    daemon, now, base = in_process
+    daemon, clock, base = in_process
     aws.volume("us-east-1", 4, tags={"customer-id": "acme"})
     spool = daemon.agent.spool
     m = daemon.agent.cfg.measurements[0]
     pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
     spool._db.execute(f"PRAGMA max_page_count={pages}")  # as if the disk had no room left
-    assert not daemon.agent.sample_tick(m, now[0]).ok
+    assert not daemon.agent.sample_tick(m, clock.at).ok
     status, body = readyz(base)
     assert status == 503 and body["failed"] == ["spool_writable"]
     (check,) = [c for c in body["checks"] if c["name"] == "spool_writable"]
     assert "full" in check["detail"]
 
     spool._db.execute("PRAGMA max_page_count=1073741823")  # room again
-    assert daemon.agent.sample_tick(m, now[0]).ok
+    assert daemon.agent.sample_tick(m, clock.at).ok
     assert readyz(base)[0] == 200
 
 
 def test_a_tick_that_overruns_skips_the_next_one_and_counts_it(aws: Aws, paigo: PaigoContractServer,
                                                                tmp_path: Path) -> None:
-    cfg = make_config(paigo, tmp_path, measurement(name="every-second", interval="1s"))
+    """The real scheduler, with its runs made due by hand rather than by waiting for them."""
+    aws.volume("us-east-1", 4, tags={"customer-id": "acme"})
+    cfg = make_config(paigo, tmp_path, measurement(name="hourly", interval="1h"))
     spool = Spool(cfg.spool.path)
     spool.claim()
     sink = PaigoSink(cfg.backend)
-    daemon = Daemon(Agent(cfg, SessionFactory(), spool), Forwarder(spool, sink), sink)
-    labels = {"measurement": "every-second", "reason": "overran"}
-    before = REGISTRY.get_sample_value("usage_agent_ticks_skipped_total", labels) or 0
+    agent = new_agent(cfg, spool)
+    daemon = Daemon(agent, Forwarder(spool, sink), sink, metrics=agent.metrics, clock=agent.clock)
+    labels = {"measurement": "hourly", "reason": "overran"}
+    before = agent.metrics.value("usage_agent_ticks_skipped_total", labels)
     blocker = sqlite3.connect(cfg.spool.path, isolation_level=None, check_same_thread=False)
     blocker.execute("BEGIN IMMEDIATE")  # the tick's commit waits on this writer: the tick overruns
+    due_now = {"next_run_time": datetime.now(timezone.utc)}
+    daemon.scheduler.modify_job("sample:hourly", **due_now)  # the first tick runs as the scheduler starts
     seen: list[bool] = []
 
     def watch() -> None:
         try:
-            wait_for(lambda: (REGISTRY.get_sample_value("usage_agent_ticks_skipped_total", labels) or 0) > before)
+            wait_for(lambda: agent.metrics.value("usage_agent_samples_total", {"measurement": "hourly"}) == 1)
+            daemon.scheduler.modify_job("sample:hourly", **due_now)  # the next one is due while it still runs
+            wait_for(lambda: agent.metrics.value("usage_agent_ticks_skipped_total", labels) > before)
             seen.append(True)
         finally:
             blocker.execute("ROLLBACK")
@@ -284,11 +294,14 @@ def test_a_tick_that_overruns_skips_the_next_one_and_counts_it(aws: Aws, paigo: 
     watcher.start()
     try:
         daemon.run()  # signal handlers need the main thread; the watcher stops it
-    finally:
         watcher.join(timeout=60)
+        assert seen == [True]
+        assert agent.metrics.value("usage_agent_ticks_skipped_total", labels) == before + 1
+        assert spool.last_tick("hourly") is not None  # the overrunning tick itself was committed once unblocked
+    finally:
+        agent.close()
         sink.close()
         spool.close()
-    assert seen == [True]
 
 
 def test_the_listen_address_in_use_is_a_clear_startup_error(aws: Aws, paigo: PaigoContractServer,
