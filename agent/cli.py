@@ -85,7 +85,7 @@ def _wire(cfg: AgentConfig, process: Process, with_spool: bool, shard: Shard | N
     metrics, clock = process.metrics, process.clock
     spool = None
     if with_spool:
-        spool = Spool(cfg.spool.path, cfg.spool.max_records, clock=clock)
+        spool = Spool(cfg.spool.path, cfg.spool.max_records, clock=clock, metrics=metrics)
         spool.claim()
     sessions = SessionFactory(metrics=metrics, clock=clock)
     agent = Agent(cfg, sessions, spool, metrics=metrics, clock=clock, shard=shard or EVERYTHING)
@@ -179,7 +179,7 @@ def cmd_run(args: argparse.Namespace, process: Process) -> int:
     return EXIT_OK
 
 
-def cmd_spool(args: argparse.Namespace, _process: Process) -> int:
+def cmd_spool(args: argparse.Namespace, process: Process) -> int:
     from agent.config import load_spool_config
     from agent.salvage import salvage
     from agent.spool import Spool
@@ -188,10 +188,10 @@ def cmd_spool(args: argparse.Namespace, _process: Process) -> int:
     if not Path(spool_cfg.path).is_file():  # a mistyped path must not create an empty spool that reports zeros
         raise ConfigError(args.config, [("spool.path", f"no spool at {spool_cfg.path}; spool commands never create one")])
     if args.spool_command == "salvage":
-        report = salvage(spool_cfg.path)
+        report = salvage(spool_cfg.path, clock=process.clock)
         print(json.dumps(report.as_dict(), indent=2))
         return EXIT_OK
-    spool = Spool.open_existing(spool_cfg.path, spool_cfg.max_records)  # and refuses a file that is not a spool
+    spool = Spool.open_existing(spool_cfg.path, spool_cfg.max_records, clock=process.clock)  # and refuses a file that is not a spool
     try:
         if args.spool_command == "stats":
             print(json.dumps(spool.stats(), indent=2))
@@ -272,17 +272,18 @@ def _complain(text: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, process: Process | None = None) -> int:
+    """The console script; ``process`` lets a caller (a benchmark) read the metrics it counted."""
     args = build_parser().parse_args(argv)
     if args.command == "run":
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: STOP_REQUESTED.set())
-    from agent.telemetry import METRICS, configure_logging
+    from agent.metrics import Metrics
+    from agent.telemetry import configure_logging
 
     # the demo prints a report; its logs only say what went wrong unless asked for more
     configure_logging(os.environ.get("LOG_LEVEL", "warning") if args.command == "demo" else None)
-    # the one Metrics is the one the spool, forwarder and sinks still count into until they are given it
-    process = Process(metrics=METRICS, clock=SystemClock())
+    process = process or Process(metrics=Metrics(), clock=SystemClock())
     try:
         code = COMMANDS[args.command](args, process)
         sys.stdout.flush()  # here, so a closed pipe is seen inside this try and not at exit

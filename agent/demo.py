@@ -127,7 +127,7 @@ def run_demo(*, metrics: Metrics, clock: Clock, out: Any = None) -> int:
         volumes = _seed(endpoint)
         raw = demo_config(backend.url, backend.token_url, str(workdir / "spool.db"))
         cfg = parse_config(raw, "<demo>", dict(os.environ))
-        spool = Spool(cfg.spool.path, cfg.spool.max_records, clock=clock)
+        spool = Spool(cfg.spool.path, cfg.spool.max_records, clock=clock, metrics=metrics)
         spool.claim()
         sink = build_backend(cfg.backend, metrics, clock)
         agent = Agent(cfg, SessionFactory(metrics=metrics, clock=clock), spool, metrics=metrics, clock=clock)

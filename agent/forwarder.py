@@ -111,9 +111,9 @@ class Forwarder:
             self._settle([], result)
         leased = self._spool.lease_batch(self._batch_size, self._lease_seconds)
         # rows dead-lettered as damaged count as taken and dead: a batch of only those does not end a drain
-        self._metrics.records_dead.inc(self._spool.lease_dead)
-        result.dead += self._spool.lease_dead
-        result.leased = len(leased) + self._spool.lease_dead
+        self._metrics.records_dead.inc(len(leased.damaged))
+        result.dead += len(leased.damaged)
+        result.leased = len(leased) + len(leased.damaged)
         if not leased:
             return result
         self._attempts.update({item.record.record_id: item.attempts for item in leased})

@@ -88,24 +88,6 @@ def configure_logging(level: str | None = None, json_output: bool | None = None)
     root.setLevel(max(numeric, logging.WARNING) if numeric > logging.DEBUG else logging.DEBUG)
 
 
-# -- metrics -------------------------------------------------------------------------------
-# The process's metrics are one ``Metrics`` object (agent/metrics.py), built by the composition
-# root and passed to each stage. METRICS and the names below are that object for the stages
-# not yet given one (spool, forwarder, sinks); nothing new may use them.
-
-from agent.metrics import Metrics  # noqa: E402
-
-METRICS = Metrics()
-REGISTRY = METRICS.registry
-RECORDS_DELIVERED = METRICS.records_delivered
-RECORDS_DEAD = METRICS.records_dead
-SPOOL_WRITE_ERRORS = METRICS.spool_write_errors
-SPOOL_FULL = METRICS.spool_full
-AUDIT_WRITE_ERRORS = METRICS.audit_write_errors
-BACKEND_RESPONSES = METRICS.backend_responses
-TOKEN_REFRESHES = METRICS.token_refreshes
-
-
 # -- /metrics, /healthz, /readyz -----------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -142,15 +142,17 @@ def _aws_calls(metrics: Metrics) -> dict[str, float]:
 
 def child_once(config_path: Path) -> None:
     """``usage-agent once`` as the console script runs it, then this process's peak RSS."""
-    from agent.cli import main
-    from agent.telemetry import METRICS  # the Metrics the CLI wires in
+    from agent.cli import Process, main
+    from agent.clock import SystemClock
+    from agent.metrics import Metrics
 
-    code = main(["once", "-c", str(config_path), "--at", AT])
+    metrics = Metrics()
+    code = main(["once", "-c", str(config_path), "--at", AT], Process(metrics, SystemClock()))
     if code != 0:
         raise SystemExit(f"usage-agent once exited {code}")
     document = yaml.safe_load(config_path.read_text())
     print(json.dumps({"peak_mb": round(_peak_rss_mb(), 1), "sums": _sums(Path(document["backend"]["path"])),
-                      "aws_calls": _aws_calls(METRICS)}))
+                      "aws_calls": _aws_calls(metrics)}))
 
 
 def child_floor(accounts: int) -> None:

@@ -15,6 +15,7 @@ from agent.convert import UsageRecord
 from bench.common import Timing, interleave, timed
 from bench.records import BASE_TICK, ticks
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # the spool's encoder: the floor is not slowed by json.dumps
 PER_TICK = 1000
 LEASE = 128  # what the forwarder leases at a time (max_in_flight 8 x 16)
 
@@ -53,7 +54,7 @@ def raw_sqlite(batches: list[list[UsageRecord]]) -> Timing:
             for records in batches:
                 db.execute("BEGIN")
                 db.executemany("INSERT INTO queue (body) VALUES (?)",
-                               [(json.dumps(r.to_json(), separators=(",", ":")),) for r in records])
+                               [(_encode(r.to_json()),) for r in records])
                 db.execute("COMMIT")
             acked = 0
             while rows := db.execute("SELECT seq, body FROM queue ORDER BY seq LIMIT ?", (LEASE,)).fetchall():

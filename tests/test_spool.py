@@ -11,7 +11,8 @@ import pytest
 
 from agent.convert import UsageRecord, format_timestamp, record_id
 from agent.errors import SpoolError, SpoolFullError
-from agent.spool import Dead, Retry, Spool
+from agent.metrics import Metrics
+from agent.spool import Dead, Retry, Spool, SpoolFacts
 
 UTC = timezone.utc
 T1 = datetime(2024, 3, 1, 10, 0, tzinfo=UTC)
@@ -179,7 +180,42 @@ def test_leases_commit_without_fsync_and_acknowledgements_with_it(spool):
     assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == full
 
 
+def test_facts_and_metrics_go_where_the_spool_is_told(tmp_path, clock):
+    """The spool counts into the Metrics it is given and reports facts; it decides no readiness."""
+    metrics = Metrics()
+    spool = Spool(tmp_path / "spool.db", max_records=2, clock=clock, metrics=metrics)
+    spool.commit_tick("ebs-storage", T1, [make_record("acme"), make_record("globex")])
+    clock.advance(30)
+    with pytest.raises(SpoolFullError):
+        spool.commit_tick("ebs-storage", T2, [make_record("acme", T2)])
+    assert spool.facts() == SpoolFacts(path=tmp_path / "spool.db", max_records=2, full=True, write_error=None, unsent=2,
+                                       oldest_unsent_age=30.0, disk_low=False, held_outcomes=0)
+    assert metrics.value("usage_agent_spool_full") == 1
+    spool._db.execute("PRAGMA query_only=ON")
+    with pytest.raises(SpoolError):
+        spool.lease_batch(10, 60)
+    spool._db.execute("PRAGMA query_only=OFF")
+    assert metrics.value("usage_agent_spool_write_errors_total") == 1
+    assert "readonly" in (spool.facts().write_error or "")
+    spool.settle(delivered=ids(spool.lease_batch(10, 60)))
+    facts = spool.facts()
+    assert (facts.full, facts.write_error, facts.unsent, facts.oldest_unsent_age) == (False, None, 0, None)
+    assert metrics.value("usage_agent_spool_full") == 0
+    spool.close()
+
+
 # -- leasing ------------------------------------------------------------------------------
+
+
+def test_a_lease_returns_the_rows_it_dead_lettered_as_damaged(spool):
+    records = [make_record(c) for c in ("acme", "globex", "initech")]
+    spool.commit_tick("ebs-storage", T1, records)
+    spool._db.execute("UPDATE records SET body = '{\"id\": 1}' WHERE id = ?", (records[1].record_id,))
+    lease = spool.lease_batch(10, 60)
+    assert [item.record for item in lease] == [records[0], records[2]]
+    assert lease.damaged == (Dead(records[1].record_id, None, "damaged in spool: KeyError: 'measurement'"),)
+    assert spool.counts() == {"pending": 0, "leased": 2, "delivered": 0, "dead": 1}
+    assert spool.lease_batch(10, 60).damaged == ()  # dead-lettered once, not at every lease
 
 
 def test_lease_batch_is_oldest_first_and_respects_the_limit(spool, clock):

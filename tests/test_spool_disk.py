@@ -19,9 +19,9 @@ from structlog.testing import capture_logs
 from agent.config import parse_backend
 from agent.errors import SpoolDiskLowError, SpoolError
 from agent.forwarder import MAX_PAUSE, Forwarder
+from agent.metrics import Metrics
 from agent.sinks.file import FileSink
 from agent.spool import Dead, Reserve, Spool, open_failure
-from agent.telemetry import REGISTRY
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import Aws, make_config
 from tests.test_delivery import TICK, FakeClock, make_records
@@ -88,7 +88,8 @@ def test_a_tick_is_refused_below_the_free_space_floor_and_outcomes_are_still_wri
     aws.volume("us-east-1", 5, tags={"customer-id": "acme"})
     cfg = make_config(paigo, tmp_path)
     free = [10 * 1024 * MiB]
-    spool = Spool(cfg.spool.path, min_free_bytes=64 * MiB, free_space=lambda: free[0])
+    metrics = Metrics()
+    spool = Spool(cfg.spool.path, min_free_bytes=64 * MiB, free_space=lambda: free[0], metrics=metrics)
     spool.claim()
     agent = new_agent(cfg, spool)
     t0 = datetime(2026, 11, 21, 10, tzinfo=timezone.utc)
@@ -103,7 +104,7 @@ def test_a_tick_is_refused_below_the_free_space_floor_and_outcomes_are_still_wri
     assert not refused.ok and f"{40 * MiB} bytes free on its disk, below the {64 * MiB}" in (refused.error or "")
     assert any(e["event"] == "tick not spooled; the sampler state stays where it was" for e in logs)
     assert agent.metrics.value("usage_agent_ticks_failed_total", labels) == before + 1
-    assert REGISTRY.get_sample_value("usage_agent_spool_full", {}) == 1 and spool.full
+    assert metrics.value("usage_agent_spool_full") == 1 and spool.full and spool.facts().disk_low
     assert spool.last_tick("ebs-storage") == "2026-11-21T10:00:00Z"
 
     spool.settle(delivered=leased)  # outcomes are not refused
@@ -112,7 +113,7 @@ def test_a_tick_is_refused_below_the_free_space_floor_and_outcomes_are_still_wri
 
     free[0] = 10 * 1024 * MiB
     assert agent.sample_all(t0 + timedelta(minutes=30))[0].ok
-    assert not spool.full and REGISTRY.get_sample_value("usage_agent_spool_full", {}) == 0
+    assert not spool.full and metrics.value("usage_agent_spool_full") == 0
     agent.close()
     spool.close()
 
@@ -129,7 +130,7 @@ def test_a_full_disk_releases_the_reserve_for_outcomes_and_ticks_wait_for_it(tmp
     assert reserve.released == 1
     assert any(e["event"].startswith("spool write failed; the disk reserve is released") for e in logs)
     assert spool.counts() == {"pending": 0, "leased": 0, "delivered": 16, "dead": 16}
-    assert spool.held_outcomes == 0
+    assert spool.facts().held_outcomes == 0
 
     reserve.room_to_restore = False  # the space went to outcomes; a tick may not take it
     with pytest.raises(SpoolDiskLowError, match="disk reserve for delivery outcomes .* was used"):
@@ -148,7 +149,7 @@ def test_outcomes_a_full_disk_held_are_written_at_a_clean_exit(tmp_path: Path) -
     limit_pages(spool)
     with pytest.raises(SpoolError, match="full"):
         spool.settle(**outcomes_that_need_pages(ids))
-    assert spool.held_outcomes == 32 and spool.counts()["leased"] == 32
+    assert spool.facts().held_outcomes == 32 and spool.counts()["leased"] == 32
 
     spool._db.execute(f"PRAGMA max_page_count={UNLIMITED}")  # room again before the stop, no settle since
     spool.close()

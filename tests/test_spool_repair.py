@@ -33,11 +33,22 @@ SEED = 4711  # its 20 flips hit page structure too, so the open check sees them 
 
 
 class Clock:
-    def __init__(self, now: float = START):
-        self.now = now
+    """agent.clock.Clock at a time the test sets (``at``, epoch seconds); it never moves by itself."""
 
-    def __call__(self) -> float:
-        return self.now
+    def __init__(self, at: float = START, wall: datetime | None = None):
+        self.at = wall.timestamp() if wall else at
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.at, UTC)
+
+    def time(self) -> float:
+        return self.at
+
+    def monotonic(self) -> float:
+        return self.at
+
+    def sleep(self, seconds: float) -> None:
+        self.at += seconds
 
 
 def make_record(customer: int, tick: datetime) -> UsageRecord:
@@ -58,13 +69,13 @@ def build_spool(path: Path) -> None:
     clock = Clock()
     spool = Spool(path, clock=clock)
     for n in range(TICKS):
-        clock.now = START + 900 * n
+        clock.at = START + 900 * n
         spool.commit_tick("ebs-storage", tick_at(n), [make_record(c, tick_at(n)) for c in range(CUSTOMERS)])
-    clock.now = FIRST_SETTLE
+    clock.at = FIRST_SETTLE
     batch = [item.record.record_id for item in spool.lease_batch(1000, 60)]
     spool.settle(delivered=batch[:800], dead=[Dead(rid, 400 if i % 2 else 422, f"rejected #{i}") for i, rid in
                                               enumerate(batch[800:])])
-    clock.now = SECOND_SETTLE
+    clock.at = SECOND_SETTLE
     spool.settle(delivered=[item.record.record_id for item in spool.lease_batch(500, 60)])
     spool.lease_batch(100, 60)  # left leased, as by an agent that died
     spool.close()
@@ -304,19 +315,12 @@ def test_salvage_does_not_keep_a_body_that_is_no_longer_a_record(setup: Setup) -
     assert not list(setup.db.parent.glob("spool.db.corrupt-*"))  # a sound file is repaired in place
 
 
-def test_a_second_salvage_in_the_same_second_keeps_the_first_damaged_file(
-    setup: Setup, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    class Frozen(datetime):
-        @classmethod
-        def now(cls, tz=None):  # type: ignore[no-untyped-def, override]
-            return datetime(2026, 1, 2, 3, 4, 5, tzinfo=tz)
-
-    monkeypatch.setattr(salvage_module, "datetime", Frozen)
+def test_a_second_salvage_in_the_same_second_keeps_the_first_damaged_file(setup: Setup) -> None:
+    frozen = Clock(wall=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))  # both salvages read the same instant
     damaged = setup.db.read_bytes()[: setup.db.stat().st_size // 2]
     setup.db.write_bytes(damaged)
-    salvage_module.salvage(setup.db)
-    salvage_module.salvage(setup.db)  # e.g. an operator re-running the command
+    salvage_module.salvage(setup.db, clock=frozen)
+    salvage_module.salvage(setup.db, clock=frozen)  # e.g. an operator re-running the command
     kept = [p.read_bytes() for p in setup.db.parent.glob("spool.db.corrupt-*") if not p.name.endswith(("-wal", "-shm"))]
     assert damaged in kept
 

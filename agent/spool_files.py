@@ -1,0 +1,216 @@
+"""The spool's files beside its SQLite database: the single-writer lock, the disk reserve kept
+for delivery outcomes, and what an open failure means for the operator (which file, what to do)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from agent.errors import SpoolError
+
+MIN_FREE_BYTES = 64 * 2**20  # below this much free disk, new ticks are refused: outcomes keep the room
+RESERVE_BYTES = 8 * 2**20  # the ballast beside the spool that only delivery outcomes may use
+FULL_BELOW = 2**20  # free bytes under which an I/O error at open is taken for a full volume
+SCHEMA_VERSION = 1
+STATES = ("pending", "leased", "delivered", "dead")
+CACHE_KIB = 64 * 1024  # page cache: the id index of a large backlog stays in memory (SQLite's default is 2 MiB)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    measurement TEXT NOT NULL,
+    tick TEXT NOT NULL,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending'
+        CHECK (state IN ('pending', 'leased', 'delivered', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    not_before REAL NOT NULL DEFAULT 0,
+    lease_until REAL,
+    last_status INTEGER,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS records_by_state ON records (state, seq);
+CREATE TABLE IF NOT EXISTS sampler_state (
+    measurement TEXT PRIMARY KEY,
+    last_tick TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+def acquire_lock(path: Path) -> Any:
+    """The single-writer lock beside a spool (``<path>.lock``, flock); released when the process dies."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        handle = open(lock_path, "a+")
+    except OSError as exc:
+        raise SpoolError(f"spool {path}: cannot create its lock file {lock_path}: {access_problem(path)} "
+                         f"({exc.strerror or exc}). {FIX_ACCESS}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SpoolError(f"spool {path} is in use by another usage-agent process ({lock_path} is locked)") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+@contextmanager
+def spool_lock(path: Path) -> Iterator[None]:
+    handle = acquire_lock(path)
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+FIX_ACCESS = ("The agent reads and writes the spool file and creates <file>-wal, <file>-shm and <file>.lock beside "
+               "it: fix the permissions or mount a writable volume there. The spool is not damaged; salvage cannot help.")
+
+
+def access_problem(path: Path) -> str:
+    """What keeps this process from writing the spool at ``path``, as far as the filesystem says."""
+    parent = path.parent
+    try:
+        if os.statvfs(parent).f_flag & os.ST_RDONLY:
+            return f"{parent} is on a read-only filesystem"
+    except OSError as exc:
+        return f"{parent} cannot be examined ({exc.strerror or exc})"
+    for item in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if item.exists() and not os.access(item, os.R_OK | os.W_OK):
+            return f"{item} is not readable and writable by this process (uid {os.geteuid()})"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"its directory {parent} is not writable by this process (uid {os.geteuid()})"
+    return "the file or its directory cannot be written"
+
+
+def free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def open_failure(path: Path, exc: sqlite3.Error, free_space: Callable[[], int] | None = None) -> str:
+    """Why a spool cannot be opened, and what to do about it: salvage only for a damaged file."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    cause = str(exc)
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return damaged_message(path, cause)
+    try:
+        free: int | None = (free_space or (lambda: free_bytes(path.parent)))()
+    except OSError:
+        free = None
+    # SQLite reports a volume too full for its -wal or -shm as an I/O error
+    if code == sqlite3.SQLITE_FULL or (code == sqlite3.SQLITE_IOERR and free is not None and free < FULL_BELOW):
+        room = f"{path.parent} cannot be examined" if free is None else f"{free} bytes free on {path.parent}"
+        return (f"spool {path} cannot be written: the disk is full ({room}; {cause}). Free space on that volume or "
+                f"grow it, then start again. The spool is not damaged; salvage cannot help.")
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH):
+        return f"spool {path} cannot be opened for writing: {access_problem(path)} ({cause}). {FIX_ACCESS}"
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return (f"spool {path} is locked by another process ({cause}): stop whatever else has it open "
+                f"(another agent, an sqlite3 shell) and start again.")
+    if code == sqlite3.SQLITE_IOERR:
+        return (f"spool {path}: the disk returned an I/O error ({cause}). Check the device and the volume "
+                f"(kernel log); if they are sound and the error stays, stop the agent and run "
+                f"`usage-agent spool salvage -c CONFIG`.")
+    return f"spool {path} cannot be opened: {cause}"
+
+
+def damaged_message(path: Path, cause: str) -> str:
+    return (f"spool {path} is damaged or not a spool ({cause}). It is left as it is. To recover, stop the agent "
+            f"and run `usage-agent spool salvage -c CONFIG`: it copies every readable record into a fresh spool "
+            f"and keeps the damaged file beside it.")
+
+
+class Reserve:
+    """A ballast file beside the spool (``<path>.reserve``): disk space only delivery outcomes may use.
+
+    Released when an outcome cannot be written (a full disk), so a record the backend accepted is
+    recorded as delivered rather than sent again; put back before the next tick once there is room.
+    """
+
+    def __init__(self, path: Path, size: int = RESERVE_BYTES):
+        self.path = path
+        self.size = size
+
+    @property
+    def held(self) -> bool:
+        try:
+            return self.path.stat().st_size >= self.size
+        except OSError:
+            return False
+
+    def restore(self) -> bool:
+        """Allocate the ballast (real blocks, not a sparse file); False when the disk has no room for it."""
+        if self.held:
+            return True
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            self.path.unlink(missing_ok=True)
+            return False
+        return True
+
+    def release(self) -> bool:
+        """Give the space back to the disk; False if there was none held."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+
+def open_database(path: Path, create: bool, free_space: Callable[[], int]) -> sqlite3.Connection:
+    """The spool's connection (WAL, synchronous=FULL), checked before anything is written to it."""
+    if path.is_dir():
+        raise SpoolError(f"spool {path} is a directory, not a spool file: spool.path must name the file "
+                         f"(for example {path / 'spool.db'})")
+    if not create and not path.exists():
+        raise SpoolError(f"no spool at {path}: the file does not exist. Check spool.path in the config "
+                         f"(`usage-agent run` and `once` create the spool; inspecting it does not)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpoolError(f"spool {path}: cannot create its directory {path.parent}: "
+                         f"{exc.strerror or exc}. {FIX_ACCESS}") from exc
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    except sqlite3.Error as exc:
+        raise SpoolError(open_failure(path, exc, free_space)) from exc
+    try:
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=30000", f"cache_size=-{CACHE_KIB}"):
+            db.execute(f"PRAGMA {pragma}")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SpoolError(f"spool {path} has schema version {version}; this agent understands up to {SCHEMA_VERSION}")
+        problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise SpoolError(damaged_message(path, "; ".join(problems)))
+        if not create and db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone() is None:
+            raise SpoolError(f"{path} is not a usage-agent spool (it holds no records table): "
+                             f"check spool.path in the config")
+        db.executescript(SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException as exc:
+        db.close()
+        if isinstance(exc, sqlite3.Error):
+            raise SpoolError(open_failure(path, exc, free_space)) from exc
+        raise
+    return db

@@ -1,0 +1,94 @@
+"""What crosses the spool's boundary: a row's body read back as a record, leases, delivery
+outcomes, tick commits and the facts the spool reports about itself."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.records import UsageRecord, format_decimal
+
+
+def parse_body(record_id: str, body: bytes | str) -> UsageRecord:
+    """A spooled body back into a record that can be sent; ValueError if it is not (or no longer) one.
+
+    The value must render too: a row whose value parses but cannot be written as a plain decimal
+    (``1e99999999950``) would otherwise fail every send of every batch it is leased in.
+    """
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+        record = UsageRecord.from_json(json.loads(text))
+    except (UnicodeDecodeError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    if not record.value.is_finite():
+        raise ValueError(f"value {record.value} is not a finite number")
+    try:
+        format_decimal(record.value)
+    except ArithmeticError as exc:
+        raise ValueError(f"value {str(record.value)[:40]} cannot be rendered as a plain decimal "
+                         f"({type(exc).__name__})") from None
+    if record.record_id != record_id:
+        raise ValueError(f"body holds id {record.record_id!r}, row is {record_id!r}")
+    return record
+
+
+@dataclass(frozen=True)
+class Leased:
+    record: UsageRecord
+    attempts: int  # sends already tried before this lease
+
+
+class Lease(list[Leased]):
+    """What one ``lease_batch`` took: the records to send, oldest first; and ``damaged``, the rows
+    it dead-lettered instead because they are not (or no longer) records."""
+
+    def __init__(self, leased: Iterable[Leased] = (), damaged: Iterable[Dead] = ()):
+        super().__init__(leased)
+        self.damaged: tuple[Dead, ...] = tuple(damaged)
+
+
+@dataclass(frozen=True)
+class TickCommit:
+    inserted: int  # new ids; ids already spooled (a re-run tick) are ignored
+    previous_tick: str | None  # the measurement's last committed tick before this one
+
+
+@dataclass(frozen=True)
+class Retry:
+    record_id: str
+    not_before: float
+    status: int | None
+    error: str
+
+
+@dataclass(frozen=True)
+class Dead:
+    record_id: str
+    status: int | None
+    error: str
+
+
+@dataclass(frozen=True)
+class SpoolFacts:
+    """What the spool knows of itself now, for whoever decides readiness and exports gauges."""
+
+    path: Path
+    max_records: int
+    full: bool  # a tick was refused (cap or disk) and nothing since says there is room again
+    write_error: str | None  # the last write that changed something failed with this; None once one succeeds
+    unsent: int  # pending + leased
+    oldest_unsent_age: float | None  # seconds; None when nothing is unsent
+    disk_low: bool  # the last tick was refused for disk space
+    held_outcomes: int  # delivery outcomes a failed write left in memory
+
+
+def readable_body(raw: bytes) -> Any:
+    """The stored body for people to read: JSON when it parses, else the text as far as it decodes."""
+    text = raw.decode("utf-8", "replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
