@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 import httpx
 import structlog
 
-from agent.convert import UsageRecord
+from agent.records import UsageRecord
 from agent.metrics import Metrics
 from agent.sinks.base import (
     NotSendable,

@@ -19,7 +19,7 @@ import httpx
 import structlog
 
 from agent.clock import Clock, SystemClock
-from agent.convert import UsageRecord
+from agent.records import UsageRecord
 from agent.delivery import Delivery
 from agent.errors import AuditError, SpoolError
 from agent.metrics import Metrics

@@ -6,32 +6,14 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 
 from agent.clock import Clock
 from agent.forwarder import Forwarder
 from agent.metrics import Metrics
 from agent.records import format_timestamp
-from agent.spool import Spool
+from agent.spool import Spool, SpoolFacts
 from agent.telemetry import Check
 from agent.ticks import Agent
-
-
-@dataclass(frozen=True)
-class SpoolFacts:
-    path: Path
-    max_records: int
-    full: bool  # a tick was refused for max_records and the unsent records are not yet below it
-    write_error: str | None  # the last write that changed something failed with this
-    unsent: int  # pending + leased
-    oldest_unsent_age: float | None  # seconds; None when nothing is unsent
-
-
-def spool_facts(spool: Spool) -> SpoolFacts:
-    """What the spool reports of itself: the one place health reads the spool."""
-    return SpoolFacts(spool.path, spool.max_records, spool.full, spool.write_error,
-                      spool.unsent(), spool.oldest_unsent_age())
 
 
 class Health:
@@ -49,13 +31,13 @@ class Health:
 
     def refresh_gauges(self) -> SpoolFacts:
         """Spool depth and the oldest unsent record's age, for a scrape; the facts they came from."""
-        facts = spool_facts(self.spool)
+        facts = self.spool.facts()
         self.metrics.oldest_unsent_age.set(facts.oldest_unsent_age or 0.0)
         self.metrics.spool_depth.set(facts.unsent)
         return facts
 
     def readiness(self) -> list[Check]:
-        cfg, facts = self.agent.cfg, spool_facts(self.spool)
+        cfg, facts = self.agent.cfg, self.spool.facts()
         owned = [m.name for m in self.agent.measurements]
         checks = [Check("config", True, f"{len(cfg.measurements)} measurement(s); "
                                         f"shard {self.agent.shard} samples {', '.join(owned) or 'none'}")]

@@ -70,14 +70,6 @@ class Spool:
             return SpoolFacts(self.path, self.max_records, self._refusing, self._write_error, self.unsent(),
                               self.oldest_unsent_age(), self._disk_low, len(self._held))
 
-    @property
-    def full(self) -> bool:  # facts().full, as the readiness checks read it
-        return self._refusing
-
-    @property
-    def write_error(self) -> str | None:  # facts().write_error, as the readiness checks read it
-        return self._write_error
-
     # -- ownership ---------------------------------------------------------------------
 
     def claim(self) -> None:

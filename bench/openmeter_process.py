@@ -8,7 +8,7 @@ import json
 import resource
 import sys
 
-from agent.testing.openmeter_server import OpenMeterContractServer
+from tests.openmeter_server import OpenMeterContractServer
 
 TOKEN = "bench-openmeter-token"
 

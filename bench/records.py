@@ -6,7 +6,8 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 from agent.config import parse_measurement
-from agent.convert import UsageRecord, convert
+from agent.convert import convert
+from agent.records import UsageRecord
 from agent.samplers import Sample
 from agent.settings import Measurement
 

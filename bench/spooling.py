@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.convert import UsageRecord
+from agent.records import UsageRecord
 from bench.common import Timing, interleave, timed
 from bench.records import BASE_TICK, ticks
 

@@ -15,7 +15,7 @@ from agent.errors import ConfigError
 from agent.forwarder import Forwarder
 from agent.sinks.file import AuditLog, read_jsonl
 from agent.sinks.openmeter import OpenMeterSink
-from agent.testing.openmeter_server import OpenMeterContractServer
+from tests.openmeter_server import OpenMeterContractServer
 from agent.testing.server import Fault
 from tests.conftest import Aws, agent_command, backend_config, measurement, write_yaml
 from tests.test_delivery import TICK, Pipeline, make_records

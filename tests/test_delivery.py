@@ -17,7 +17,7 @@ import httpx
 
 from agent.config import parse_backend
 from agent.settings import PaigoBackend
-from agent.convert import UsageRecord, record_id
+from agent.records import UsageRecord, record_id
 from agent.delivery import Delivery
 from agent.forwarder import Forwarder
 from agent.metrics import Metrics

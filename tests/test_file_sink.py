@@ -14,13 +14,13 @@ import pytest
 
 from agent.config import parse_backend
 from agent.errors import ConfigError
-from agent.convert import UsageRecord
+from agent.records import UsageRecord
 from agent.delivery import Delivery, bodies
 from agent.forwarder import Forwarder
 from agent.metrics import Metrics
 from agent.sinks.file import FileSink, read_jsonl
 from agent.spool import Spool
-from agent.testing.http_server import record_validator
+from tests.http_server import record_validator
 from tests.test_delivery import TICK, FakeClock, make_records
 
 

@@ -33,8 +33,8 @@ from agent.sinks.http import HttpSink
 from agent.sinks.openmeter import OpenMeterSink
 from agent.spool import Spool
 from agent.telemetry import redact_secrets
-from agent.testing.http_server import HttpContractServer
-from agent.testing.openmeter_server import OpenMeterContractServer
+from tests.http_server import HttpContractServer
+from tests.openmeter_server import OpenMeterContractServer
 from agent.testing.paigo_server import PaigoContractServer
 from agent.testing.server import Answer as ServerAnswer
 from agent.testing.server import Fault, LoopbackServer

@@ -17,7 +17,7 @@ from agent.settings import HttpBackend
 from agent.errors import ConfigError
 from agent.delivery import bodies
 from agent.sinks.http import HttpSink
-from agent.testing.http_server import HttpContractServer, verify_signature
+from tests.http_server import HttpContractServer, verify_signature
 from agent.testing.server import Fault
 from tests.conftest import backend_config
 from tests.test_delivery import TICK, FakeClock, Pipeline, make_records

@@ -17,14 +17,14 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from agent.config import SOURCE_PATTERN, parse_backend, parse_config
-from agent.convert import record_id
+from agent.records import record_id
 from agent.delivery import Delivery, bodies
 from agent.forwarder import Forwarder
 from agent.metrics import Metrics
 from agent.sinks import build_backend
 from agent.sinks.openmeter import OpenMeterSink
 from agent.spool import Spool
-from agent.testing.openmeter_server import OpenMeterContractServer, event_validator
+from tests.openmeter_server import OpenMeterContractServer, event_validator
 from agent.testing.server import Fault
 from tests.conftest import ACCOUNT, DIMENSION, Aws, agent_command, backend_config, measurement, write_yaml
 from tests.test_delivery import TICK, FakeClock, Pipeline, make_records

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.config import parse_config
-from agent.convert import format_decimal
+from agent.records import format_decimal
 from agent.clock import SystemClock
 from agent.credentials import SessionFactory
 from agent.metrics import Metrics

@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from agent.convert import UsageRecord, format_timestamp, record_id
+from agent.records import UsageRecord, format_timestamp, record_id
 from agent.errors import SpoolError, SpoolFullError
 from agent.metrics import Metrics
 from agent.spool import Dead, Retry, Spool, SpoolFacts

@@ -104,16 +104,16 @@ def test_a_tick_is_refused_below_the_free_space_floor_and_outcomes_are_still_wri
     assert not refused.ok and f"{40 * MiB} bytes free on its disk, below the {64 * MiB}" in (refused.error or "")
     assert any(e["event"] == "tick not spooled; the sampler state stays where it was" for e in logs)
     assert agent.metrics.value("usage_agent_ticks_failed_total", labels) == before + 1
-    assert metrics.value("usage_agent_spool_full") == 1 and spool.full and spool.facts().disk_low
+    assert metrics.value("usage_agent_spool_full") == 1 and spool.facts().full and spool.facts().disk_low
     assert spool.last_tick("ebs-storage") == "2026-11-21T10:00:00Z"
 
     spool.settle(delivered=leased)  # outcomes are not refused
     assert spool.counts()["delivered"] == 1
-    assert spool.full  # still low: the next tick is refused too
+    assert spool.facts().full  # still low: the next tick is refused too
 
     free[0] = 10 * 1024 * MiB
     assert agent.sample_all(t0 + timedelta(minutes=30))[0].ok
-    assert not spool.full and metrics.value("usage_agent_spool_full") == 0
+    assert not spool.facts().full and metrics.value("usage_agent_spool_full") == 0
     agent.close()
     spool.close()
 

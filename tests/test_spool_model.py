@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from agent.convert import UsageRecord, format_timestamp, record_id
+from agent.records import UsageRecord, format_timestamp, record_id
 from agent.errors import SpoolFullError
 from agent.spool import STATES, Dead, Retry, Spool
 

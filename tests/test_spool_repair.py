@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent import salvage as salvage_module
-from agent.convert import UsageRecord, record_id
+from agent.records import UsageRecord, record_id
 from agent.spool import Dead, Spool
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import agent_command, write_config

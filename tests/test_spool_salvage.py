@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import parse_backend
-from agent.convert import UsageRecord, record_id
+from agent.records import UsageRecord, record_id
 from agent.forwarder import Forwarder
 from agent.salvage import salvage
 from agent.sinks.file import FileSink, read_jsonl

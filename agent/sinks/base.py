@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from agent.convert import UsageRecord
+from agent.records import UsageRecord
 from agent.errors import excerpt
 
 RETRY_AFTER_MAX = 3600.0  # a backend asking for more than an hour is clamped to an hour

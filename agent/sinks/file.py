@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from agent.settings import FileBackend, JsonlFile
-from agent.convert import UsageRecord, format_timestamp
+from agent.records import UsageRecord, format_timestamp
 from agent.sinks.base import Delivered, Outcome, RetryLater, SendAgain, json_bytes
 
 log = structlog.get_logger("agent.sinks.file")

@@ -23,7 +23,7 @@ import httpx
 
 from agent.clock import Clock, SystemClock
 from agent.settings import HttpBackend
-from agent.convert import UsageRecord
+from agent.records import UsageRecord
 from agent.sinks.base import BatchSink, json_array
 from agent.sinks.transport import request
 

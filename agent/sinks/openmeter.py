@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from agent.settings import OpenMeterBackend
-from agent.convert import UsageRecord, format_decimal, format_timestamp
+from agent.records import UsageRecord, format_decimal, format_timestamp
 from agent.sinks.base import Answer, BatchSink, json_array
 from agent.sinks.transport import request
 

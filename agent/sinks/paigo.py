@@ -23,7 +23,7 @@ import structlog
 
 from agent.clock import Clock, SystemClock
 from agent.settings import PaigoBackend
-from agent.convert import UsageRecord, format_decimal, format_timestamp
+from agent.records import UsageRecord, format_decimal, format_timestamp
 from agent.metrics import Metrics
 from agent.sinks.base import (
     Answer,

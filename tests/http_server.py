@@ -1,7 +1,7 @@
 """An in-house billing endpoint on 127.0.0.1 for the tests: the ``http`` backend's contract.
 
 ``POST /usage`` with ``Content-Type: application/json`` and a JSON array of agent records
-(``contracts/usage-agent-record.schema.json``). Required headers are checked (401 when
+(``agent/testing/contracts/usage-agent-record.schema.json``). Required headers are checked (401 when
 missing or wrong); with an HMAC secret the signature is verified as the README documents
 (401 when it does not verify or the timestamp is stale). A batch with an invalid or
 scripted-poison record is refused whole with 400. Records are deduplicated on id.
