@@ -14,17 +14,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import httpx
 import pytest
 import yaml
-from moto.server import ThreadedMotoServer
 
-from agent.config import parse_config
-from agent.settings import AgentConfig
-from agent.testing.paigo_server import PaigoContractServer
+if TYPE_CHECKING:  # imported where used: the xdist controller loads this file too, and runs no test
+    from agent.settings import AgentConfig
+    from agent.testing.paigo_server import PaigoContractServer
 
 ACCOUNT = "123456789012"  # moto's default account: base credentials act in it
 ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/usage-scraper"
@@ -32,6 +31,11 @@ EXTERNAL_ID = "ext-4711"
 DIMENSION = "8a7b5f91-3b85-4cf4-8585-dcdf17f49004"
 CLIENT_ID, CLIENT_SECRET = "client-abc", "s3cr3t-value"
 TICK = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)  # a tick for samplers called directly
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # moto loads ~1,300 stock AMIs into each EC2 region on every reset (0.4 s a region); the tests launch only this one
+    os.environ.setdefault("MOTO_AMIS_PATH", str(Path(__file__).with_name("moto-amis.json")))
 
 
 def only(client: Any) -> Any:
@@ -70,6 +74,8 @@ class Aws:
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per AWS call is noise here
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -185,6 +191,8 @@ def through(proxy: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 @pytest.fixture
 def paigo() -> Iterator[PaigoContractServer]:
+    from agent.testing.paigo_server import PaigoContractServer
+
     with PaigoContractServer(client_id=CLIENT_ID, client_secret=CLIENT_SECRET) as server:
         yield server
 
@@ -222,6 +230,8 @@ def config_dict(paigo: PaigoContractServer, tmp_path: Path, *measurements: dict[
 
 
 def make_config(paigo: PaigoContractServer, tmp_path: Path, *measurements: dict[str, Any], **backend: Any) -> AgentConfig:
+    from agent.config import parse_config
+
     return parse_config(config_dict(paigo, tmp_path, *measurements, **backend), "<test>", {})
 
 

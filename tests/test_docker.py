@@ -84,7 +84,8 @@ def test_the_build_context_builds_a_complete_wheel(tmp_path: Path) -> None:
                     shutil.copytree(origin, context / source, ignore=shutil.ignore_patterns("__pycache__"))
                 else:
                     shutil.copy(origin, context / source)
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-cache-dir", "--no-deps", "-q",
+    # pip's cache on: the isolated build's setuptools is not downloaded again on every run
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
                            "-w", str(tmp_path / "dist"), str(context)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     (wheel,) = (tmp_path / "dist").glob("usage_agent-*.whl")

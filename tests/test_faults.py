@@ -2,12 +2,13 @@
 
 The equation every scenario must satisfy: the ids the backend accepted equal the ids
 committed to the spool minus the dead-lettered ones; re-sends reuse the id (counted as
-duplicates); the dropped-records counter stays 0.
+duplicates). Backoff and Retry-After waits pass on a fake clock, not in real time.
 """
 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from pathlib import Path
@@ -17,11 +18,14 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from agent.config import parse_measurement
+from agent.config import parse_backend, parse_measurement
+from agent.credentials import SessionFactory
+from agent.forwarder import Forwarder
+from agent.metrics import Metrics
 from agent.samplers.base import Sample, Skipped, Target
 from agent.samplers.ebs import VOLUMES
+from agent.sinks import Backend, build_backend
 from agent.spool import Spool
-from agent.metrics import Metrics
 from agent.testing.paigo_server import Fault, PaigoContractServer
 from tests.conftest import (
     ACCOUNT,
@@ -35,30 +39,64 @@ from tests.conftest import (
     measurement,
     only,
 )
-from tests.test_delivery import FakeClock, Pipeline, make_records
+from tests.support import FakeClock, make_records
 from tests.test_runtime import new_agent
 
-REPORT: list[tuple[str, int, int, int, int, int]] = []
+@dataclass
+class Delivery:
+    """A spool, a Paigo sink and a forwarder on one fake clock: only the backend's own delays are real."""
+
+    spool: Spool
+    sink: Backend
+    forwarder: Forwarder
+    clock: FakeClock
+
+    def enqueue(self, records: list[Any]) -> set[str]:
+        self.spool.commit_tick("ebs-storage", records[0].timestamp, records)
+        return {r.record_id for r in records}
+
+    def run_until_drained(self, rounds: int = 200) -> None:
+        """Drain, jumping the fake clock over every backoff, until nothing is left to send."""
+        for _ in range(rounds):
+            self.forwarder.drain()
+            due = self.spool.next_due()
+            if due is None:
+                return
+            self.clock.advance_to(due)
+        raise AssertionError(f"not drained: {self.spool.counts()}")
+
+    def close(self) -> None:
+        self.sink.close()
+        self.spool.close()
 
 
-def run_with(url: str, token_url: str, tmp_path: Path, **sink: Any) -> Pipeline:
-    return Pipeline.paigo(backend_for(url, token_url, **sink), tmp_path / "spool.db", FakeClock(), batch_size=64)
+@pytest.fixture
+def deliver(tmp_path: Path) -> Any:
+    """``deliver(url, token_url, **backend)``: a Delivery to that backend, closed after the test."""
+    opened: list[Delivery] = []
+
+    def build(url: str, token_url: str, **backend: Any) -> Delivery:
+        cfg = parse_backend({"type": "paigo", "url": url, "token_url": token_url, "client_id": CLIENT_ID,
+                             "client_secret": CLIENT_SECRET, "timeout": "1s", **backend})
+        clock = FakeClock()
+        spool = Spool(tmp_path / "spool.db", clock=clock)
+        spool.claim()
+        sink = build_backend(cfg, Metrics(), clock)  # token lifetimes on the same fake clock
+        forwarder = Forwarder(spool, sink.sink, sink.client, metrics=Metrics(), clock=clock, batch_size=64)
+        opened.append(Delivery(spool, sink, forwarder, clock))
+        return opened[-1]
+
+    yield build
+    for delivery in opened:
+        delivery.close()
 
 
-def backend_for(url: str, token_url: str, **overrides: Any):
-    from agent.config import parse_backend
-
-    return parse_backend({"type": "paigo", "url": url, "token_url": token_url, "client_id": CLIENT_ID,
-                                        "client_secret": CLIENT_SECRET, "timeout": "1s", **overrides})
-
-
-def check_nothing_lost(name: str, run: Pipeline, server: PaigoContractServer, generated: set[str]) -> None:
+def assert_nothing_lost(run: Delivery, server: PaigoContractServer, generated: set[str]) -> set[str]:
+    """Accepted == generated - dead, nothing left in flight; the dead ids."""
     dead = {row["id"] for row in run.spool.rows("dead", 10**6)}
-    accepted = server.accepted_ids()
-    assert accepted == generated - dead, name
+    assert server.accepted_ids() == generated - dead
     assert run.spool.counts()["pending"] == run.spool.counts()["leased"] == 0
-    REPORT.append((name, len(generated), len(accepted), server.duplicates(), len(dead),
-                   len(generated - accepted - dead)))
+    return dead
 
 
 SCENARIOS: dict[str, list[Fault]] = {
@@ -66,48 +104,47 @@ SCENARIOS: dict[str, list[Fault]] = {
     "429 Retry-After seconds": [Fault(status=429, retry_after="3") for _ in range(6)],
     "429 Retry-After date": [Fault(status=429, retry_after=format_datetime(
         datetime(2030, 1, 1, tzinfo=timezone.utc), usegmt=True)) for _ in range(3)],
-    "timeouts": [Fault(delay=1.3) for _ in range(4)],
-    "commits then hangs": [Fault(after_commit=True, delay=1.3) for _ in range(4)],
+    # hung past the 1 s timeout and past the test's end: the test never waits for them, a late commit never lands
+    "timeouts": [Fault(delay=10) for _ in range(4)],
+    "commits then hangs": [Fault(after_commit=True, delay=10) for _ in range(4)],
     "dropped mid-response": [Fault(drop=True) for _ in range(3)] + [Fault(after_commit=True, drop=True) for _ in range(3)],
 }
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_backend_faults_lose_nothing(name: str, paigo: PaigoContractServer, tmp_path: Path) -> None:
-    run = run_with(paigo.url, paigo.token_url, tmp_path)
-    records = make_records(60)
-    run.spool.commit_tick("ebs-storage", records[0].timestamp, records)
+def test_backend_faults_lose_nothing(name: str, paigo: PaigoContractServer, deliver: Any) -> None:
+    run = deliver(paigo.url, paigo.token_url)
+    generated = run.enqueue(make_records(60))
     paigo.script("/usage", *SCENARIOS[name])
-    run.run_until_drained(200)
-    check_nothing_lost(name, run, paigo, {r.record_id for r in records})
-    if "hangs" not in name and "mid-response" not in name:
+    run.run_until_drained()
+    assert assert_nothing_lost(run, paigo, generated) == set()
+    assert paigo.usage_requests >= 60 + len(SCENARIOS[name])  # every scripted fault was met, then every record sent
+    if "commits" in name or "mid-response" in name:
+        assert paigo.duplicates() > 0  # an answer lost after the commit: the re-send reused the id
+    else:
         assert paigo.duplicates() == 0  # nothing was accepted twice when no answer was lost
-    run.close()
 
 
-def test_401_after_token_revocation_inside_a_stream(paigo: PaigoContractServer, tmp_path: Path) -> None:
-    run = run_with(paigo.url, paigo.token_url, tmp_path)
-    records = make_records(200)
-    run.spool.commit_tick("ebs-storage", records[0].timestamp, records)
+def test_401_after_token_revocation_inside_a_stream(paigo: PaigoContractServer, deliver: Any) -> None:
+    run = deliver(paigo.url, paigo.token_url)
+    generated = run.enqueue(make_records(200))
     for _ in range(2):  # the token is revoked between batches of 64, while records are streaming
         assert run.forwarder.pump().delivered == 64
         paigo.revoke_tokens()
-    run.run_until_drained(200)
-    check_nothing_lost("401 after token revocation", run, paigo, {r.record_id for r in records})
+    run.run_until_drained()
+    assert assert_nothing_lost(run, paigo, generated) == set()
     assert paigo.token_requests == 3  # refreshed once per revocation, not once per record
-    run.close()
 
 
-def test_one_poison_record_in_a_busy_stream(paigo: PaigoContractServer, tmp_path: Path) -> None:
-    run = run_with(paigo.url, paigo.token_url, tmp_path, max_in_flight=8)
-    records = make_records(150) + make_records(1, customer="poison") + make_records(150, customer="beta")
+def test_one_poison_record_in_a_busy_stream(paigo: PaigoContractServer, deliver: Any) -> None:
+    run = deliver(paigo.url, paigo.token_url, max_in_flight=8)
     paigo.reject = lambda body: body["customerId"] == "poison"
-    run.spool.commit_tick("ebs-storage", records[0].timestamp, records)
-    run.run_until_drained(200)
-    check_nothing_lost("400 for one record in a busy stream", run, paigo, {r.record_id for r in records})
+    generated = run.enqueue(make_records(150) + make_records(1, customer="poison") + make_records(150, customer="beta"))
+    run.run_until_drained()
+    (poison,) = assert_nothing_lost(run, paigo, generated)
     (dead,) = run.spool.rows("dead")
-    assert dead["last_status"] == 400 and "Customer not found" in dead["last_error"]
-    run.close()
+    assert dead["id"] == poison and dead["last_status"] == 400 and "Customer not found" in dead["last_error"]
+    assert len(paigo.accepted_ids()) == 300
 
 
 def free_port() -> int:
@@ -116,29 +153,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_connection_refused_until_the_backend_comes_up(tmp_path: Path) -> None:
+def test_connection_refused_until_the_backend_comes_up(deliver: Any) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    run = run_with(url, f"{url}/oauth/token", tmp_path)
-    records = make_records(40)
-    run.spool.commit_tick("ebs-storage", records[0].timestamp, records)
+    run = deliver(url, f"{url}/oauth/token")
+    generated = run.enqueue(make_records(40))
     for _ in range(3):  # nobody listens: every attempt is refused
         run.forwarder.drain()
         run.clock.advance(400)
     assert run.spool.counts()["pending"] == 40
     with PaigoContractServer(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, port=port) as server:
-        run.run_until_drained(200)
-        check_nothing_lost("connection refused", run, server, {r.record_id for r in records})
-    run.close()
-
-
-def test_report(capsys: pytest.CaptureFixture[str]) -> None:
-    """Prints the table of the scenarios above (run with -s to see it)."""
-    with capsys.disabled():
-        print("\nscenario                               generated delivered duplicates dead lost")
-        for row in REPORT:
-            print(f"{row[0]:<38} {row[1]:>9} {row[2]:>9} {row[3]:>10} {row[4]:>4} {row[5]:>4}")
-    assert all(row[5] == 0 for row in REPORT)
+        run.run_until_drained()
+        assert assert_nothing_lost(run, server, generated) == set()
+        assert len(server.accepted_ids()) == 40
 
 
 # -- poison input from AWS ------------------------------------------------------------------
@@ -170,12 +197,10 @@ def test_an_unusable_customer_tag_is_skipped_and_counted(aws: Aws, paigo: PaigoC
     cfg = make_config(paigo, tmp_path, measurement(name="poison-tags"))
     spool = Spool(cfg.spool.path)
     metrics = Metrics()
-    before = metrics.value("usage_agent_resources_skipped_total",
-                           {"measurement": "poison-tags", "reason": "invalid_customer"})
+    before = metrics.value("usage_agent_resources_skipped_total", {"measurement": "poison-tags", "reason": "invalid_customer"})
     (result,) = new_agent(cfg, spool, metrics=metrics).sample_all(datetime(2026, 11, 21, 10, tzinfo=timezone.utc))
     assert result.ok and [(r.customer_id, r.value) for r in result.records] == [("acme", 10)]
-    after = metrics.value("usage_agent_resources_skipped_total",
-                          {"measurement": "poison-tags", "reason": "invalid_customer"})
+    after = metrics.value("usage_agent_resources_skipped_total", {"measurement": "poison-tags", "reason": "invalid_customer"})
     assert after == before + 1 and bad
     spool.close()
 
@@ -224,11 +249,14 @@ def test_throttling_is_retried_and_the_tick_completes(aws: Aws, aws_proxy: AwsPr
     cfg = make_config(paigo, tmp_path)
     spool = Spool(cfg.spool.path)
     throttled = {"service": "ec2", "operation": "DescribeVolumes", "code": "RequestLimitExceeded"}
-    metrics = Metrics()
+    start = datetime.now(timezone.utc).timestamp()  # the role's credentials expire in real time
+    metrics, clock = Metrics(), FakeClock(start)
     before = metrics.value("usage_agent_aws_api_errors_total", throttled)
-    (result,) = new_agent(cfg, spool, metrics=metrics).sample_all(datetime(2026, 11, 21, 10, tzinfo=timezone.utc))
+    sessions = SessionFactory(metrics=metrics, clock=clock)  # botocore's backoff sleeps on the fake clock
+    (result,) = new_agent(cfg, spool, metrics=metrics, sessions=sessions).sample_all(datetime(2026, 11, 21, 10, tzinfo=timezone.utc))
     assert aws_proxy.calls.count(("DescribeVolumes", "us-east-1")) == 4  # 3 throttled, then answered
     assert result.ok and [r.value for r in result.records] == [33]
+    assert clock.time() > start  # the backoff waited, on the injected clock
     # each throttled attempt is counted, though botocore retried it and the tick succeeded
     assert metrics.value("usage_agent_aws_api_errors_total", throttled) == before + 3
     spool.close()
