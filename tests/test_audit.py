@@ -18,7 +18,8 @@ from agent.sinks.openmeter import OpenMeterSink
 from tests.openmeter_server import OpenMeterContractServer
 from agent.testing.server import Fault
 from tests.conftest import Aws, agent_command, backend_config, measurement, write_yaml
-from tests.test_delivery import TICK, Pipeline, make_records
+from tests.support import make_records
+from tests.test_delivery import TICK, Pipeline
 
 TOKEN = "om-audit"
 
@@ -81,7 +82,7 @@ def test_an_unwritable_audit_copy_pauses_delivery_and_resends_nothing(
 
     blocker.unlink()
     blocker.mkdir()
-    p.clock.now = p.forwarder.paused_until  # a paused forwarder tries again once its pause ends
+    p.clock.advance_to(p.forwarder.paused_until)  # a paused forwarder tries again once its pause ends
     p.forwarder.drain()
     assert p.spool.counts()["delivered"] == 7
     assert openmeter.duplicates() == 0
@@ -107,7 +108,7 @@ def test_a_spool_failure_after_the_audit_does_not_archive_twice(openmeter: OpenM
     assert p.spool.counts()["leased"] == 4
 
     p.spool._db.execute("PRAGMA query_only=0")
-    p.clock.now = p.forwarder.paused_until  # a paused forwarder tries again once its pause ends
+    p.clock.advance_to(p.forwarder.paused_until)  # a paused forwarder tries again once its pause ends
     p.forwarder.drain()
     assert p.spool.counts()["delivered"] == 4
     assert [line["id"] for line in read_jsonl(audit_path).objects] == [r.record_id for r in records]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from decimal import Decimal
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import httpx
 
 from agent.config import parse_backend
 from agent.settings import PaigoBackend
-from agent.records import UsageRecord, record_id
+from agent.records import UsageRecord
 from agent.delivery import Delivery
 from agent.forwarder import Forwarder
 from agent.metrics import Metrics
@@ -28,49 +27,9 @@ from agent.sinks.transport import http_client
 from agent.spool import Spool
 from agent.testing.paigo_server import Fault, PaigoContractServer, usage_record_schema
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, DIMENSION
+from tests.support import FakeClock, make_records
 
 TICK = datetime(2026, 11, 21, 10, 0, tzinfo=timezone.utc)
-
-
-class FakeClock:
-    """Steady and epoch seconds in one number, ``now``; sleeping advances it."""
-
-    def __init__(self, start: float = 1_800_000_000.0):
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.advance(max(0.0, seconds))
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def make_records(count: int, customer: str = "acme") -> list[UsageRecord]:
-    out = []
-    for i in range(count):
-        tick = TICK + timedelta(minutes=15 * i)
-        out.append(UsageRecord(
-            record_id=record_id("ebs-storage", DIMENSION, customer, "aggregate", tick),
-            measurement="ebs-storage",
-            event_type="ebs-storage",
-            dimension_id=DIMENSION,
-            customer_id=customer,
-            timestamp=tick,
-            value=Decimal("1.75") + i,
-            unit="GiB",
-            resource="aggregate",
-            metadata={"region": "us-east-1"},
-        ))
-    return out
 
 
 def backend(server: PaigoContractServer, **overrides: Any) -> PaigoBackend:
@@ -138,7 +97,7 @@ class Pipeline:
             due = self.spool.next_due()
             if due is None:
                 return
-            self.clock.now = max(self.clock.now, due)
+            self.clock.advance_to(due)
         raise AssertionError(f"not drained: {self.spool.counts()}")
 
 
@@ -225,7 +184,7 @@ def test_retry_after_is_honoured(pipeline: Pipeline, paigo: PaigoContractServer)
     paigo.script("/usage", Fault(status=429, retry_after="7"))
     pipeline.enqueue(make_records(1))
     pipeline.forwarder.drain()
-    assert pipeline.spool.next_due() == pipeline.clock.now + 7
+    assert pipeline.spool.next_due() == pipeline.clock.time() + 7
     pipeline.clock.advance(6.9)
     assert pipeline.forwarder.pump().leased == 0  # not before the backend said
     pipeline.clock.advance(0.1)

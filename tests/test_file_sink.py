@@ -21,7 +21,8 @@ from agent.metrics import Metrics
 from agent.sinks.file import FileSink, read_jsonl
 from agent.spool import Spool
 from tests.http_server import record_validator
-from tests.test_delivery import TICK, FakeClock, make_records
+from tests.support import FakeClock, make_records
+from tests.test_delivery import TICK
 
 
 def file_sink(path: Path, **overrides: object) -> FileSink:
@@ -119,7 +120,7 @@ _CHILD = textwrap.dedent("""
     from agent.delivery import Delivery
     from agent.metrics import Metrics
     from agent.sinks.file import FileSink
-    from tests.test_delivery import make_records
+    from tests.support import make_records
 
     sink = FileSink(parse_backend({"type": "file", "path": sys.argv[1], "max_bytes": 1 << 40}))
     delivery = Delivery(sink, None, Metrics())
@@ -181,7 +182,7 @@ def _run_with_file_size_limit(path: Path, limit: int) -> list[str]:
         from agent.delivery import Delivery
         from agent.metrics import Metrics
         from agent.sinks.file import FileSink
-        from tests.test_delivery import make_records
+        from tests.support import make_records
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
         delivery = Delivery(FileSink(parse_backend({{"type": "file", "path": {str(path)!r}}})), None, Metrics())

@@ -39,7 +39,8 @@ from agent.testing.paigo_server import PaigoContractServer
 from agent.testing.server import Answer as ServerAnswer
 from agent.testing.server import Fault, LoopbackServer
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, Aws, agent_command, measurement, write_config
-from tests.test_delivery import FakeClock, Pipeline, backend, make_records
+from tests.support import FakeClock, make_records
+from tests.test_delivery import Pipeline, backend
 
 OM_TOKEN = "om-hostile"
 PAD = "x" * 400
@@ -403,19 +404,19 @@ def test_an_api_refusing_every_token_costs_one_refresh_per_burst(paigo: PaigoCon
     assert paigo.token_requests == 2  # the first token, and one replacement for the burst of 401s
     assert paigo.usage_requests <= 2 * 8  # at most the sends in flight, twice
     assert pipeline.spool.counts()["pending"] == 250
-    first_wait = pipeline.spool.next_due() - clock.now
+    first_wait = pipeline.spool.next_due() - clock.time()
     assert first_wait >= 5  # held back, not retried at once
 
     for _ in range(3):  # each later burst: one token request, and a longer wait
-        clock.now = pipeline.spool.next_due()
+        clock.advance_to(pipeline.spool.next_due())
         before = paigo.token_requests
         pipeline.forwarder.drain()
         assert paigo.token_requests - before <= 1
-    assert pipeline.spool.next_due() - clock.now > first_wait
+    assert pipeline.spool.next_due() - clock.time() > first_wait
     assert pipeline.spool.counts()["pending"] == 250
 
     paigo.clear_faults()  # the API takes tokens again
-    clock.now = pipeline.spool.next_due()
+    clock.advance_to(pipeline.spool.next_due())
     pipeline.run_until_drained()
     assert pipeline.spool.counts()["delivered"] == 250
     pipeline.close()

@@ -20,7 +20,8 @@ from agent.sinks.http import HttpSink
 from tests.http_server import HttpContractServer, verify_signature
 from agent.testing.server import Fault
 from tests.conftest import backend_config
-from tests.test_delivery import TICK, FakeClock, Pipeline, make_records
+from tests.support import FakeClock, make_records
+from tests.test_delivery import TICK, Pipeline
 
 SECRET = "hmac-9c1e7f"
 NOW = 1_800_000_000.0
@@ -127,7 +128,7 @@ def test_429_and_5xx_are_retried(server: HttpContractServer, pipeline: Pipeline)
     records = make_records(12)
     pipeline.spool.commit_tick("ebs-storage", TICK, records)
     pipeline.forwarder.drain()
-    assert pipeline.spool.next_due() == pipeline.clock.now + 3
+    assert pipeline.spool.next_due() == pipeline.clock.time() + 3
     pipeline.run_until_drained()
     assert set(server.records) == {r.record_id for r in records}
     assert server.duplicates() == 0 and server.requests == 4

@@ -27,7 +27,8 @@ from agent.spool import Spool
 from tests.openmeter_server import OpenMeterContractServer, event_validator
 from agent.testing.server import Fault
 from tests.conftest import ACCOUNT, DIMENSION, Aws, agent_command, backend_config, measurement, write_yaml
-from tests.test_delivery import TICK, FakeClock, Pipeline, make_records
+from tests.support import FakeClock, make_records
+from tests.test_delivery import TICK, Pipeline
 from tests.test_runtime import new_agent
 
 TOKEN = "om-6f1c2b7e"
@@ -188,7 +189,7 @@ def test_429_and_503_are_retried_and_retry_after_is_honoured(openmeter: OpenMete
 
     pipeline.forwarder.drain()
     assert pipeline.spool.counts()["pending"] == 20
-    assert pipeline.spool.next_due() == pipeline.clock.now + 7
+    assert pipeline.spool.next_due() == pipeline.clock.time() + 7
     assert {row["last_status"] for row in pipeline.spool.rows("pending")} == {429}
     pipeline.clock.advance(6.9)
     assert pipeline.forwarder.pump().leased == 0  # not before OpenMeter said

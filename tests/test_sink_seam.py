@@ -23,7 +23,7 @@ from agent.sinks.http import HttpSink
 from agent.sinks.openmeter import OpenMeterSink
 from agent.sinks.paigo import PaigoSink
 from agent.sinks.transport import http_client
-from tests.test_delivery import FakeClock, make_records
+from tests.support import FakeClock, make_records
 
 Handler = Callable[[httpx.Request], httpx.Response]
 PAIGO = {"type": "paigo", "url": "https://api.paigo.test", "token_url": "https://auth.paigo.test/oauth/token",

@@ -5,14 +5,15 @@ from __future__ import annotations
 import random
 import sqlite3
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
 
 import pytest
 
-from agent.records import UsageRecord, format_timestamp, record_id
+from agent.records import format_timestamp
 from agent.errors import SpoolError, SpoolFullError
 from agent.metrics import Metrics
 from agent.spool import Dead, Retry, Spool, SpoolFacts
+from tests.support import FakeClock
+from tests.support import make_record as record
 
 UTC = timezone.utc
 T1 = datetime(2024, 3, 1, 10, 0, tzinfo=UTC)
@@ -21,35 +22,13 @@ T3 = T2 + timedelta(hours=1)
 START = 1_700_000_000.0
 
 
-class FakeClock:
-    def __init__(self, now: float = START):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def make_record(customer: str, tick: datetime = T1, value: str = "1.75") -> UsageRecord:
-    return UsageRecord(
-        record_id=record_id("ebs-storage", "dim-storage", customer, "aggregate", tick),
-        measurement="ebs-storage",
-        event_type="ebs-storage",
-        dimension_id="dim-storage",
-        customer_id=customer,
-        timestamp=tick,
-        value=Decimal(value),
-        unit="GiB-hours",
-        resource="aggregate",
-        metadata={"environment": "prod", "resource_count": "2"},
-    )
+SPOOL_FIELDS = {"dimension": "dim-storage", "unit": "GiB-hours", "metadata": {"environment": "prod", "resource_count": "2"}}
+make_record = lambda customer, tick=T1, value="1.75": record(customer, tick, value, **SPOOL_FIELDS)  # noqa: E731
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(START)
 
 
 @pytest.fixture
@@ -144,7 +123,7 @@ def test_the_cap_is_exact_when_delivered_records_lie_between_unsent_ones(open_sp
     spool = open_spool(max_records=4)
     spool.commit_tick("ebs-storage", T1, [make_record(c) for c in ("acme", "globex", "initech", "umbrella")])
     first = spool.lease_batch(1, 60)  # acme fails and waits; the two after it are delivered
-    spool.settle(retries=[Retry(ids(first)[0], clock.now + 30, 503, "backend answered 503")])
+    spool.settle(retries=[Retry(ids(first)[0], clock.time() + 30, 503, "backend answered 503")])
     middle = spool.lease_batch(2, 60)
     spool.settle(delivered=ids(middle))
     # unsent: acme and umbrella, four rows apart; two more fit, three do not
@@ -266,12 +245,12 @@ def test_settle_ignores_records_that_are_not_leased(spool):
 def test_settle_retry_waits_until_not_before(spool, clock):
     spool.commit_tick("ebs-storage", T1, [make_record("acme")])
     (rid,) = ids(spool.lease_batch(10, 60))
-    spool.settle(retries=[Retry(rid, not_before=clock.now + 30, status=503, error="service unavailable")])
+    spool.settle(retries=[Retry(rid, not_before=clock.time() + 30, status=503, error="service unavailable")])
 
     assert spool.counts()["pending"] == 1
     (row,) = spool.rows("pending")
     assert (row["attempts"], row["last_status"], row["last_error"]) == (1, 503, "service unavailable")
-    assert spool.next_due() == clock.now + 30
+    assert spool.next_due() == clock.time() + 30
 
     clock.advance(29)
     assert spool.lease_batch(10, 60) == []

@@ -24,7 +24,8 @@ from agent.sinks.file import FileSink
 from agent.spool import Dead, Reserve, Spool, open_failure
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import Aws, make_config
-from tests.test_delivery import TICK, FakeClock, make_records
+from tests.support import FakeClock, make_records
+from tests.test_delivery import TICK
 from tests.test_runtime import new_agent
 
 MiB = 2**20
@@ -178,7 +179,7 @@ def test_a_paused_forwarder_backs_off_instead_of_spinning(tmp_path: Path) -> Non
             raise AssertionError(f"busy loop: {sleeps[:10]} …")
         clock.advance(max(seconds, 0.001))
 
-    start = clock.now
+    start = clock.time()
     with capture_logs() as logs:
         forwarder.drain_until(start + 5, sleep=sleep)
     paused = [e for e in logs if e["event"] == "spool unavailable; delivery paused until it can be written again"]
@@ -187,12 +188,12 @@ def test_a_paused_forwarder_backs_off_instead_of_spinning(tmp_path: Path) -> Non
     assert forwarder.drain().leased == 0 and len(logs) == len(paused) + 0  # still paused: returns at once
 
     for _ in range(10):  # the pause doubles up to its cap
-        clock.now = forwarder.paused_until
+        clock.advance_to(forwarder.paused_until)
         forwarder.drain()
-    assert forwarder.paused_until - clock.now == MAX_PAUSE
+    assert forwarder.paused_until - clock.time() == MAX_PAUSE
 
     spool._db.execute("PRAGMA query_only=0")
-    clock.now = forwarder.paused_until
+    clock.advance_to(forwarder.paused_until)
     assert forwarder.drain().delivered == 20 and forwarder.paused_until is None
     sink.close()
     spool.close()

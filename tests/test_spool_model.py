@@ -15,7 +15,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,11 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from agent.records import UsageRecord, format_timestamp, record_id
+from agent.records import UsageRecord, format_timestamp
 from agent.errors import SpoolFullError
 from agent.spool import STATES, Dead, Retry, Spool
+from tests.support import FakeClock
+from tests.support import make_record as record
 
 UTC = timezone.utc
 START = 1_700_000_000.0
@@ -46,27 +47,9 @@ LEASE_SECONDS = st.sampled_from([0.0, 1.0, 5.0, 30.0, 60.0]) | st.just(0.5)
 DELAYS = SECONDS | st.just(-5.0)
 
 
-class FakeClock:
-    def __init__(self, now: float = START):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_record(measurement: str, customer: str, tick: datetime, value: str) -> UsageRecord:
-    return UsageRecord(
-        record_id=record_id(measurement, f"dim-{measurement}", customer, "aggregate", tick),
-        measurement=measurement,
-        event_type=measurement,
-        dimension_id=f"dim-{measurement}",
-        customer_id=customer,
-        timestamp=tick,
-        value=Decimal(value),
-        unit="GiB-hours",
-        resource="aggregate",
-        metadata={"environment": "prod", "customer": customer},
-    )
+make_record = lambda measurement, customer, tick, value: record(  # noqa: E731
+    customer, tick, value, measurement=measurement, dimension=f"dim-{measurement}", unit="GiB-hours",
+    metadata={"environment": "prod", "customer": customer})
 
 
 # One sampler tick: 0-5 records of one measurement (same customer twice in a tick happens too).
@@ -103,7 +86,7 @@ class SpoolMachine(RuleBasedStateMachine):
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="spool-model-"))
         self.path = self.dir / "spool.db"
-        self.clock = FakeClock()
+        self.clock = FakeClock(START)
         self.spool: Spool | None = None
         self.max_records = 0
         # the model
@@ -312,11 +295,11 @@ class SpoolMachine(RuleBasedStateMachine):
         (the boundary where ``lease_until <= now`` and ``not_before <= now`` matter)."""
         due = [r.not_before for r in self.records.values() if r.state == "pending"]
         due += [r.lease_until for r in self.records.values() if r.state == "leased"]
-        future = [t for t in due if t > self.clock.now]
+        future = [t for t in due if t > self.clock.time()]
         if to_next_due and future:
-            self.clock.now = min(future)
+            self.clock.advance_to(min(future))
         else:
-            self.clock.now += seconds
+            self.clock.advance(seconds)
 
     @precondition(lambda self: self.ids_in("leased"))  # the interesting crash: leases left behind
     @rule()

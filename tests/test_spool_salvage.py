@@ -17,43 +17,29 @@ from pathlib import Path
 import pytest
 
 from agent.config import parse_backend
-from agent.records import UsageRecord, record_id
 from agent.forwarder import Forwarder
 from agent.salvage import salvage
 from agent.sinks.file import FileSink, read_jsonl
 from agent.spool import Dead, Spool
+from tests.support import FakeClock
+from tests.support import make_record as record
 
 UTC = timezone.utc
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 PAGE = 4096
+START = 1_700_000_000.0
 
 
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    time = __call__  # the forwarder reads epoch seconds as Clock.time()
-
-
-def make_record(n: int, value: Decimal | None = None) -> UsageRecord:
-    tick = T0 + timedelta(minutes=15 * (n // 10))
-    customer = f"cust-{n % 10:03d}"
-    return UsageRecord(
-        record_id=record_id("ebs-storage", "dim-storage", customer, "aggregate", tick),
-        measurement="ebs-storage", event_type="ebs-storage", dimension_id="dim-storage", customer_id=customer,
-        timestamp=tick, value=Decimal(f"{n}.25") if value is None else value, unit="GiB", resource="aggregate",
-        metadata={"environment": "prod", "resource_count": "2"},
-    )
+make_record = lambda n, value=None: record(  # noqa: E731
+    f"cust-{n % 10:03d}", T0 + timedelta(minutes=15 * (n // 10)), Decimal(f"{n}.25") if value is None else value,
+    dimension="dim-storage", unit="GiB", metadata={"environment": "prod", "resource_count": "2"})
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """300 records in ticks of 10: 80 delivered, 20 dead, 200 pending; closed cleanly (no -wal)."""
     path = tmp_path_factory.mktemp("built") / "spool.db"
-    spool = Spool(path, clock=Clock())
+    spool = Spool(path, clock=FakeClock(START))
     for t in range(30):
         spool.commit_tick("ebs-storage", T0 + timedelta(minutes=15 * t), [make_record(10 * t + c) for c in range(10)])
     batch = [item.record.record_id for item in spool.lease_batch(100, 60)]
@@ -164,7 +150,7 @@ def poison_value(path: Path, rid: str) -> None:
 
 
 def test_one_row_that_does_not_render_is_dead_lettered_and_the_others_are_delivered(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = FakeClock(START)
     spool = Spool(tmp_path / "spool.db", clock=clock)
     spool.claim()
     records = [make_record(n) for n in range(40)]
@@ -190,7 +176,7 @@ def test_one_row_that_does_not_render_is_dead_lettered_and_the_others_are_delive
 def test_rows_dead_lettered_at_lease_are_counted_and_do_not_stop_the_drain(tmp_path: Path) -> None:
     """What ``once`` reports and exits by: a row dead-lettered as damaged counts as dead, and a
     batch made only of such rows does not end the drain while records are pending after it."""
-    clock = Clock()
+    clock = FakeClock(START)
     spool = Spool(tmp_path / "spool.db", clock=clock)
     spool.claim()
     records = [make_record(n) for n in range(40)]
