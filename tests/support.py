@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import TypeVar
 
+from agent.clock import SystemClock
 from agent.records import UsageRecord, record_id
 from tests.conftest import DIMENSION
 
@@ -43,6 +44,18 @@ class FakeClock:
         self._t = max(self._t, epoch)
 
     __call__ = time  # stages still taking an epoch-seconds callable
+
+
+class Monotonic(SystemClock):
+    """The system clock, with ``monotonic()`` read from ``reading`` (a test's own stepping counter):
+    wall time stays real (moto's credential expiry is on it) while durations are scripted."""
+
+    def __init__(self, reading: Callable[[], float]):
+        super().__init__()
+        self._reading = reading
+
+    def monotonic(self) -> float:
+        return self._reading()
 
 
 def make_record(customer: str = "acme", tick: datetime = RECORDS_FROM, value: Decimal | str = "1.75", *,

@@ -21,7 +21,8 @@ from agent.credentials import SessionFactory
 from agent.metrics import Metrics
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import Aws, AwsProxy, aws_error, make_config, measurement, through
-from tests.test_runtime import FakeClock, new_agent
+from tests.support import FakeClock
+from tests.test_runtime import new_agent
 
 AT = datetime(2026, 11, 21, 10, 7, tzinfo=timezone.utc)
 REGIONS = ["us-east-1", "eu-west-1", "ap-south-1"]
@@ -202,7 +203,7 @@ def test_a_throttled_account_backs_off_while_the_others_go_on(aws: Aws, keyed: K
 
 
 def test_renewed_credentials_sign_the_next_calls_of_their_own_account(aws: Aws, keyed: KeyedProxy) -> None:
-    clock = FakeClock(datetime.now(timezone.utc))
+    clock = FakeClock(datetime.now(timezone.utc).timestamp())
     factory = SessionFactory(metrics=Metrics(), clock=clock)
     roles = [f"arn:aws:iam::{a}:role/usage-scraper" for a in ACCOUNTS[:2]]
     for _ in range(2):

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import jsonschema
@@ -14,6 +13,7 @@ import jsonschema
 from agent.spool import Spool
 from agent.testing.paigo_server import Fault, PaigoContractServer, usage_record_schema
 from tests.conftest import DIMENSION, Aws, agent_command, measurement, write_config
+from tests.support import wait_for
 
 AT = "2026-11-21T10:07:30Z"  # inside the 15-minute tick 10:00-10:15, so T = 10:00
 
@@ -113,14 +113,6 @@ def test_invalid_config_exits_2_for_every_command(tmp_path: Path) -> None:
         assert "backend.client_id: required key is missing" in done.stderr
 
 
-def _wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
-
-
 def test_daemon_samples_on_aligned_ticks_and_stops_cleanly_on_sigterm(
     aws: Aws, paigo: PaigoContractServer, tmp_path: Path
 ) -> None:
@@ -129,10 +121,10 @@ def test_daemon_samples_on_aligned_ticks_and_stops_cleanly_on_sigterm(
     daemon = subprocess.Popen([*agent_command(), "run", "-c", str(config)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     try:
-        _wait_for(lambda: len(paigo.accepted) >= 2)
+        wait_for(lambda: len(paigo.accepted) >= 2, timeout=20.0)
         # the next send hangs for a while: SIGTERM must wait for it, not abandon it
         paigo.script("/usage", Fault(delay=1.0))
-        _wait_for(lambda: paigo.in_flight > 0)
+        wait_for(lambda: paigo.in_flight > 0, timeout=20.0)
         daemon.send_signal(signal.SIGTERM)
         _, stderr = daemon.communicate(timeout=30)
     finally:

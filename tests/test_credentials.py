@@ -18,7 +18,8 @@ from agent.metrics import Metrics
 from agent.spool import Spool
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, EXTERNAL_ID, ROLE_ARN, Aws, make_config, measurement
-from tests.test_runtime import FakeClock, new_agent
+from tests.support import FakeClock
+from tests.test_runtime import new_agent
 
 
 def test_assume_role_passes_external_id_and_a_meaningful_session_name(aws: Aws) -> None:
@@ -51,17 +52,17 @@ def test_one_assumed_role_per_role_and_external_id_and_one_client_per_region(aws
 
 
 def test_credentials_are_refreshed_when_they_near_expiry(aws: Aws) -> None:
-    clock = FakeClock(datetime.now(timezone.utc))
+    clock = FakeClock(datetime.now(timezone.utc).timestamp())
     factory = SessionFactory(metrics=Metrics(), clock=clock, duration_seconds=3600)
     credentials = factory.credentials(ROLE_ARN, EXTERNAL_ID)
     first = credentials.get_frozen_credentials()
     expiry = aws.assumed_roles()[0].expiration.replace(tzinfo=timezone.utc)
 
-    clock.at = expiry - timedelta(minutes=20)  # still comfortably valid: no refresh
+    clock.advance_to((expiry - timedelta(minutes=20)).timestamp())  # still comfortably valid: no refresh
     assert credentials.get_frozen_credentials().access_key == first.access_key
     assert len(aws.assumed_roles()) == 1
 
-    clock.at = expiry - timedelta(minutes=5)  # inside botocore's mandatory refresh window
+    clock.advance_to((expiry - timedelta(minutes=5)).timestamp())  # inside botocore's mandatory refresh window
     second = credentials.get_frozen_credentials()
     assert second.access_key != first.access_key
     assert len(aws.assumed_roles()) == 2

@@ -21,7 +21,8 @@ from agent.samplers.base import CallError, Target
 from agent.samplers.ebs import VOLUMES
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import ACCOUNT, TICK, Aws, AwsProxy, aws_error, make_config, measurement, offline_client, only
-from tests.test_runtime import Monotonic, new_agent
+from tests.support import Monotonic
+from tests.test_runtime import new_agent
 
 PAGE_SIZE, sample_volumes = VOLUMES.page_size, VOLUMES.sample
 

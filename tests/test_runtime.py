@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -21,41 +21,9 @@ from agent.spool import Spool
 from agent.testing.paigo_server import PaigoContractServer
 from agent.ticks import Agent
 from tests.conftest import Aws, make_config, measurement
+from tests.support import FakeClock
 
 UTC = timezone.utc
-
-
-class FakeClock:
-    """An ``agent.clock.Clock`` that moves only when told to (``sleep`` moves it, without waiting)."""
-
-    def __init__(self, at: datetime = datetime(2026, 11, 21, 10, 0, 30, tzinfo=UTC)):
-        self.at = at
-
-    def now(self) -> datetime:
-        return self.at
-
-    def time(self) -> float:
-        return self.at.timestamp()
-
-    def monotonic(self) -> float:
-        return self.at.timestamp()
-
-    def sleep(self, seconds: float) -> None:
-        self.advance(max(0.0, seconds))
-
-    def advance(self, seconds: float) -> None:
-        self.at += timedelta(seconds=seconds)
-
-
-class Monotonic(SystemClock):
-    """The system clock, with ``monotonic()`` read from ``reading`` (a test's own stepping counter)."""
-
-    def __init__(self, reading: Callable[[], float]):
-        super().__init__()
-        self._reading = reading
-
-    def monotonic(self) -> float:
-        return self._reading()
 
 
 def new_agent(cfg, spool: Spool | None = None, *, metrics: Metrics | None = None, clock=None,
@@ -101,7 +69,7 @@ def test_a_job_woken_a_little_early_samples_the_tick_it_was_scheduled_for(aws: A
     aws.volume("us-east-1", 9, tags={"customer-id": "acme"})
     agent, forwarder, sink = daemon_parts
     early = datetime(2026, 11, 21, 9, 59, 59, 990000, tzinfo=UTC)
-    daemon = daemon_of(agent, forwarder, sink, clock=FakeClock(early))
+    daemon = daemon_of(agent, forwarder, sink, clock=FakeClock(early.timestamp()))
     daemon._sample_job(agent.cfg.measurements[0])
     assert agent.spool.last_tick("five") == "2026-11-21T10:00:00Z"
 

@@ -13,16 +13,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from agent import salvage as salvage_module
-from agent.records import UsageRecord, record_id
+from agent.records import UsageRecord
 from agent.spool import Dead, Spool
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import agent_command, write_config
+from tests.support import FakeClock
+from tests.support import make_record as record
 
 UTC = timezone.utc
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
@@ -32,32 +33,9 @@ FIRST_SETTLE, SECOND_SETTLE = START + 30_000, START + 40_000
 SEED = 4711  # its 20 flips hit page structure too, so the open check sees them (cf. the xfail below)
 
 
-class Clock:
-    """agent.clock.Clock at a time the test sets (``at``, epoch seconds); it never moves by itself."""
-
-    def __init__(self, at: float = START, wall: datetime | None = None):
-        self.at = wall.timestamp() if wall else at
-
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self.at, UTC)
-
-    def time(self) -> float:
-        return self.at
-
-    def monotonic(self) -> float:
-        return self.at
-
-    def sleep(self, seconds: float) -> None:
-        self.at += seconds
-
-
-def make_record(customer: int, tick: datetime) -> UsageRecord:
-    return UsageRecord(
-        record_id=record_id("ebs-storage", "dim-storage", f"cust-{customer:03d}", "aggregate", tick),
-        measurement="ebs-storage", event_type="ebs-storage", dimension_id="dim-storage",
-        customer_id=f"cust-{customer:03d}", timestamp=tick, value=Decimal(f"{customer}.75"), unit="GiB",
-        resource="aggregate", metadata={"environment": "prod", "resource_count": "2"},
-    )
+make_record = lambda customer, tick: record(  # noqa: E731
+    f"cust-{customer:03d}", tick, f"{customer}.75", dimension="dim-storage", unit="GiB",
+    metadata={"environment": "prod", "resource_count": "2"})
 
 
 def tick_at(n: int) -> datetime:
@@ -66,16 +44,16 @@ def tick_at(n: int) -> datetime:
 
 def build_spool(path: Path) -> None:
     """1300 delivered (800 early, 500 late), 200 dead (400/422 alternating), 100 leased, 1400 pending."""
-    clock = Clock()
+    clock = FakeClock(START)
     spool = Spool(path, clock=clock)
     for n in range(TICKS):
-        clock.at = START + 900 * n
+        clock.advance_to(START + 900 * n)
         spool.commit_tick("ebs-storage", tick_at(n), [make_record(c, tick_at(n)) for c in range(CUSTOMERS)])
-    clock.at = FIRST_SETTLE
+    clock.advance_to(FIRST_SETTLE)
     batch = [item.record.record_id for item in spool.lease_batch(1000, 60)]
     spool.settle(delivered=batch[:800], dead=[Dead(rid, 400 if i % 2 else 422, f"rejected #{i}") for i, rid in
                                               enumerate(batch[800:])])
-    clock.at = SECOND_SETTLE
+    clock.advance_to(SECOND_SETTLE)
     spool.settle(delivered=[item.record.record_id for item in spool.lease_batch(500, 60)])
     spool.lease_batch(100, 60)  # left leased, as by an agent that died
     spool.close()
@@ -316,7 +294,7 @@ def test_salvage_does_not_keep_a_body_that_is_no_longer_a_record(setup: Setup) -
 
 
 def test_a_second_salvage_in_the_same_second_keeps_the_first_damaged_file(setup: Setup) -> None:
-    frozen = Clock(wall=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))  # both salvages read the same instant
+    frozen = FakeClock(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp())  # both salvages read the same instant
     damaged = setup.db.read_bytes()[: setup.db.stat().st_size // 2]
     setup.db.write_bytes(damaged)
     salvage_module.salvage(setup.db, clock=frozen)
@@ -341,7 +319,7 @@ def test_deleting_wal_and_shm_after_a_clean_close_loses_nothing(tmp_path: Path) 
 
 
 def test_committed_ticks_survive_a_crash_that_loses_the_wal(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = FakeClock(START)
     live = Spool(tmp_path / "live" / "spool.db", clock=clock)
     try:
         for n in range(5):

@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -32,7 +31,8 @@ from agent.spool import Spool
 from agent.telemetry import REDACTED, configure_logging, redact_secrets, redact_text
 from agent.testing.paigo_server import Fault, PaigoContractServer
 from tests.conftest import ACCOUNT, EXTERNAL_ID, ROLE_ARN, Aws, agent_command, make_config, measurement, write_config
-from tests.test_runtime import FakeClock, new_agent
+from tests.support import FakeClock, wait_for
+from tests.test_runtime import new_agent
 
 
 def test_secret_keys_and_bearer_tokens_are_redacted() -> None:
@@ -111,14 +111,6 @@ def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
-
-
 def test_a_running_agent_serves_metrics_health_and_readiness(
     aws: Aws, paigo: PaigoContractServer, tmp_path: Path
 ) -> None:
@@ -183,7 +175,7 @@ def test_a_running_agent_serves_metrics_health_and_readiness(
 @pytest.fixture
 def in_process(aws: Aws, paigo: PaigoContractServer, tmp_path: Path):
     """A daemon with an injected clock, its endpoints served on 127.0.0.1; the scheduler is not started."""
-    clock = FakeClock(datetime(2026, 11, 21, 10, 0, 30, tzinfo=timezone.utc))
+    clock = FakeClock(datetime(2026, 11, 21, 10, 0, 30, tzinfo=timezone.utc).timestamp())
     bulky = {f"k{i}": "x" * 200 for i in range(40)}  # records that need new pages in the spool
     cfg = make_config(paigo, tmp_path, measurement(name="five", interval="5m", metadata=bulky))
     spool = Spool(cfg.spool.path, max_records=2)
@@ -210,19 +202,19 @@ def test_not_ready_when_a_measurement_has_not_ticked_for_two_intervals(aws: Aws,
     m = daemon.agent.cfg.measurements[0]
     assert readyz(base)[0] == 200  # just started: the first tick is not due yet
 
-    clock.at += timedelta(minutes=10)  # exactly two intervals without a tick: still ready
+    clock.advance(timedelta(minutes=10).total_seconds())  # exactly two intervals without a tick: still ready
     assert readyz(base)[0] == 200
-    clock.at += timedelta(seconds=1)
+    clock.advance(timedelta(seconds=1).total_seconds())
     status, body = readyz(base)
     assert status == 503 and body["status"] == "not ready" and body["failed"] == ["tick:five"]
     (tick,) = [c for c in body["checks"] if c["name"] == "tick:five"]
     assert tick["detail"] == "no tick since the start at 2026-11-21T10:00:30Z, 601s ago; the limit is two intervals (600s)"
 
-    assert daemon.agent.sample_tick(m, clock.at).ok  # tick 10:10
+    assert daemon.agent.sample_tick(m, clock.now()).ok  # tick 10:10
     assert readyz(base)[0] == 200
-    clock.at += timedelta(minutes=9)  # 10:19:31: the 10:10 tick is 571 s old
+    clock.advance(timedelta(minutes=9).total_seconds())  # 10:19:31: the 10:10 tick is 571 s old
     assert readyz(base)[0] == 200
-    clock.at += timedelta(minutes=1)
+    clock.advance(timedelta(minutes=1).total_seconds())
     assert readyz(base)[1]["failed"] == ["tick:five"]
 
 
@@ -231,8 +223,8 @@ def test_not_ready_while_the_spool_is_full_until_it_drains(aws: Aws, in_process)
     for customer in ("acme", "globex"):
         aws.volume("us-east-1", 4, tags={"customer-id": customer})
     m = daemon.agent.cfg.measurements[0]
-    assert daemon.agent.sample_tick(m, clock.at).ok  # two records: the spool's cap
-    refused = daemon.agent.sample_tick(m, clock.at + timedelta(minutes=5))
+    assert daemon.agent.sample_tick(m, clock.now()).ok  # two records: the spool's cap
+    refused = daemon.agent.sample_tick(m, clock.now() + timedelta(minutes=5))
     assert not refused.ok and "max_records" in (refused.error or "")
     status, body = readyz(base)
     assert status == 503 and body["failed"] == ["spool_not_full"]
@@ -251,14 +243,14 @@ def test_not_ready_while_the_spool_cannot_be_written(aws: Aws, in_process) -> No
     m = daemon.agent.cfg.measurements[0]
     pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
     spool._db.execute(f"PRAGMA max_page_count={pages}")  # as if the disk had no room left
-    assert not daemon.agent.sample_tick(m, clock.at).ok
+    assert not daemon.agent.sample_tick(m, clock.now()).ok
     status, body = readyz(base)
     assert status == 503 and body["failed"] == ["spool_writable"]
     (check,) = [c for c in body["checks"] if c["name"] == "spool_writable"]
     assert "full" in check["detail"]
 
     spool._db.execute("PRAGMA max_page_count=1073741823")  # room again
-    assert daemon.agent.sample_tick(m, clock.at).ok
+    assert daemon.agent.sample_tick(m, clock.now()).ok
     assert readyz(base)[0] == 200
 
 
