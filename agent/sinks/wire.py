@@ -46,6 +46,7 @@ class _Socket:
     def __init__(self, sock: socket.socket, connection: _Connection):
         self.sock = sock
         self._connection = connection
+        self._held: list[bytes] = []
         self._readers = 0
         self._closed = False
 
@@ -53,6 +54,15 @@ class _Socket:
         self.sock.settimeout(_left(self._connection.deadline, expired))
 
     def sendall(self, data: bytes) -> None:
+        self._held.append(data)  # http.client writes head and body apart: they leave together, waking the peer once
+        if len(data) >= _CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        data = b"".join(self._held)
+        self._held.clear()
         self.arm(httpx.WriteTimeout)  # sendall's timeout bounds the whole send, not each part of it
         try:
             self.sock.sendall(data)
@@ -84,6 +94,7 @@ class _Reader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
+        self._owner.flush()
         self._owner.arm(httpx.ReadTimeout)  # each read gets what is left of the deadline, not a fresh timeout
         try:
             return self._owner.sock.recv_into(buffer)
