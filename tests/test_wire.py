@@ -238,3 +238,11 @@ def test_the_transport_speaks_plain_http_1_1_with_the_agents_headers(peers) -> N
     assert lines[0] == b"POST /usage?x=1 HTTP/1.1"
     assert {b"Accept-Encoding: identity", b"Content-Length: 2"} <= set(lines)
     transport.close()
+
+
+def test_a_header_http_cannot_carry_is_an_httpx_error_not_a_crash(peers) -> None:
+    peer = peers(keep_alive)
+    bad = request("POST", f"{peer.url}/usage", {"Authorization": "Bearer a\r\nX-Evil: 1"}, b"{}")
+    with pytest.raises(httpx.LocalProtocolError):
+        send(http_client(10.0, 2), bad, 2.0, Metrics())
+    assert not peer.heads

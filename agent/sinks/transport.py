@@ -1,10 +1,11 @@
 """The one HTTP client every sink sends through, and the one bounded way to send a request.
 
-``http_client`` builds it (the composition root calls it once): a pool, redirects not
-followed, answers not compressed, the environment's proxies, and sockets that hold every
-request to a total deadline (connect, write, headers and body together) whatever the peer
-does. ``send`` reads at most ``ANSWER_CAP`` bytes of an answer before closing the connection.
-Unit tests pass ``transport=httpx.MockTransport(handler)``.
+``http_client`` builds it (the composition root calls it once): ``agent.sinks.wire``
+transports (a pool on ``http.client`` whose sockets hold every request to a total deadline,
+connect, write, headers and body together, whatever the peer does), one per proxy of the
+environment, redirects not followed, answers not compressed. ``send`` hands a request to the
+transport for its URL and reads at most ``ANSWER_CAP`` bytes of the answer before closing
+the connection. Unit tests pass ``transport=httpx.MockTransport(handler)``.
 """
 
 from __future__ import annotations

@@ -185,6 +185,8 @@ class WireTransport(httpx.BaseTransport):
             self._slots.release()
             if isinstance(exc, (http.client.HTTPException, ConnectionError)):
                 raise httpx.RemoteProtocolError(f"{url.host} answered no HTTP: {exc!r}") from exc
+            if isinstance(exc, ValueError):  # http.client refuses a header it cannot send (a line break)
+                raise httpx.LocalProtocolError(f"cannot send the request: {exc}") from exc
             raise
         return httpx.Response(answer.status, headers=answer.getheaders(), stream=_Body(self, origin, connection, answer),
                               extensions={"http_version": b"HTTP/1.1", "reason_phrase": answer.reason.encode("latin-1")})
