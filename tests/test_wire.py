@@ -1,0 +1,248 @@
+"""The http.client transport against real peers on 127.0.0.1 that speak raw bytes: total
+deadlines across trickled headers and bodies, capped reads, keep-alive, proxies from the
+environment, refused and reset connections."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from agent.metrics import Metrics
+from agent.sinks.base import ANSWER_CAP, transport_failure
+from agent.sinks.transport import http_client, request, send
+from agent.sinks.wire import WireTransport
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{\"message\":\"ok\"}"
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """One request's head and body (by its Content-Length), or b"" when the client hung up."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head
+
+
+class Peer:
+    """Runs ``script(connection, peer)`` for each connection it accepts; keeps the heads it read."""
+
+    def __init__(self, script: Callable[[socket.socket, Peer], None]):
+        self._script = script
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.accepted = 0
+        self.heads: list[bytes] = []
+        self.written = 0
+        self.hung_up = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self._script(conn, self)
+            except OSError:
+                self.hung_up.set()
+
+    def answer(self, conn: socket.socket) -> bool:
+        head = read_request(conn)
+        if head:
+            self.heads.append(head)
+        return bool(head)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.fixture
+def peers() -> Iterator[Callable[[Callable[[socket.socket, Peer], None]], Peer]]:
+    started: list[Peer] = []
+
+    def start(script: Callable[[socket.socket, Peer], None]) -> Peer:
+        started.append(Peer(script))
+        return started[-1]
+    yield start
+    for peer in started:
+        peer.close()
+
+
+def keep_alive(conn: socket.socket, peer: Peer) -> None:
+    while peer.answer(conn):
+        conn.sendall(OK)
+
+
+def post(client: httpx.Client, url: str, timeout: float = 2.0) -> object:
+    return send(client, request("POST", f"{url}/usage", {"Content-Type": "application/json"}, b"{}"), timeout,
+                Metrics())
+
+
+def trickle(data: bytes, conn: socket.socket, every: float = 0.02) -> None:
+    for i in range(len(data)):
+        conn.sendall(data[i:i + 1])
+        time.sleep(every)
+
+
+def test_trickled_headers_end_at_the_total_deadline(peers) -> None:
+    peer = peers(lambda conn, p: p.answer(conn) and trickle(b"HTTP/1.1 200 OK\r\nX-Pad: " + b"x" * 400, conn))
+    client = http_client(10.0, 2)
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        post(client, peer.url, timeout=0.3)
+    assert time.monotonic() - started < 1.5  # the header alone takes 8 s
+
+
+def test_a_trickled_body_ends_at_the_total_deadline(peers) -> None:
+    def slow_body(conn: socket.socket, p: Peer) -> None:
+        p.answer(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\n\r\n")
+        trickle(b"x" * 400, conn)
+    peer = peers(slow_body)
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        post(http_client(10.0, 2), peer.url, timeout=0.3)
+    assert time.monotonic() - started < 1.5
+
+
+def test_keep_alive_reuses_one_connection_and_replaces_one_the_peer_closed(peers) -> None:
+    peer = peers(keep_alive)
+    client = http_client(10.0, 2)
+    for _ in range(5):
+        assert post(client, peer.url).status == 200
+    assert peer.accepted == 1
+
+    def once(conn: socket.socket, p: Peer) -> None:  # answers as if it kept the connection, then closes it
+        p.answer(conn)
+        conn.sendall(OK)
+    closing = peers(once)
+    for _ in range(3):
+        assert post(client, closing.url).body == b'{"message":"ok"}'
+    assert closing.accepted == 3  # each idle connection the peer closed was noticed, not written to
+
+
+def test_a_capped_read_drops_the_connection(peers) -> None:
+    def huge(conn: socket.socket, p: Peer) -> None:
+        while p.answer(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % 2**30)
+            for _ in range(2**30 // 65536):
+                conn.sendall(b" " * 65536)
+                p.written += 65536
+    peer = peers(huge)
+    client = http_client(10.0, 2)
+    answer = post(client, peer.url)
+    assert not answer.complete and len(answer.body) == ANSWER_CAP
+    assert peer.hung_up.wait(5) and peer.written < 64 * 2**20  # of 1 GiB
+    post(client, peer.url)
+    assert peer.accepted == 2  # the half-read connection was not reused
+
+
+def test_in_use_connections_are_bounded(peers) -> None:
+    release = threading.Event()
+
+    def held(conn: socket.socket, p: Peer) -> None:
+        p.answer(conn)
+        release.wait(5)
+        conn.sendall(OK)
+    peer = peers(held)
+    client = http_client(10.0, 1)
+    first = threading.Thread(target=post, args=(client, peer.url))
+    first.start()
+    while not peer.heads:
+        time.sleep(0.005)
+    with pytest.raises(httpx.PoolTimeout):  # the one connection is busy until the deadline
+        post(client, peer.url, timeout=0.2)
+    release.set()
+    first.join()
+    assert peer.accepted == 1
+
+
+def test_https_goes_through_the_environments_proxy_with_connect(peers, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refusing(conn: socket.socket, p: Peer) -> None:
+        p.answer(conn)
+        conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+    proxy = peers(refusing)
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url.replace("http://", "http://agent:s3cret@"))
+    monkeypatch.setenv("NO_PROXY", "")
+    with pytest.raises(httpx.ProxyError, match="407"):
+        post(http_client(10.0, 2), "https://api.paigo.test")
+    (head,) = proxy.heads
+    assert head.startswith(b"CONNECT api.paigo.test:443 HTTP/1.")
+    assert b"Proxy-Authorization: Basic " + base64.b64encode(b"agent:s3cret") in head
+
+
+def test_no_proxy_hosts_go_direct(peers, monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy, direct = peers(keep_alive), peers(keep_alive)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert post(http_client(10.0, 2), direct.url).status == 200
+    assert proxy.accepted == 0 and direct.accepted == 1
+    monkeypatch.setenv("NO_PROXY", "")
+    assert post(http_client(10.0, 2), direct.url).status == 200
+    assert proxy.heads[0].startswith(f"POST {direct.url}/usage HTTP/1.1".encode())  # the absolute URI
+
+
+def test_a_refused_connection_is_a_connection_error() -> None:
+    closed = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    with pytest.raises(httpx.ConnectError) as refused:
+        post(http_client(10.0, 2), url)
+    assert transport_failure(refused.value).reason.startswith("connection error: ConnectError")
+
+
+@pytest.mark.parametrize("how", ["reset", "closed"])
+def test_a_peer_hanging_up_instead_of_answering_is_a_connection_error(peers, how: str) -> None:
+    def hang_up(conn: socket.socket, p: Peer) -> None:
+        p.answer(conn)
+        if how == "reset":  # RST instead of FIN
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer = peers(hang_up)
+    with pytest.raises(httpx.TransportError) as failed:
+        post(http_client(10.0, 2), peer.url)
+    assert not isinstance(failed.value, httpx.TimeoutException)
+    assert transport_failure(failed.value).reason.startswith("connection error")
+
+
+def test_the_transport_speaks_plain_http_1_1_with_the_agents_headers(peers) -> None:
+    peer = peers(keep_alive)
+    transport = WireTransport(2, 5.0)
+    answer = httpx.Client(transport=transport).post(f"{peer.url}/usage?x=1", content=b"{}",
+                                                    headers={"Accept-Encoding": "identity"})
+    assert answer.status_code == 200 and answer.json() == {"message": "ok"}
+    lines = peer.heads[0].split(b"\r\n")
+    assert lines[0] == b"POST /usage?x=1 HTTP/1.1"
+    assert {b"Accept-Encoding: identity", b"Content-Length: 2"} <= set(lines)
+    transport.close()
+
+
+def test_a_header_http_cannot_carry_is_an_httpx_error_not_a_crash(peers) -> None:
+    peer = peers(keep_alive)
+    bad = request("POST", f"{peer.url}/usage", {"Authorization": "Bearer a\r\nX-Evil: 1"}, b"{}")
+    with pytest.raises(httpx.LocalProtocolError):
+        send(http_client(10.0, 2), bad, 2.0, Metrics())
+    assert not peer.heads
