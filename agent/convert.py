@@ -19,7 +19,6 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from agent.records import WIDE, UsageRecord, record_id
-from agent.records import format_decimal, format_timestamp, parse_timestamp  # noqa: F401 - their old home; importers move to agent.records
 from agent.settings import PER_SECONDS, Customer, Measurement
 from agent.samplers import REGISTRY
 

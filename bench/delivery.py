@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from agent.convert import UsageRecord, format_decimal, format_timestamp
+from agent.records import UsageRecord, format_decimal, format_timestamp
 from bench.common import Timing, interleave, timed
 from bench.records import BASE_TICK, ticks
 

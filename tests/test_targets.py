@@ -212,9 +212,7 @@ def test_targets_run_concurrently_within_the_per_region_limit(aws: Aws, aws_prox
 
 
 def test_an_overrunning_tick_is_skipped_and_counted(aws: Aws, paigo: PaigoContractServer, tmp_path: Path) -> None:
-    from agent.clock import SystemClock
     from agent.forwarder import Forwarder
-    from agent.metrics import Metrics
     from agent.sinks import build_backend
 
     cfg = make_config(paigo, tmp_path, measurement(name="slow", interval="1m"))

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from agent.errors import ConfigError
 from agent.metrics import Metrics
 from agent.sinks.base import ANSWER_CAP, transport_failure
 from agent.sinks.transport import http_client, request, send
@@ -136,12 +137,18 @@ def test_keep_alive_reuses_one_connection_and_replaces_one_the_peer_closed(peers
         assert post(client, peer.url).status == 200
     assert peer.accepted == 1
 
+    closed = threading.Event()
+
     def once(conn: socket.socket, p: Peer) -> None:  # answers as if it kept the connection, then closes it
         p.answer(conn)
         conn.sendall(OK)
+        conn.close()
+        closed.set()
     closing = peers(once)
     for _ in range(3):
+        closed.clear()
         assert post(client, closing.url).body == b'{"message":"ok"}'
+        assert closed.wait(5)  # closed before the next request: reusing it would be a race the peer wins
     assert closing.accepted == 3  # each idle connection the peer closed was noticed, not written to
 
 
@@ -246,3 +253,11 @@ def test_a_header_http_cannot_carry_is_an_httpx_error_not_a_crash(peers) -> None
     with pytest.raises(httpx.LocalProtocolError):
         send(http_client(10.0, 2), bad, 2.0, Metrics())
     assert not peer.heads
+
+
+@pytest.mark.parametrize("proxy", ["socks5://127.0.0.1:1080", "https://127.0.0.1:3128"])
+def test_a_proxy_the_transport_cannot_speak_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, proxy: str) -> None:
+    monkeypatch.setenv("ALL_PROXY", proxy.replace("127.0.0.1", "user:pw@127.0.0.1"))
+    with pytest.raises(ConfigError, match=r"only http:// proxies are supported") as raised:
+        http_client(1.0)
+    assert proxy.split(":")[0] + "://127.0.0.1:" in str(raised.value) and "pw" not in str(raised.value)

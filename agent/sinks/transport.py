@@ -16,6 +16,7 @@ import httpx
 from httpx._utils import get_environment_proxies  # the rules httpx itself applies to HTTPS_PROXY, NO_PROXY
 
 from agent import __version__
+from agent.errors import ConfigError
 from agent.metrics import Metrics
 from agent.sinks.base import ANSWER_CAP, Answer
 from agent.sinks.wire import DEADLINE, WireTransport
@@ -31,10 +32,20 @@ def http_client(timeout: float, connections: int = 8, transport: httpx.BaseTrans
     if transport is None:
         transport = WireTransport(connections, timeout)
         # the environment's proxies (HTTPS_PROXY, NO_PROXY …), mounted as httpx mounts them for its own transport
-        mounts = {pattern: WireTransport(connections, timeout, proxy) if proxy else None
+        mounts = {pattern: WireTransport(connections, timeout, _http_proxy(pattern, proxy)) if proxy else None
                   for pattern, proxy in get_environment_proxies().items()}
     return httpx.Client(timeout=httpx.Timeout(timeout), transport=transport, mounts=mounts,
                         headers=DEFAULT_HEADERS, follow_redirects=False)
+
+
+def _http_proxy(pattern: str, proxy: str) -> httpx.URL:
+    """A proxy of the environment the transport can speak to: plain HTTP (CONNECT for https origins)."""
+    url = httpx.URL(proxy)
+    if url.scheme != "http":
+        raise ConfigError("the environment", [(f"proxy for {pattern} (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY)",
+                                                f"{url.scheme}://{url.host}:{url.port or ''}: only http:// proxies "
+                                                "are supported")])
+    return url
 
 
 def send(client: httpx.Client, request: httpx.Request, timeout: float, metrics: Metrics) -> Answer:
