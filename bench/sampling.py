@@ -118,7 +118,7 @@ def run(sizes: tuple[int, ...], repeats: dict[int, int]) -> dict[int, dict[str, 
             aws_environment(server["url"]):
         agent = build_agent(Path(tmp) / "spool.db", tuple(regions.values()))
         for size, region in regions.items():
-            m = next(m for m in agent.cfg.measurements if m.regions == [region])
+            m = next(m for m in agent.cfg.measurements if m.regions == (region,))
             ec2 = boto3.client("ec2", region_name=region)
             tick = tick_runner(agent, m, size)
 
