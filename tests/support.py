@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from agent.clock import SystemClock
 from agent.records import UsageRecord, record_id
@@ -84,3 +84,14 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "con
             raise AssertionError(f"{what} not reached within {timeout:g} s")
         time.sleep(0.05)
     return value
+
+
+def drain_on(forwarder: Any, spool: Any, clock: FakeClock, rounds: int) -> None:
+    """Drain, jumping the fake clock over every backoff, until nothing is left to send."""
+    for _ in range(rounds):
+        forwarder.drain()
+        due = spool.next_due()
+        if due is None:
+            return
+        clock.advance_to(due)
+    raise AssertionError(f"not drained: {spool.counts()}")

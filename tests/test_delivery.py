@@ -27,7 +27,7 @@ from agent.sinks.transport import http_client
 from agent.spool import Spool
 from agent.testing.paigo_server import Fault, PaigoContractServer, usage_record_schema
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, DIMENSION
-from tests.support import FakeClock, make_records
+from tests.support import FakeClock, drain_on, make_records
 
 TICK = datetime(2026, 11, 21, 10, 0, tzinfo=timezone.utc)
 
@@ -92,13 +92,7 @@ class Pipeline:
 
     def run_until_drained(self, rounds: int = 50) -> None:
         """Pump, jumping the fake clock over every backoff, until nothing is left to send."""
-        for _ in range(rounds):
-            self.forwarder.drain()
-            due = self.spool.next_due()
-            if due is None:
-                return
-            self.clock.advance_to(due)
-        raise AssertionError(f"not drained: {self.spool.counts()}")
+        drain_on(self.forwarder, self.spool, self.clock, rounds)
 
 
 @pytest.fixture

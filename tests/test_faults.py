@@ -39,7 +39,7 @@ from tests.conftest import (
     measurement,
     only,
 )
-from tests.support import FakeClock, make_records
+from tests.support import FakeClock, drain_on, make_records
 from tests.test_runtime import new_agent
 
 @dataclass
@@ -57,13 +57,7 @@ class Delivery:
 
     def run_until_drained(self, rounds: int = 200) -> None:
         """Drain, jumping the fake clock over every backoff, until nothing is left to send."""
-        for _ in range(rounds):
-            self.forwarder.drain()
-            due = self.spool.next_due()
-            if due is None:
-                return
-            self.clock.advance_to(due)
-        raise AssertionError(f"not drained: {self.spool.counts()}")
+        drain_on(self.forwarder, self.spool, self.clock, rounds)
 
     def close(self) -> None:
         self.sink.close()
