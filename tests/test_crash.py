@@ -35,7 +35,13 @@ def spool_ids(path: Path) -> dict[str, set[str]]:
 
 
 def spooled_count(path: Path) -> int:
-    return sum(map(len, spool_ids(path).values())) if path.exists() else 0
+    """Records in the spool; 0 while the agent has not created it (or its table) yet."""
+    try:
+        return sum(map(len, spool_ids(path).values())) if path.exists() else 0
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return 0
+        raise
 
 
 def started_count(log: Path) -> int:
