@@ -42,8 +42,3 @@ class SystemClock:
 
     def sleep(self, seconds: float) -> None:
         _time.sleep(max(0.0, seconds))
-
-    __call__ = time  # callers still passing it where an epoch-seconds callable is expected
-
-
-SteadyClock = SystemClock  # the name callers used before the stages are given a Clock

@@ -36,13 +36,12 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode  # built once: json.dum
 
 
 class Spool:
-    def __init__(self, path: str | Path, max_records: int = 1_000_000, clock: Clock | Callable[[], float] | None = None,
+    def __init__(self, path: str | Path, max_records: int = 1_000_000, clock: Clock | None = None,
                  create: bool = True, min_free_bytes: int = MIN_FREE_BYTES, reserve: Reserve | None = None,
                  free_space: Callable[[], int] | None = None, metrics: Metrics | None = None):
         self.path = Path(path)
         self.max_records = max_records
-        clock = clock or SystemClock()
-        self._time: Callable[[], float] = getattr(clock, "time", clock)  # a bare epoch-seconds callable works too
+        self._time = (clock or SystemClock()).time
         self._metrics = metrics or Metrics()
         self._lock = threading.RLock()
         self._lock_file: Any = None
@@ -59,7 +58,7 @@ class Spool:
 
     @classmethod
     def open_existing(cls, path: str | Path, max_records: int = 1_000_000,
-                      clock: Clock | Callable[[], float] | None = None) -> Spool:
+                      clock: Clock | None = None) -> Spool:
         """A spool that must exist already (inspection, repair): a mistyped path is an error, never a new spool."""
         return cls(path, max_records, clock, create=False)
 

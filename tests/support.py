@@ -43,7 +43,6 @@ class FakeClock:
         """Jump to ``epoch`` (a retry's due time); a steady clock never goes back."""
         self._t = max(self._t, epoch)
 
-    __call__ = time  # stages still taking an epoch-seconds callable
 
 
 class Monotonic(SystemClock):

@@ -161,7 +161,7 @@ class SpoolMachine(RuleBasedStateMachine):
             event("commit_tick re-spooled an existing id")
         assert commit.previous_tick == previous
 
-        now = self.clock()
+        now = self.clock.time()
         for rid, r in new.items():
             self.records[rid] = ModelRecord(
                 seq=self.next_seq, record=r, measurement=measurement, tick=tick_text, created_at=now, updated_at=now
@@ -182,7 +182,7 @@ class SpoolMachine(RuleBasedStateMachine):
 
     @rule(limit=st.integers(1, 10), lease_seconds=LEASE_SECONDS)
     def lease(self, limit: int, lease_seconds: float) -> None:
-        now = self.clock()
+        now = self.clock.time()
         got = self.spool.lease_batch(limit, lease_seconds)
 
         for r in self.records.values():  # expired leases first go back to pending
@@ -227,7 +227,7 @@ class SpoolMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def ack(self, data: st.DataObject) -> None:
         targets = self._settle_targets(data, "delivered")
-        now = self.clock()
+        now = self.clock.time()
         self.spool.settle(delivered=targets)
         for rid in targets:
             self._settle_one(rid, "delivered", now, last_status=None, last_error=None)
@@ -236,7 +236,7 @@ class SpoolMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def nack(self, data: st.DataObject) -> None:
         targets = self._settle_targets(data, "retry")
-        now = self.clock()
+        now = self.clock.time()
         retries = [
             Retry(
                 rid,
@@ -256,7 +256,7 @@ class SpoolMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def dead_letter(self, data: st.DataObject) -> None:
         targets = self._settle_targets(data, "dead")
-        now = self.clock()
+        now = self.clock.time()
         dead = [
             Dead(
                 rid,
@@ -273,7 +273,7 @@ class SpoolMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def settle_mixed(self, data: st.DataObject) -> None:
         """One settle call with all three outcomes; an id may appear in several lists (first list wins)."""
-        now = self.clock()
+        now = self.clock.time()
         delivered = self._settle_targets(data, "delivered")
         retry_ids = self._settle_targets(data, "retry")
         dead_ids = self._settle_targets(data, "dead")
@@ -317,7 +317,7 @@ class SpoolMachine(RuleBasedStateMachine):
         dead_ids = self.ids_in("dead")
         ids = data.draw(st.lists(st.sampled_from(dead_ids + ID_POOL), max_size=3), label="ids (empty: all)")
         status = data.draw(st.sampled_from(STATUSES), label="status filter")
-        now = self.clock()
+        now = self.clock.time()
         replayed = self.spool.replay(ids, status)
         expected = 0
         for rid in dead_ids:
@@ -337,7 +337,7 @@ class SpoolMachine(RuleBasedStateMachine):
         delivered_at = sorted({r.updated_at for r in self.records.values() if r.state == "delivered"})
         before = data.draw(
             st.sampled_from(delivered_at)  # exactly on a delivery time: that one must stay
-            | st.integers(-150, 150).map(lambda offset: self.clock() + offset),
+            | st.integers(-150, 150).map(lambda offset: self.clock.time() + offset),
             label="before",
         )
         purged = self.spool.purge_delivered(before)
