@@ -130,8 +130,8 @@ class _ActingAccountProvider(CredentialProvider):
 
 class AccountClient:
     """One account's use of a shared (service, region) client: each API call, and each page its
-    paginators fetch, is signed with that account's credentials. Everything else (``meta``,
-    ``exceptions``, ``can_paginate``) is the shared client's."""
+    paginators fetch, and each URL it presigns, is signed with that account's credentials.
+    Everything else (``meta``, ``exceptions``, ``can_paginate``) is the shared client's."""
 
     __slots__ = ("_client", "_credentials")
 
@@ -141,7 +141,7 @@ class AccountClient:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
-        if name in self._client.meta.method_to_api_mapping:
+        if name in self._client.meta.method_to_api_mapping or name == "generate_presigned_url":
             return functools.partial(self._call, attr)
         return attr
 

@@ -32,6 +32,7 @@ _SECRET_NAME = r"[\w-]*(?:secret|token|password|authorization|api_key)(?![\w-]*_
 # secrets inside text, as libraries log them at debug (botocore dumps STS answers and signed headers)
 _IN_TEXT = [
     (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+"), rf"\1{REDACTED}"),
+    (re.compile(r"\b(k8s-aws-v1\.)[A-Za-z0-9_-]+"), rf"\1{REDACTED}"),  # an EKS token, wherever it is quoted
     (re.compile(rf"^([ \t]*{_SECRET_NAME}[ \t]*:[ \t]*)[^\n]+", re.IGNORECASE | re.MULTILINE), rf"\1{REDACTED}"),  # headers
     (re.compile(rf"(<({_SECRET_NAME})>)[^<]*(</\2>)", re.IGNORECASE), rf"\1{REDACTED}\3"),  # XML elements
     (re.compile(rf"""(["']{_SECRET_NAME}["']\s*:\s*b?["'])[^"']*""", re.IGNORECASE), rf"\1{REDACTED}"),  # JSON, reprs

@@ -1,0 +1,1 @@
+"""Kubernetes clusters the agent meters: how it reaches and authenticates to them."""
