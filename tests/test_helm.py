@@ -279,3 +279,89 @@ def test_values_the_chart_owns_or_does_not_know_are_refused() -> None:
     problems = " ".join(report["errors"])
     assert "/replicas" in problems and "minimum" in problems
     assert "replica" in problems and "additional properties" in problems.lower()
+
+
+def with_pods(values: dict[str, Any], **kubernetes: Any) -> dict[str, Any]:
+    """``values`` with a kubernetes_pod measurement whose ``kubernetes`` block is ``kubernetes``."""
+    values["config"]["measurements"].append({
+        "name": "pod-vcpu-hours", "dimension_id": "dim-vcpu", "resource_type": "kubernetes_pod",
+        "metric": "cpu_request_cores", "mode": "time_weighted", "per": "hour", "interval": "1h",
+        "kubernetes": kubernetes, "customer": {"tag": "customer-id", "untagged": "skip"}})
+    return values
+
+
+def test_rbac_lets_the_service_account_read_pods_and_namespaces_cluster_wide(tmp_path: Path) -> None:
+    rendered = render(with_pods(minimal(), label_selector="billing=on"))
+    kinds = objects(rendered)
+    role, binding = kinds["ClusterRole"], kinds["ClusterRoleBinding"]
+    assert role["metadata"]["name"] == binding["metadata"]["name"] == "metering-usage-agent"  # one per release namespace
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "metering-usage-agent"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": kinds["ServiceAccount"]["metadata"]["name"],
+                                    "namespace": "metering"}]
+    # the in-cluster client reads the service account's token: the pod mounts it (the account itself does not)
+    assert kinds["StatefulSet"]["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    assert kinds["ServiceAccount"]["automountServiceAccountToken"] is False
+    assert "A ClusterRole grants it get/list/watch on pods and namespaces in every namespace." in rendered["NOTES"]
+    done = kubernetes_validate(rendered, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sum(line.startswith("INFO ") for line in done.stdout.splitlines()) == 6
+
+
+def test_rbac_namespaces_are_roles_in_just_those_namespaces(tmp_path: Path) -> None:
+    values = with_pods(minimal(), namespaces=["tenant-b", "tenant-a"])
+    values["rbac"] = {"namespaces": ["tenant-a", "tenant-b", "tenant-c"]}
+    rendered = render(values)
+    docs = rendered["rbac.yaml"]
+    assert [(d["kind"], d["metadata"]["namespace"]) for d in docs] == [
+        (kind, namespace) for namespace in ("tenant-a", "tenant-b", "tenant-c") for kind in ("Role", "RoleBinding")]
+    role, binding = docs[0], docs[1]
+    # a Role cannot grant a cluster-wide list of namespaces, only a get of its own
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "usage-agent"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "usage-agent", "namespace": "metering"}]
+    assert "ClusterRole" not in objects(rendered)
+    assert "Roles grant it get/list/watch on pods in: tenant-a, tenant-b, tenant-c." in rendered["NOTES"]
+    done = kubernetes_validate(rendered, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_rbac_namespaces_must_grant_every_namespace_the_config_lists() -> None:
+    values = with_pods(minimal(), namespaces=["tenant-a", "tenant-x"])
+    values["rbac"] = {"namespaces": ["tenant-a", "tenant-b"]}
+    with pytest.raises(helm.HelmError, match=r"a kubernetes_pod measurement lists pods in tenant-x, which "
+                                              r"rbac.namespaces \(tenant-a, tenant-b\) does not grant: add them there"):
+        render(values)
+    values = with_pods(minimal())  # every namespace, in Paigo's spelling
+    pods = values["config"]["measurements"][-1]
+    pods["resourceType"] = "k8spod"
+    del pods["resource_type"]
+    values["rbac"] = {"namespaces": ["tenant-a"]}
+    with pytest.raises(helm.HelmError, match=r"a kubernetes_pod measurement lists pods in every namespace: give it "
+                                              r"kubernetes.namespaces, or leave rbac.namespaces empty \(a ClusterRole\)"):
+        render(values)
+    with pytest.raises(helm.HelmValuesError, match=r"at '/rbac/namespaces/0'"):
+        render({**minimal(), "rbac": {"namespaces": ["Tenant_A"]}})
+
+
+def test_no_rbac_and_no_token_unless_the_config_lists_this_clusters_pods() -> None:
+    kubeconfig = render(with_pods(minimal(), kubeconfig="/etc/usage-agent/kubeconfig"))  # another cluster's credentials
+    eks = render(with_pods(minimal(), eks_cluster="prod"))  # a customer's cluster, through the AWS role
+    for rendered in (render(minimal()), kubeconfig, eks):
+        kinds = objects(rendered)
+        assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & set(kinds)
+        assert kinds["StatefulSet"]["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+        assert "Pods of this cluster" not in rendered["NOTES"]
+    assert "reading an EKS cluster (prod) must be mapped\n   in that cluster, by an access entry or the aws-auth" in eks["NOTES"]
+
+
+def test_without_rbac_create_the_token_is_still_mounted_for_a_binding_of_ones_own() -> None:
+    values = with_pods(minimal())
+    values["rbac"] = {"create": False}
+    rendered = render(values)
+    kinds = objects(rendered)
+    assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & set(kinds)
+    assert kinds["StatefulSet"]["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    assert "rbac.create is false: bind get/list/watch on pods and namespaces to it yourself" in rendered["NOTES"]

@@ -106,3 +106,45 @@ does not set ($$ is a literal $), and the files it names under /run/secrets/usag
 {{- end -}}
 {{- $keys | uniq | sortAlpha | join " " -}}
 {{- end -}}
+
+{{/*
+What the config reads of this cluster's API through the pod's own service account, as JSON
+{"inCluster": bool, "all": bool, "namespaces": [...], "eks": [...]}: a kubernetes_pod (k8spod)
+measurement with neither kubernetes.kubeconfig nor kubernetes.eks_cluster does; "all" when one
+of them lists every namespace. "eks": the EKS clusters read through a measurement's AWS role.
+*/}}
+{{- define "usage-agent.kubernetesReads" -}}
+{{- $reads := dict "inCluster" false "all" false "namespaces" (list) "eks" (list) -}}
+{{- range .Values.config.measurements -}}
+{{- if has (default (get . "resourceType") (get . "resource_type")) (list "kubernetes_pod" "k8spod") -}}
+{{- $kube := default (dict) (get . "kubernetes") -}}
+{{- if get $kube "eks_cluster" -}}
+{{- $_ := set $reads "eks" (append $reads.eks (get $kube "eks_cluster") | uniq | sortAlpha) -}}
+{{- end -}}
+{{- if not (or (get $kube "kubeconfig") (get $kube "eks_cluster")) -}}
+{{- $_ := set $reads "inCluster" true -}}
+{{- if get $kube "namespaces" -}}
+{{- $_ := set $reads "namespaces" (concat $reads.namespaces (get $kube "namespaces") | uniq | sortAlpha) -}}
+{{- else -}}
+{{- $_ := set $reads "all" true -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $reads -}}
+{{- end -}}
+
+{{/* What the agent reads: pods to meter, namespaces for their labels (customer attribution). */}}
+{{- define "usage-agent.rbacRules" -}}
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [namespaces]
+{{- if .namespaced }}
+  # a Role can grant only its own namespace object, and only get
+  verbs: [get]
+{{- else }}
+  verbs: [get, list, watch]
+{{- end }}
+{{- end -}}
