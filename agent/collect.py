@@ -27,6 +27,7 @@ from agent.errors import AssumeRoleError, SamplingError, excerpt
 from agent.metrics import Metrics
 from agent.records import UsageRecord, format_timestamp
 from agent.samplers import REGISTRY, Skipped, Target
+from agent.samplers.base import TargetMemory
 from agent.settings import AgentConfig, Customer, Measurement, Role
 from agent.shard import EVERYTHING, Shard
 
@@ -57,6 +58,7 @@ class TickResult:
     error: str | None = None  # the whole tick failed: nothing was (or will be) spooled
     failed_targets: list[TargetFailure] = field(default_factory=list)
     withheld: int = 0  # customer totals left out because a target they may include failed
+    state: dict[str, Any] | None = None  # a stateful sampler's memory of each target, committed with the tick
 
     @property
     def ok(self) -> bool:
@@ -98,15 +100,45 @@ class Collector:
         self._limits: dict[tuple[str, str], threading.BoundedSemaphore] = {}
         self._regions: dict[tuple[str | None, str | None], tuple[datetime, list[str]]] = {}
         self._listing: dict[tuple[str | None, str | None], threading.Lock] = {}
+        self._memories: dict[tuple[str, str], TargetMemory] = {}  # (measurement, account/region) -> memory
+        self.watch_between_ticks = False  # the daemon: stateful samplers keep watching between ticks
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        with self._lock:
+            memories, self._memories = list(self._memories.values()), {}
+        for memory in memories:
+            memory.close()
+
+    def stored_state(self, m: Measurement) -> dict[str, Any]:
+        """The sampler state last committed for ``m`` (the Agent reads it from the spool)."""
+        return {}
+
+    def _memory(self, m: Measurement, account: str, region: str) -> TargetMemory | None:
+        if not REGISTRY[m.resource_type].stateful:
+            return None
+        key = f"{account}/{region}"
+        with self._lock:
+            known = any(name == m.name for name, _ in self._memories)
+        stored = {} if known else self.stored_state(m)
+        with self._lock:
+            if not known:  # first tick of this measurement in this process: what the spool remembers
+                for target, state in stored.items():
+                    if isinstance(state, dict):
+                        self._memories.setdefault((m.name, target), TargetMemory(state, self.watch_between_ticks, self.clock.now))
+            return self._memories.setdefault((m.name, key), TargetMemory({}, self.watch_between_ticks, self.clock.now))
+
+    def _state(self, m: Measurement) -> dict[str, Any] | None:
+        if not REGISTRY[m.resource_type].stateful:
+            return None
+        with self._lock:
+            return {target: memory.state for (name, target), memory in self._memories.items() if name == m.name}
 
     @property
     def measurements(self) -> list[Measurement]:
         """The measurements with targets in this replica's shard (with ``regions: all``, the
         targets are known once the regions are listed: such a measurement is kept)."""
-        return [m for m in self.cfg.measurements if m.all_regions or any(
+        return [m for m in self.cfg.measurements if m.all_regions or not m.regions or any(
             self.shard.owns(m, role.arn, region) for role in m.roles() for region in m.regions)]
 
     def tick_context(self, m: Measurement, tick: datetime) -> Any:
@@ -160,7 +192,8 @@ class Collector:
             measurement=m.name, tick=format_timestamp(tick), account=account, region=region)
         with context, self._limit(account, region):
             try:
-                for item in spec.sample(clients, Target(m, account, region, tick, deadline, self.clock.monotonic)):
+                target = Target(m, account, region, tick, deadline, self.clock.monotonic, self._memory(m, account, region))
+                for item in spec.sample(clients, target):
                     if isinstance(item, Skipped):  # logged and counted by its identity, like its record
                         skipped.append(Skipped(spec.resource(region, account, item.resource_id), item.reason))
                     else:
@@ -176,6 +209,10 @@ class Collector:
     def _account(self, m: Measurement, role: Role) -> tuple[str, list[str]]:
         """A role's account and the regions of it this replica samples: assumes the role (a role
         we cannot assume fails once, here) and, for ``regions: all``, lists its regions."""
+        place = REGISTRY[m.resource_type].place
+        where = place(m) if place is not None else None
+        if where is not None:  # not an AWS account (a Kubernetes cluster): no role to assume
+            return where[0], [where[1]] if self.shard.owns(m, role.arn, where[1]) else []
         self.sessions.credentials(role.arn, role.external_id)
         account = self.sessions.account_id(role.arn, role.external_id)
         return account, [r for r in self.regions(m, role) if self.shard.owns(m, role.arn, r)]
@@ -246,6 +283,7 @@ class Collector:
             log.error("sampling failed; this target emits no records for this tick",
                       account=failure.account, region=failure.region, error=failure.error)
         result.failed_targets = failures
+        result.state = self._state(m)
         if failures and len(failures) == targets:
             result.error = "; ".join(f.error for f in failures)
             reason = "assume_role" if all(f.reason == "assume_role" for f in failures) else "aws"

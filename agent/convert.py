@@ -122,8 +122,9 @@ class Tally:
     def convert(self, metric_unit: str, tick: datetime) -> Conversion:
         """The records for tick T: each group's sum, scaled and rounded once."""
         measurement, metric = self.measurement, self.metric
-        if measurement.mode == "time_weighted":
-            numerator, denominator = measurement.interval_seconds, PER_SECONDS[measurement.per]
+        if measurement.mode == "time_weighted":  # a value held at T for the interval, or already x seconds held
+            weighed = REGISTRY[measurement.resource_type].weighs_time
+            numerator, denominator = 1 if weighed else measurement.interval_seconds, PER_SECONDS[measurement.per]
         else:
             numerator, denominator = 1, 1
         quantum = Decimal(1).scaleb(-measurement.decimals)

@@ -109,6 +109,18 @@ class CloudWatchQuery:
 
 
 @dataclass(frozen=True)
+class Kubernetes:
+    """Which cluster and pods a kubernetes_pod measurement reads."""
+
+    kubeconfig: str | None = None  # None: the in-cluster service account, else $KUBECONFIG, else ~/.kube/config
+    context: str | None = None  # None: the kubeconfig's current context
+    namespaces: tuple[str, ...] = ()  # (): every namespace
+    label_selector: str | None = None  # applied by the API server
+    eks_cluster: str | None = None  # an EKS cluster reached through the measurement's role and region
+    gpu_resource: str = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
 class Measurement:
     name: str
     dimension_id: str
@@ -129,6 +141,7 @@ class Measurement:
     event_type: str | None
     decimals: int
     cloudwatch: CloudWatchQuery | None = None  # only with resource_type: cloudwatch
+    kubernetes: Kubernetes | None = None  # only with resource_type: kubernetes_pod
 
     @property
     def all_regions(self) -> bool:

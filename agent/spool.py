@@ -211,6 +211,16 @@ class Spool:
             except sqlite3.Error as exc:  # the data is safe in the -wal; the next checkpoint retries
                 log.warning("spool checkpoint failed", error=str(exc))
 
+    def sampler_state(self, measurement: str) -> dict[str, Any]:
+        """The sampler state committed with the measurement's latest tick ({} if none)."""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM sampler_state WHERE measurement = ?", (measurement,)).fetchone()
+        try:
+            state = json.loads(row[0]) if row and row[0] else {}
+        except ValueError:  # written by json.dumps in commit_tick: only damage gets here
+            state = None
+        return state if isinstance(state, dict) else {}
+
     def last_tick(self, measurement: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT last_tick FROM sampler_state WHERE measurement = ?", (measurement,)).fetchone()

@@ -5,6 +5,7 @@ the last committed tick are counted and logged, never invented."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import structlog
 
@@ -31,6 +32,9 @@ class Agent(Collector):
         self.spool = spool  # None: collect only (``once --dry-run``)
         self.last_spooled: dict[str, datetime] = {}  # measurement -> its last tick committed by this process
 
+    def stored_state(self, m: Measurement) -> dict[str, Any]:
+        return self.spool.sampler_state(m.name) if self.spool is not None else {}
+
     def sample_tick(self, m: Measurement, at: datetime) -> TickResult:
         """Collect, then commit the records and the sampler state in one transaction."""
         started = self.clock.monotonic()
@@ -45,7 +49,7 @@ class Agent(Collector):
     def _commit(self, m: Measurement, result: TickResult) -> None:
         assert self.spool is not None
         try:
-            commit = self.spool.commit_tick(m.name, result.tick, result.records)
+            commit = self.spool.commit_tick(m.name, result.tick, result.records, result.state)
         except SpoolError as exc:
             result.error = str(exc)
             reason = ("disk_low" if isinstance(exc, SpoolDiskLowError) else

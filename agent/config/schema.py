@@ -23,6 +23,7 @@ from pydantic import (
 
 from agent import settings
 from agent.config.backends import Audit, Backend
+from agent.config.kube import Kubernetes
 from agent.config.fields import Duration, ExternalId, MetadataValue, Model, RoleArn, Text, check_role_arn
 from agent.samplers import REGISTRY, SamplerSpec
 from agent.settings import ALL_REGIONS
@@ -167,7 +168,7 @@ class _Measurement(Model):
         return interval
 
 
-BLOCKS: dict[str, type[Model]] = {"cloudwatch": CloudWatchQuery}  # SamplerSpec.block -> its schema
+BLOCKS: dict[str, type[Model]] = {"cloudwatch": CloudWatchQuery, "kubernetes": Kubernetes}  # SamplerSpec.block -> its schema
 _BLOCK_OWNERS = {spec.block: spec.resource_type for spec in REGISTRY.values() if spec.block}
 assert _BLOCK_OWNERS.keys() <= BLOCKS.keys(), f"a resource type declares a block without a schema: {_BLOCK_OWNERS}"
 
@@ -212,15 +213,21 @@ def measurement_model(spec: SamplerSpec) -> type[_Measurement]:
            for key in Filters.model_fields if key not in spec.filters})
     blocks = {key: _required_block(key) if key == spec.block
               else _refused(f"only applies with resource_type: {_BLOCK_OWNERS.get(key)}") for key in BLOCKS}
+    regions = {} if spec.regional else {"regions": (  # a cluster's measurement has none (its check says when)
+        Annotated[list[str], BeforeValidator(_as_region_list)],
+        Field(default_factory=list, validation_alias=AliasChoices("regions", "region")))}
+    canonical = AfterValidator(lambda _: spec.resource_type)  # an alias (Paigo's k8spod) becomes the type's name
     return create_model(  # type: ignore[call-overload, no-any-return]
-        "Measurement", __base__=_Measurement,
-        resource_type=(Literal[spec.resource_type], Field(validation_alias=AliasChoices(*TYPE_KEYS))),
+        "Measurement", __base__=_Measurement, **regions,
+        resource_type=(Annotated[Literal[(spec.resource_type, *spec.aliases)], canonical],  # type: ignore[valid-type]
+                       Field(validation_alias=AliasChoices(*TYPE_KEYS))),
         metric=(Annotated[str, _one_of_metrics(spec)], spec.default_metric),
         filters=(filters, Field(default_factory=filters)),
         **blocks)
 
 
 _KNOWN = ", ".join(sorted(REGISTRY))
+_ALIASES = {alias: spec.resource_type for spec in REGISTRY.values() for alias in spec.aliases}
 _UnknownType = create_model(  # a measurement of no known type: refused, its other keys still checked
     "Measurement", __base__=_Measurement,
     resource_type=(Annotated[str, _fails(lambda t: f"unknown resource type {t!r}; expected one of: {_KNOWN}")],
@@ -233,6 +240,8 @@ UNKNOWN = "?"  # the union tag of _UnknownType
 
 def _type_of(raw: Any) -> str:
     value = next((raw[key] for key in TYPE_KEYS if key in raw), None) if isinstance(raw, dict) else None
+    if isinstance(value, str) and value in _ALIASES:
+        return _ALIASES[value]
     return value if isinstance(value, str) and value in REGISTRY else UNKNOWN
 
 

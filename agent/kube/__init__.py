@@ -1,1 +1,2 @@
-"""Kubernetes clusters the agent meters: how it reaches and authenticates to them."""
+"""Kubernetes pods as billable resources: exact quantities, the scheduler's effective request,
+each pod's running span, listing and watching through lightkube."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.settings import Measurement
-from agent.samplers import cloudwatch, dynamodb, ebs, ebs_snapshot, ec2, efs, eip, elb, rds, s3
+from agent.samplers import cloudwatch, dynamodb, ebs, ebs_snapshot, ec2, efs, eip, elb, kubernetes_pod, rds, s3
 from agent.samplers.base import MetricSpec, Sample, SamplerSpec, Skipped, Target
 
 REGISTRY: dict[str, SamplerSpec] = {
@@ -19,6 +19,7 @@ REGISTRY: dict[str, SamplerSpec] = {
         cloudwatch.SPEC,
         eip.SPEC,
         elb.SPEC,
+        kubernetes_pod.SPEC,
     )
 }
 

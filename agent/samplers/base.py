@@ -9,7 +9,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Literal
@@ -101,6 +101,23 @@ def _before_send(**_: Any) -> None:
     attempts[0] += 1
 
 
+@dataclass
+class TargetMemory:
+    """What a stateful sampler keeps of one target between ticks: ``state`` (plain JSON) is
+    committed with each tick and given back after a restart; ``live`` holds what runs between
+    ticks (a watch), closed with the collector; ``watch``: the daemon keeps watching."""
+
+    state: dict[str, Any]
+    watch: bool = False
+    now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)  # the collector's clock
+    live: dict[str, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for thing in self.live.values():
+            thing.close()
+        self.live.clear()
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """One (measurement, account, region) to sample for the tick ending at ``tick``, before
@@ -112,6 +129,7 @@ class Target:
     tick: datetime
     deadline: float = math.inf
     clock: Callable[[], float] = time.monotonic
+    memory: TargetMemory | None = None  # a stateful sampler's memory of this target across ticks
 
     def sample(self, resource_id: str, values: Mapping[str, Decimal], tags: Mapping[str, str],
                facts: Mapping[str, str]) -> Sample:
@@ -225,6 +243,15 @@ class SamplerSpec:
     check: Callable[[Measurement], list[tuple[str, str]]] | None = None
     # IAM actions that depend on the measurement's settings (e.g. the resource a metric names)
     extra_actions: Callable[[Measurement], tuple[str, ...]] | None = None
+    aliases: tuple[str, ...] = ()  # other names of resource_type config accepts (Paigo's)
+    regional: bool = True  # False: regions are optional (a Kubernetes cluster has none)
+    # the target of a measurement not reached through an AWS role: (account, region) it is
+    # labelled by, or None to go through the role as every AWS type does
+    place: Callable[[Measurement], tuple[str, str] | None] | None = None
+    # time_weighted values are already value x seconds held in the window (a pod's running
+    # seconds), not a value at T for the converter to multiply by the interval
+    weighs_time: bool = False
+    stateful: bool = False  # its targets get a TargetMemory (Target.memory)
 
     def actions_for(self, measurement: Measurement) -> tuple[str, ...]:
         extra = self.extra_actions(measurement) if self.extra_actions else ()

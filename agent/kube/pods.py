@@ -1,0 +1,141 @@
+"""What a pod is billed for: the scheduler's effective request of each resource and the span
+it ran, as plain data that survives a restart in the sampler state.
+
+Effective request, as the scheduler computes it (k8s.io/component-helpers resource.PodRequests,
+KEP-753 sidecars): app containers and restartable init containers ("sidecars",
+``restartPolicy: Always``) run together; an ordinary init container runs alongside the
+sidecars started before it. The request is the larger of the two, plus ``spec.overhead``;
+a pod-level ``spec.resources.requests`` (cpu, memory) replaces the containers' sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+from agent.kube.quantity import parse_quantity
+from agent.records import WIDE
+
+GIB = Decimal(2**30)
+POD_LEVEL = ("cpu", "memory")  # the resources a pod-level request may set
+ENDED = ("Succeeded", "Failed")
+
+
+def _requests(resources: Any) -> Mapping[str, Any]:
+    return (getattr(resources, "requests", None) or {}) if resources is not None else {}
+
+
+def _amount(requests: Mapping[str, Any], resource: str) -> Decimal:
+    raw = requests.get(resource)
+    return Decimal(0) if raw is None else parse_quantity(raw)
+
+
+def effective_request(spec: Any, resource: str) -> Decimal:
+    """The pod's request of ``resource`` as the scheduler reserves it (ValueError: a bad quantity)."""
+    pod_level = _requests(getattr(spec, "resources", None))
+    if resource in POD_LEVEL and pod_level.get(resource) is not None:
+        total = parse_quantity(pod_level[resource])
+    else:
+        apps = sum((_amount(_requests(c.resources), resource) for c in spec.containers or ()), Decimal(0))
+        sidecars = init = Decimal(0)
+        for container in spec.initContainers or ():
+            amount = _amount(_requests(container.resources), resource)
+            if container.restartPolicy == "Always":
+                sidecars += amount
+                init = max(init, sidecars)
+            else:
+                init = max(init, amount + sidecars)
+        total = max(apps + sidecars, init)
+    return total + _amount(spec.overhead or {}, resource)
+
+
+def _finished(status: Any) -> datetime | None:
+    """The latest finishedAt of any of its containers' terminated states."""
+    statuses: Iterable[Any] = [*(status.containerStatuses or ()), *(status.initContainerStatuses or ()),
+                               *(status.ephemeralContainerStatuses or ())]
+    times = [s.state.terminated.finishedAt for s in statuses
+             if s.state is not None and s.state.terminated is not None and s.state.terminated.finishedAt]
+    return max(times) if times else None
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class PodUsage:
+    """One pod: who it is, what it requests, when it ran (``end`` None: still running)."""
+
+    uid: str
+    namespace: str
+    name: str
+    node: str
+    labels: Mapping[str, str]
+    requests: Mapping[str, Decimal]  # metric -> amount
+    start: datetime
+    end: datetime | None
+
+    def seconds_in(self, window_start: datetime, window_end: datetime) -> Decimal:
+        """Seconds of its span inside (window_start, window_end], exact to the microsecond."""
+        begin = max(self.start, window_start)
+        finish = window_end if self.end is None else min(self.end, window_end)
+        if finish <= begin:
+            return Decimal(0)
+        elapsed = finish - begin
+        return Decimal(elapsed.days * 86400 + elapsed.seconds) + Decimal(elapsed.microseconds).scaleb(-6)
+
+    def runs_at(self, moment: datetime) -> bool:
+        return self.start <= moment and (self.end is None or moment < self.end)
+
+    def to_state(self) -> dict[str, Any]:
+        return {"uid": self.uid, "ns": self.namespace, "name": self.name, "node": self.node,
+                "labels": dict(self.labels), "requests": {k: str(v) for k, v in self.requests.items()},
+                "start": self.start.isoformat(), "end": self.end.isoformat() if self.end else None}
+
+    @classmethod
+    def from_state(cls, raw: Mapping[str, Any]) -> PodUsage:
+        return cls(raw["uid"], raw["ns"], raw["name"], raw["node"], dict(raw["labels"]),
+                   {k: Decimal(v) for k, v in raw["requests"].items()}, datetime.fromisoformat(raw["start"]),
+                   datetime.fromisoformat(raw["end"]) if raw["end"] else None)
+
+
+def usage_of(pod: Any, gpu_resource: str, *, keep_labels: tuple[str, ...] | None = None,
+             deleted_at: datetime | None = None) -> PodUsage | None:
+    """A pod's usage, or None for a pod that never started (Pending without a start time).
+    ``keep_labels``: the labels kept (None: all). ``deleted_at``: when a watch saw it deleted,
+    the end of a span its containers did not close.
+    ValueError: a quantity or field the API would not have given."""
+    status, meta = pod.status, pod.metadata
+    if status is None or status.startTime is None or meta is None or not meta.uid:
+        return None
+    start = _utc(status.startTime)
+    end = None
+    if status.phase in ENDED:
+        finished = _finished(status)
+        end = _utc(finished) if finished else start  # ended without any container having run
+    elif deleted_at is not None:
+        finished = _finished(status)
+        end = _utc(finished) if finished else deleted_at
+    if end is not None and end < start:
+        end = start
+    spec = pod.spec
+    if spec is None:
+        raise ValueError("the pod has no spec")
+    requests = {
+        "cpu_request_cores": effective_request(spec, "cpu"),
+        "memory_request_gib": WIDE.divide(effective_request(spec, "memory"), GIB),
+        "gpu_request": effective_request(spec, gpu_resource),
+        "pods": Decimal(1),
+    }
+    labels = meta.labels or {}
+    if keep_labels is not None:
+        labels = {key: labels[key] for key in keep_labels if key in labels}
+    return PodUsage(meta.uid, meta.namespace or "", meta.name or "", spec.nodeName or "", dict(labels),
+                    requests, start, end)
+
+
+def window(tick: datetime, interval: timedelta) -> tuple[datetime, datetime]:
+    return tick - interval, tick

@@ -1,0 +1,176 @@
+"""One tick of a kubernetes_pod target: list the pods (and, for tag attribution, their
+namespaces), add what the watch saw end since the last tick and what the last tick
+remembered, and give each pod's requests x the seconds it ran in the window (or its
+requests if it runs at T), attributed by its label or else its namespace's."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import structlog
+
+from agent.errors import excerpt
+from agent.kube import listing
+from agent.kube.cluster import Cluster, KubeconfigError, KubeError, client_for, resolve
+from agent.kube.pods import PodUsage, usage_of
+from agent.kube.watch import PodWatcher
+from agent.records import WIDE
+from agent.samplers.base import ClientFor, Sample, Skipped, Target, TargetMemory
+from agent.settings import Kubernetes, Measurement
+
+log = structlog.get_logger("agent.kube")
+
+CLUSTER_REGION = "kubernetes"  # the region label of a cluster reached through a kubeconfig
+EKS_RENEW = timedelta(minutes=1)  # an EKS token is renewed this long before it expires
+MAX_REMEMBERED = 1_000_000
+
+
+def tag_keys(m: Measurement) -> tuple[str, ...]:
+    return tuple(sorted({r.customer.tag for r in m.roles() if r.customer is not None and r.customer.tag}))
+
+
+def place(m: Measurement) -> tuple[str, str] | None:
+    """A kubeconfig cluster's target: its name; None for EKS (reached through the role)."""
+    k = m.kubernetes
+    assert k is not None, "config requires the kubernetes block"
+    if k.eks_cluster is not None:
+        return None
+    try:
+        return resolve(k).label, CLUSTER_REGION
+    except KubeconfigError as exc:
+        raise KubeError(str(exc)) from None
+
+
+class _Closing:
+    """A value kept in a target's memory that has nothing to close."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def close(self) -> None:
+        self.value = None
+
+
+def _eks_cluster(clients: ClientFor, target: Target, k: Kubernetes) -> Cluster:
+    from lightkube import KubeConfig
+    from lightkube.config.models import Cluster as ClusterEntry
+    from lightkube.config.models import User
+
+    from agent.kube.eks import eks_access  # only the EKS form needs it
+
+    memory = target.memory
+    held = memory.live.get("eks") if memory else None
+    now = memory.now() if memory else datetime.now().astimezone()
+    if held is None or held.value is None or now >= held.value.expires_at - EKS_RENEW:
+        import boto3
+
+        frozen = clients("eks").credentials.get_frozen_credentials()
+        session = boto3.Session(aws_access_key_id=frozen.access_key, aws_secret_access_key=frozen.secret_key,
+                                aws_session_token=frozen.token, region_name=target.region)
+        assert k.eks_cluster is not None
+        access = eks_access(session, k.eks_cluster, target.region, now=now)
+        held = _Closing(access)
+        if memory is not None:
+            memory.live["eks"] = held
+    access = held.value
+    config = KubeConfig.from_one(
+        cluster=ClusterEntry(server=access.server, certificate_auth_data=base64.b64encode(access.ca_pem).decode()),
+        user=User(token=access.token)).get()
+    return Cluster(k.eks_cluster or "", config)
+
+
+def _remembered(memory: TargetMemory | None, tick: datetime) -> dict[str, PodUsage]:
+    """The pods the last tick committed (if it was an earlier tick)."""
+    if memory is None or not memory.state.get("tick") or memory.state["tick"] >= tick.isoformat():
+        return {}
+    try:
+        return {raw["uid"]: PodUsage.from_state(raw) for raw in memory.state.get("pods", ())}
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning("remembered pods unreadable; this tick uses the listing alone", error=excerpt(str(exc)))
+        return {}
+
+
+def _values(usage: PodUsage, m: Measurement, start: datetime, end: datetime) -> dict[str, Decimal] | None:
+    # a resource the pod does not request is absent (as an AWS metric a resource lacks): no zero records
+    if m.mode == "time_weighted":
+        seconds = usage.seconds_in(start, end)
+        if not seconds:
+            return None
+        return {metric: WIDE.multiply(amount, seconds) for metric, amount in usage.requests.items() if amount}
+    return {metric: amount for metric, amount in usage.requests.items() if amount} if usage.runs_at(end) else None
+
+
+def sample_pods(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped]:
+    m = target.measurement
+    k = m.kubernetes
+    assert k is not None, "config requires the kubernetes block"
+
+    def in_time(what: str) -> None:
+        if target.clock() >= target.deadline:
+            raise KubeError(f"kubernetes {what} in cluster {cluster.label}: the target did not finish inside "
+                            f"the measurement's interval ({m.interval_seconds}s)")
+
+    if k.eks_cluster is not None:
+        cluster = _eks_cluster(clients, target, k)
+    else:
+        try:
+            cluster = resolve(k)
+        except KubeconfigError as exc:
+            raise KubeError(str(exc)) from None
+    keys = tag_keys(m)
+    client = client_for(cluster)
+    try:
+        listed, versions = listing.pods(client, cluster, k.namespaces, k.label_selector, in_time)
+        ns_labels = listing.namespace_labels(client, cluster, k.namespaces, in_time) if keys else {}
+    finally:
+        client.close()
+    memory = target.memory
+    start, end = target.tick - m.interval, target.tick
+    current: dict[str, PodUsage] = {}
+    for pod in listed:
+        try:
+            usage = usage_of(pod, k.gpu_resource, keep_labels=keys)
+        except ValueError as exc:
+            meta = pod.metadata
+            yield Skipped(f"{meta.namespace}/{meta.name}" if meta else "?", f"unreadable pod: {excerpt(str(exc))}")
+            continue
+        if usage is not None:
+            current[usage.uid] = usage
+    gone = _remembered(memory, end)
+    watcher = memory.live.get("watch") if memory else None
+    seen = watcher.seen() if isinstance(watcher, PodWatcher) else {}
+    everything = dict(current)
+    unseen = 0
+    for uid, usage in {**gone, **seen}.items():
+        if uid in current:
+            continue
+        if usage.end is None and uid in seen:  # deleted; the watch has not delivered the deletion yet
+            usage = replace(usage, end=max(usage.start, min(memory.now() if memory else end, end)))
+        elif usage.end is None:  # deleted while nobody watched: billed until the last tick it was listed at
+            last = datetime.fromisoformat(memory.state["tick"]) if memory else usage.start
+            usage = replace(usage, end=max(usage.start, last))
+            unseen += 1
+        everything[uid] = usage
+    if unseen:
+        log.warning("pods gone since the last tick without their end being seen (the agent was not watching); "
+                    "each is billed until the last tick it was listed at", pods=unseen, cluster=cluster.label)
+    for uid, usage in everything.items():
+        values = _values(usage, m, start, end)
+        if values is None:
+            continue
+        yield target.sample(uid, values, {**ns_labels.get(usage.namespace, {}), **usage.labels},
+                            {"cluster": cluster.label, "namespace": usage.namespace, "pod": usage.name,
+                             "node": usage.node, "uid": uid})
+    if memory is not None:
+        kept = [u for u in everything.values() if u.end is None or u.end > end][:MAX_REMEMBERED]
+        memory.state = {"tick": end.isoformat(), "pods": [u.to_state() for u in kept]}
+        if isinstance(watcher, PodWatcher):
+            watcher.forget(end)
+        elif memory.watch:
+            memory.live["watch"] = PodWatcher(cluster, k.namespaces, k.label_selector, k.gpu_resource, keys,
+                                              versions, memory.now)
