@@ -152,11 +152,6 @@ class AccountClient:
         finally:
             _ACTING_AS.reset(token)
 
-    @property
-    def credentials(self) -> Any:
-        """The account's botocore credentials (for a client this one cannot be: EKS tokens)."""
-        return self._credentials
-
     def get_paginator(self, operation_name: str) -> Any:
         shared = self._client.get_paginator(operation_name)
         # the same paginator over this view's (signed) operation; botocore keeps its config private

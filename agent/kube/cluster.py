@@ -5,8 +5,8 @@ the API server answers."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ class KubeconfigError(ValueError):
 class Cluster:
     label: str  # the cluster's name in logs and records: its kubeconfig cluster, or "in-cluster"
     config: SingleConfig
+    # a bearer token asked for each request (an EKS token, renewed as it runs out); None: the config's user
+    token: Callable[[], str] | None = field(default=None, repr=False, compare=False)
 
 
 def _read_kubeconfig(path: Path, context: str | None) -> Cluster:
@@ -115,11 +117,14 @@ class _Capped(httpx2.SyncByteStream):
 class BoundedTransport(httpx2.BaseTransport):
     """TLS as the kubeconfig says; every answer read only so far; watches ask for bookmarks."""
 
-    def __init__(self, config: SingleConfig):
+    def __init__(self, config: SingleConfig, token: Callable[[], str] | None = None):
         context = verify_cluster(config.cluster, config.user, config.abs_file, trust_env=False)
         self.inner = httpx2.HTTPTransport(verify=context, trust_env=False)
+        self.token = token
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        if self.token is not None:  # each request, a watch's renewals included, with a token still good
+            request.headers["Authorization"] = f"Bearer {self.token()}"
         watching = request.url.params.get("watch") == "true"
         if watching:  # lightkube's watch() does not ask for bookmarks; the agent keeps its place with them
             request.url = request.url.copy_add_param("allowWatchBookmarks", "true")
@@ -134,7 +139,8 @@ class BoundedTransport(httpx2.BaseTransport):
 
 
 def client_for(cluster: Cluster, timeout: httpx2.Timeout = TIMEOUT) -> Client:
-    return Client(cluster.config, timeout=timeout, trust_env=False, transport=BoundedTransport(cluster.config))
+    return Client(cluster.config, timeout=timeout, trust_env=False,
+                  transport=BoundedTransport(cluster.config, cluster.token))
 
 
 def api_error(exc: Exception, cluster: Cluster, namespace: str | None, what: str) -> KubeError:

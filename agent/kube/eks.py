@@ -151,3 +151,8 @@ class EksCredentials:
             if self._access is None or now >= self._access.expires_at:
                 self._access = eks_access(self._clients, self._cluster, now=now)
             return self._access
+
+    def close(self) -> None:
+        """Forget the token (the target's memory closes what it holds)."""
+        with self._lock:
+            self._access = None

@@ -8,9 +8,8 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any
 
 import structlog
 
@@ -26,7 +25,6 @@ from agent.settings import Kubernetes, Measurement
 log = structlog.get_logger("agent.kube")
 
 CLUSTER_REGION = "kubernetes"  # the region label of a cluster reached through a kubeconfig
-EKS_RENEW = timedelta(minutes=1)  # an EKS token is renewed this long before it expires
 MAX_REMEMBERED = 1_000_000
 
 
@@ -46,42 +44,27 @@ def place(m: Measurement) -> tuple[str, str] | None:
         raise KubeError(str(exc)) from None
 
 
-class _Closing:
-    """A value kept in a target's memory that has nothing to close."""
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def close(self) -> None:
-        self.value = None
-
-
 def _eks_cluster(clients: ClientFor, target: Target, k: Kubernetes) -> Cluster:
+    """The EKS cluster through the measurement's role: its access kept in the target's memory
+    (so the watch shares it) and its token asked for each request, renewed as it runs out."""
     from lightkube import KubeConfig
     from lightkube.config.models import Cluster as ClusterEntry
     from lightkube.config.models import User
 
-    from agent.kube.eks import eks_access  # only the EKS form needs it
+    from agent.kube.eks import EksCredentials  # only the EKS form needs it
 
+    assert k.eks_cluster is not None
     memory = target.memory
-    held = memory.live.get("eks") if memory else None
-    now = memory.now() if memory else datetime.now().astimezone()
-    if held is None or held.value is None or now >= held.value.expires_at - EKS_RENEW:
-        import boto3
-
-        frozen = clients("eks").credentials.get_frozen_credentials()
-        session = boto3.Session(aws_access_key_id=frozen.access_key, aws_secret_access_key=frozen.secret_key,
-                                aws_session_token=frozen.token, region_name=target.region)
-        assert k.eks_cluster is not None
-        access = eks_access(session, k.eks_cluster, target.region, now=now)
-        held = _Closing(access)
+    credentials = memory.live.get("eks") if memory else None
+    if not isinstance(credentials, EksCredentials):
+        credentials = EksCredentials(clients, k.eks_cluster, memory.now if memory else lambda: datetime.now(timezone.utc))
         if memory is not None:
-            memory.live["eks"] = held
-    access = held.value
+            memory.live["eks"] = credentials
+    access = credentials.current()
     config = KubeConfig.from_one(
         cluster=ClusterEntry(server=access.server, certificate_auth_data=base64.b64encode(access.ca_pem).decode()),
-        user=User(token=access.token)).get()
-    return Cluster(k.eks_cluster or "", config)
+        user=User()).get()
+    return Cluster(k.eks_cluster, config, token=lambda: credentials.current().token)
 
 
 def _remembered(memory: TargetMemory | None, tick: datetime) -> dict[str, PodUsage]:

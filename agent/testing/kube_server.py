@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import ssl
 import threading
 import time
 import uuid
@@ -117,7 +118,8 @@ class KubeApiServer:
     whatever limit was asked. ``forbidden``: namespaces (``*``: all-namespace lists) answered 403."""
 
     def __init__(self, token: str = "kube-token", *, verify_token: Callable[[str], bool] | None = None,
-                 page_cap: int | None = None, watch_timeout: float = 5.0, port: int = 0):
+                 page_cap: int | None = None, watch_timeout: float = 5.0, port: int = 0,
+                 tls: ssl.SSLContext | None = None):
         self.token = token
         self.verify_token = verify_token
         self.page_cap = page_cap
@@ -134,12 +136,15 @@ class KubeApiServer:
         self.page_sizes: list[int] = []  # items in each list page served
         self._stopping = False
         self._httpd = _QuietServer(("127.0.0.1", port), self._handler())
+        if tls is not None:  # https, as an EKS endpoint is (its CA is the test's)
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
+        self._scheme = "https" if tls is not None else "http"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self._scheme}://{host}:{port}"
 
     def start(self) -> KubeApiServer:
         self._thread.start()
