@@ -129,12 +129,12 @@ def test_every_option_renders_valid_manifests(tmp_path: Path) -> None:
     rendered = render(all_options())
     kinds = objects(rendered)
     assert set(kinds) == {"ConfigMap", "Secret", "Service", "ServiceAccount", "StatefulSet", "ServiceMonitor",
-                          "PodDisruptionBudget"}
+                          "PodDisruptionBudget", "Role", "RoleBinding"}
     done = kubernetes_validate(rendered, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     passed = [line for line in done.stdout.splitlines() if line.startswith("INFO ")]
     warned = [line for line in done.stdout.splitlines() if line.startswith("WARN ")]
-    assert len(passed) == 6
+    assert len(passed) == 10  # and a Role and RoleBinding in each of rbac.namespaces
     # a CRD has no schema in kubernetes-validate: the ServiceMonitor is checked against the Service below
     assert warned == [f"WARN {tmp_path / 'servicemonitor.yaml'} Couldn't find schema for kind ServiceMonitor with "
                       f"api version monitoring.coreos.com/v1 for kubernetes version {KUBERNETES_VERSION.rsplit('.', 1)[0]}"]
@@ -185,7 +185,7 @@ def test_all_options_survive_the_template(tmp_path: Path) -> None:
     env, config = pod_environment(rendered, tmp_path / "secrets")
     cfg = load_config(config, env)
     assert cfg.spool.max_records == 1_000_000  # a large integer survives the template
-    assert [m.name for m in cfg.measurements] == ["ebs-storage", "ebs-gib-hours"]
+    assert [m.name for m in cfg.measurements] == ["ebs-storage", "ebs-gib-hours", "pod-vcpu-hours"]
     assert cfg.backend.type == "paigo" and cfg.backend.secret() == "s3cr3t-value"  # read from the Secret's file
 
 
