@@ -130,3 +130,75 @@ def test_memory_gpu_and_pod_gauges(tmp_path: Path, kube: KubeApiServer) -> None:
     assert values(results["pods-gpu-request"]) == {"globex": Decimal("1.5")}  # 2 GPUs x 45 min
     # at T: web (acme); batch and api (globex); the job ended, the pending pod never started
     assert values(results["running-pods"]) == {"acme": Decimal(1), "globex": Decimal(2)}
+
+
+def test_namespace_filter_and_server_side_label_selector(tmp_path: Path, kube: KubeApiServer) -> None:
+    seed(kube)
+    kube.add_pod(pod("tenant-b", "unbilled", labels={"billing": "off"}, containers=[container("a", {"cpu": "8"})]))
+    only_b = m(tmp_path, kube, name="tenant-b")
+    only_b["kubernetes"] = {**only_b["kubernetes"], "namespaces": ["tenant-b"], "label_selector": "billing!=off"}
+    got = values(collect(tmp_path, kube, only_b)["tenant-b"])
+    assert got == {"globex": (Decimal(3) * Decimal("0.5") / Decimal(3600)).quantize(Decimal("1e-9"))}
+    assert got["globex"] == Decimal("0.000416667")
+    lists = [r for r in kube.requests if "/pods" in r]
+    assert lists and all(r.startswith("/api/v1/namespaces/tenant-b/pods?") and "labelSelector=billing%21%3Doff" in r
+                         for r in lists)
+
+
+def test_group_by_resource_gives_one_record_per_pod_with_its_facts(tmp_path: Path, kube: KubeApiServer) -> None:
+    seed(kube)
+    (result,) = collect(tmp_path, kube, m(tmp_path, kube, group_by="resource", customer={"id": "vendor"})).values()
+    by_pod = {r.metadata["pod"]: r for r in result.records}
+    assert sorted(by_pod) == ["api", "batch", "dns", "job", "web"]
+    job = by_pod["job"]
+    assert job.value == Decimal("0.516666667")  # 2 cores x 930 s
+    assert {k: job.metadata[k] for k in ("namespace", "node", "cluster")} == {
+        "namespace": "tenant-a", "node": "node-1", "cluster": "test-cluster"}
+    assert job.resource == f"kubernetes:test-cluster:kubernetes:{job.metadata['uid']}"
+
+
+def test_an_expired_continue_token_restarts_the_list(tmp_path: Path, kube: KubeApiServer) -> None:
+    seed(kube)
+    kube.expire_continue_tokens = 1
+    got = values(collect(tmp_path, kube, m(tmp_path, kube))["pods-cpu-request-cores"])
+    assert got["acme"] == Decimal("2.266666667")
+    assert sum("continue=" not in r and "/api/v1/pods" in r for r in kube.requests) == 2  # listed from the start twice
+
+
+def test_expired_continue_tokens_past_the_restart_budget_fail_the_target(tmp_path: Path, kube: KubeApiServer) -> None:
+    seed(kube)
+    kube.expire_continue_tokens = 100
+    result = collect(tmp_path, kube, m(tmp_path, kube))["pods-cpu-request-cores"]
+    assert result.records == [] and "continue token expired 4 times" in (result.error or "")
+
+
+@pytest.mark.parametrize(("code", "setup"), [
+    (401, lambda server: setattr(server, "token", "another")),
+    (403, lambda server: server.forbidden.add("tenant-a")),
+])
+def test_a_refused_identity_fails_the_target_naming_cluster_and_namespace(
+        tmp_path: Path, kube: KubeApiServer, code: int, setup: Any) -> None:
+    seed(kube)
+    spec = m(tmp_path, kube)
+    spec["kubernetes"]["namespaces"] = ["tenant-a"]
+    setup(kube)
+    result = collect(tmp_path, kube, spec)["pods-cpu-request-cores"]
+    assert result.records == [] and len(result.failed_targets) == 1
+    error = result.error or ""
+    assert f": {code} " in error and "cluster test-cluster" in error and "namespace tenant-a" in error
+    assert kube.url in error
+
+
+def test_the_sampler_module_declares_the_eks_action_only_for_eks() -> None:
+    assert SPEC.actions_for(config_measurement(eks_cluster=None)) == ()
+    assert SPEC.actions_for(config_measurement(eks_cluster="prod")) == ("eks:DescribeCluster",)
+
+
+def config_measurement(eks_cluster: str | None) -> Any:
+    from agent.config import parse_measurement
+
+    raw: dict[str, Any] = {"name": "p", "dimension_id": DIM, "resource_type": "k8spod", "customer": {"id": "a"},
+                           "kubernetes": {"eks_cluster": eks_cluster} if eks_cluster else {}}
+    if eks_cluster:
+        raw["regions"] = ["us-east-1"]
+    return parse_measurement(raw)

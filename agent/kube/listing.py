@@ -52,6 +52,8 @@ def list_all(client: Client, cluster: Cluster, kind: type, namespace: str | None
         except Exception as exc:  # noqa: BLE001 - lightkube, httpx2 and msgspec errors are translated here
             if status_of(exc) == 410 and attempt < MAX_RESTARTS:
                 continue  # the continue token expired mid-list: a consistent list needs a fresh start
+            if status_of(exc) == 410:
+                break
             raise api_error(exc, cluster, None if namespace == ALL else namespace, what) from exc
     raise KubeError(f"kubernetes {what} in cluster {cluster.label}: the continue token expired "
                     f"{MAX_RESTARTS + 1} times in a row")

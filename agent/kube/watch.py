@@ -87,11 +87,8 @@ class PodWatcher:
                     self.relists += 1
                     for pod in items:
                         self._record(pod, deleted=False)
-                kwargs: dict[str, Any] = {"labels": listing.selector(self.labels), "resource_version": version,
-                                          "server_timeout": SERVER_TIMEOUT}
-                if namespace != listing.ALL:
-                    kwargs["namespace"] = namespace
-                for kind, pod in client.watch(Pod, **kwargs):
+                for kind, pod in client.watch(Pod, namespace=namespace, labels=listing.selector(self.labels),
+                                              resource_version=version, server_timeout=SERVER_TIMEOUT):
                     failures = 0
                     version = getattr(pod.metadata, "resourceVersion", None) or version
                     if kind in ("ADDED", "MODIFIED", "DELETED"):
