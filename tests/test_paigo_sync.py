@@ -118,6 +118,24 @@ def test_validate_and_once_meter_the_dimensions_and_a_dimension_added_at_the_nex
     }
 
 
+def test_once_meters_the_kept_set_when_paigo_is_down_and_fails_without_one(
+        aws: Aws, paigo: PaigoContractServer, tmp_path: Path) -> None:
+    seed(aws)
+    publish(paigo)
+    config = write_yaml(tmp_path / "agent.yaml", document(paigo, tmp_path))
+    assert usage_agent("once", "-c", str(config), "--at", AT).returncode == 0
+    paigo.script("/dimensions", Fault(status=503), Fault(status=503))
+    down = usage_agent("once", "-c", str(config), "--at", NEXT)
+    assert down.returncode == 0, down.stderr
+    assert "metering the dimensions kept in the spool" in down.stderr
+    assert {k: v for k, v in delivered(paigo).items() if k[2] == "2026-11-21T11:00:00Z"} == {
+        (EAST, "acme", "2026-11-21T11:00:00Z"): "107", (WEST, "globex", "2026-11-21T11:00:00Z"): "500",
+        (WEST, "acme", "2026-11-21T11:00:00Z"): "20"}
+    fresh = write_yaml(tmp_path / "fresh.yaml", document(paigo, tmp_path) | {"spool": {"path": str(tmp_path / "new.db")}})
+    never = usage_agent("once", "-c", str(fresh), "--at", NEXT)
+    assert never.returncode == 1 and "no dimensions were ever read from Paigo" in never.stderr
+
+
 def test_paigo_sync_prints_measurements_that_validate_when_pasted_and_the_skipped_ones(
         paigo: PaigoContractServer, tmp_path: Path) -> None:
     publish(paigo)
