@@ -108,6 +108,8 @@ class PaigoMeasurements:
             saved = json.loads(value)
             read_at = datetime.fromisoformat(saved["read_at"].replace("Z", "+00:00")).astimezone(timezone.utc)
             dimensions = saved["dimensions"]
+            if not isinstance(dimensions, list):
+                raise TypeError(f"dimensions is {type(dimensions).__name__}, not a list")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.error("the dimensions kept in the spool cannot be read", error=f"{type(exc).__name__}: {exc}")
             return

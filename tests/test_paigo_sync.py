@@ -434,3 +434,26 @@ def test_an_answer_that_is_not_a_dimension_list_is_a_failed_read(paigo: PaigoCon
             reader_for(cfg, backend, metrics).read()
     finally:
         backend.close()
+
+
+def test_a_revoked_token_is_replaced_once_through_the_sink_s_token(paigo: PaigoContractServer, build: Any) -> None:
+    publish(paigo)
+    p = build()
+    assert paigo.token_requests == 1
+    paigo.revoke_tokens()
+    paigo.add_dimension(ebs(LATER, "us-west-2"))
+    p.sync.refresh()
+    assert p.sync.failure is None and f"paigo-{LATER}" in names(p.sync.measurements)
+    assert paigo.token_requests == 2 and p.backend.sink.token.fetches == 2  # the sink's cache, not a second one
+
+
+def test_a_kept_set_that_cannot_be_read_leaves_the_yaml_measurements(paigo: PaigoContractServer, build: Any,
+                                                                      tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db")
+    spool.keep("paigo_sync.dimensions", '{"read_at": "2026-11-21T10:00:00Z", "dimensions": {"not": "a list"}}')
+    spool.close()
+    paigo.script("/dimensions", Fault(status=503))
+    with capture_logs() as logs:
+        p = build(measurement(name="ebs-yaml"))
+    assert names(p.agent.measurements) == {"ebs-yaml"} and p.sync.read_at is None
+    assert any(e["event"] == "the dimensions kept in the spool cannot be read" for e in logs)
