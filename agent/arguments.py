@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the identity the agent runs as, which the roles must trust "
                           "(default: the identity of the current AWS credentials)")
     iam.add_argument("--account", metavar="ID", help="only the roles in this AWS account")
+    iam.add_argument("--from-paigo", action="store_true",
+                     help="also the roles and resource types of the measurements Paigo's dimensions give (paigo_sync)")
+    with_config(commands.add_parser(
+        "paigo-sync", help="the measurements Paigo's dimensions give, as YAML for measurements:, and those skipped"))
 
     commands.add_parser("demo", help="the whole pipeline on an embedded AWS (moto) and a local Paigo backend")
     return parser

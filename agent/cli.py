@@ -1,4 +1,4 @@
-"""Command line: validate | once | run | spool | iam-policy | demo (exit codes as in the README)."""
+"""Command line: validate | once | run | spool | iam-policy | paigo-sync | demo (exit codes as in the README)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from agent.errors import ConfigError, ServeError, SpoolError
 
 if TYPE_CHECKING:
     from agent.metrics import Metrics
+    from agent.paigo_sync import PaigoMeasurements
     from agent.settings import AgentConfig
     from agent.shard import Shard
     from agent.sinks import Backend
@@ -65,17 +66,22 @@ def cmd_validate(args: argparse.Namespace, _process: Process) -> int:
         raw = check_structure(args.config, dict(os.environ))
         backend = raw["backend"] if isinstance(raw["backend"], dict) else {}  # a whole section may be an unset ${VAR}
         kind = backend.get("type") if backend.get("type") in BACKEND_TYPES else "${...}"
-        count = len(raw["measurements"]) if isinstance(raw["measurements"], list) else "${...}"
+        listed = raw.get("measurements", [])
+        count = len(listed) if isinstance(listed, list) else "${...}"
         print(f"{args.config}: structure ok ({count} measurement(s), backend "
               f"{kind}); unset ${{VAR}}s and secret files not checked")
         return EXIT_OK
     cfg = _load(args.config)
-    print(f"{args.config}: ok ({len(cfg.measurements)} measurement(s), backend {cfg.backend.type})")
+    synced = (f", and those of the Paigo dimensions, read every {cfg.paigo_sync.refresh.total_seconds():g}s"
+              if cfg.paigo_sync else "")
+    print(f"{args.config}: ok ({len(cfg.measurements)} measurement(s){synced}, backend {cfg.backend.type})")
     return EXIT_OK
 
 
-def _wire(cfg: AgentConfig, process: Process, with_spool: bool, shard: Shard | None) -> tuple[Agent, Backend, Spool | None]:
-    """The sampling side (sessions, agent), the sink and, unless only collecting, the spool."""
+def _wire(cfg: AgentConfig, process: Process, with_spool: bool,
+          shard: Shard | None) -> tuple[Agent, Backend, Spool | None, PaigoMeasurements | None]:
+    """The sampling side (sessions, agent), the sink, unless only collecting the spool, and with
+    paigo_sync the measurements read from Paigo (read once here)."""
     from agent.credentials import SessionFactory
     from agent.shard import EVERYTHING
     from agent.sinks import build_backend
@@ -87,9 +93,17 @@ def _wire(cfg: AgentConfig, process: Process, with_spool: bool, shard: Shard | N
     if with_spool:
         spool = Spool(cfg.spool.path, cfg.spool.max_records, clock=clock, metrics=metrics)
         spool.claim()
+    backend = build_backend(cfg.backend, metrics, clock)
+    sync = None
+    if cfg.paigo_sync is not None:
+        from agent.paigo_sync import PaigoMeasurements, reader_for
+
+        sync = PaigoMeasurements(cfg, reader_for(cfg, backend, metrics), spool, metrics=metrics, clock=clock)
+        sync.refresh()
+        cfg = sync.config(cfg)
     sessions = SessionFactory(metrics=metrics, clock=clock)
     agent = Agent(cfg, sessions, spool, metrics=metrics, clock=clock, shard=shard or EVERYTHING)
-    return agent, build_backend(cfg.backend, metrics, clock), spool
+    return agent, backend, spool, sync
 
 
 def _forwarder(cfg: AgentConfig, process: Process, spool: Spool, backend: Backend) -> tuple[Any, Any]:
@@ -131,10 +145,12 @@ def cmd_once(args: argparse.Namespace, process: Process) -> int:
     if args.at is not None:
         _refuse_unbegun_ticks(cfg, args.at, process.clock.now())
     if args.dry_run:
-        agent, sink, _ = _wire(cfg, process, with_spool=False, shard=args.shard)
-        failed = False
+        agent, sink, _, sync = _wire(cfg, process, with_spool=False, shard=args.shard)
+        failed = sync is not None and sync.read_at is None
         records = []
         try:
+            if args.at is not None:
+                _refuse_unbegun_ticks(agent.cfg, args.at, process.clock.now())
             for m in agent.measurements:
                 result = agent.collect(m, args.at or process.clock.now() - m.delay)
                 failed |= not result.ok
@@ -148,10 +164,12 @@ def cmd_once(args: argparse.Namespace, process: Process) -> int:
             _close(agent, sink, None, None)
         return EXIT_UNDELIVERED if failed else EXIT_OK
 
-    agent, sink, spool = _wire(cfg, process, with_spool=True, shard=args.shard)
+    agent, sink, spool, sync = _wire(cfg, process, with_spool=True, shard=args.shard)
     assert spool is not None
     audit = None
     try:
+        if args.at is not None:
+            _refuse_unbegun_ticks(agent.cfg, args.at, process.clock.now())
         results = agent.sample_all(args.at)
         forwarder, audit = _forwarder(cfg, process, spool, sink)
         sent = forwarder.drain_until(process.clock.time() + args.timeout)
@@ -159,6 +177,8 @@ def cmd_once(args: argparse.Namespace, process: Process) -> int:
     finally:
         _close(agent, sink, spool, audit)
     failed = [r.measurement for r in results if not r.ok]
+    if sync is not None and sync.read_at is None:  # Paigo unreachable, and no set kept from before
+        failed.append("paigo_sync")
     unsent = counts["pending"] + counts["leased"]
     _log().info("once finished", delivered=sent.delivered, dead_lettered=sent.dead, unsent=unsent, failed_measurements=failed)
     return EXIT_OK if not failed and unsent == 0 and sent.dead == 0 else EXIT_UNDELIVERED
@@ -168,12 +188,12 @@ def cmd_run(args: argparse.Namespace, process: Process) -> int:
     from agent.daemon import Daemon
 
     cfg = _load(args.config)
-    agent, sink, spool = _wire(cfg, process, with_spool=True, shard=args.shard)
+    agent, sink, spool, sync = _wire(cfg, process, with_spool=True, shard=args.shard)
     assert spool is not None
     forwarder, audit = _forwarder(cfg, process, spool, sink)
     try:
         Daemon(agent, forwarder, sink, metrics=process.metrics, clock=process.clock,
-               stop_requested=STOP_REQUESTED).run()
+               stop_requested=STOP_REQUESTED, sync=sync).run()
     finally:
         _close(agent, sink, spool, audit)
     return EXIT_OK
@@ -227,10 +247,48 @@ def _caller_principal() -> str | None:
     return principal
 
 
-def cmd_iam_policy(args: argparse.Namespace, _process: Process) -> int:
-    from agent.iam import RENDERERS, plan
+def _from_paigo(cfg: AgentConfig, process: Process) -> Any:
+    """The measurements Paigo's dimensions give now (``paigo_dimensions.Derived``); nothing is kept."""
+    from agent.paigo_dimensions import derive
+    from agent.paigo_sync import reader_for
+    from agent.sinks import build_backend
+
+    if cfg.paigo_sync is None:
+        raise UsageError("the config has no paigo_sync section: it says how measurements read from Paigo "
+                         "attribute customers (paigo_sync: {customer: {tag: customer-id}})")
+    backend = build_backend(cfg.backend, process.metrics, process.clock)
+    try:
+        return derive(reader_for(cfg, backend, process.metrics).read(), cfg.paigo_sync, cfg.measurements)
+    finally:
+        backend.close()
+
+
+def cmd_paigo_sync(args: argparse.Namespace, process: Process) -> int:
+    from agent.paigo_dimensions import DimensionsUnavailable, render_yaml
 
     cfg = _load(args.config)
+    try:
+        derived = _from_paigo(cfg, process)
+    except DimensionsUnavailable as exc:
+        _complain(f"usage-agent paigo-sync: Paigo's dimensions could not be read: {exc}")
+        return EXIT_UNDELIVERED
+    sys.stdout.write(render_yaml(derived))
+    return EXIT_OK
+
+
+def cmd_iam_policy(args: argparse.Namespace, process: Process) -> int:
+    from dataclasses import replace
+
+    from agent.iam import RENDERERS, plan
+    from agent.paigo_dimensions import DimensionsUnavailable
+
+    cfg = _load(args.config)
+    if args.from_paigo:
+        try:
+            cfg = replace(cfg, measurements=cfg.measurements + _from_paigo(cfg, process).measurements)
+        except DimensionsUnavailable as exc:
+            _complain(f"usage-agent iam-policy: Paigo's dimensions could not be read: {exc}")
+            return EXIT_UNDELIVERED
     p = plan(cfg, principal="", account=args.account)
     if args.format != "json":
         accounts = sorted({role.account for role in p.roles})
@@ -261,7 +319,7 @@ def cmd_demo(_args: argparse.Namespace, process: Process) -> int:
 
 
 COMMANDS = {"validate": cmd_validate, "once": cmd_once, "run": cmd_run, "spool": cmd_spool,
-            "iam-policy": cmd_iam_policy, "demo": cmd_demo}
+            "iam-policy": cmd_iam_policy, "demo": cmd_demo, "paigo-sync": cmd_paigo_sync}
 
 
 def _complain(text: str) -> None:

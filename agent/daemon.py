@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, EVENT_SCHEDULER_START, JobEvent
@@ -27,6 +28,9 @@ from agent.sinks.base import Sink
 from agent.telemetry import MetricsServer
 from agent.ticks import Agent
 
+if TYPE_CHECKING:
+    from agent.paigo_sync import PaigoMeasurements
+
 log = structlog.get_logger("agent.daemon")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -36,7 +40,8 @@ class Daemon:
     """Aligned sampling jobs, the forwarder job, metrics and health, until a stop is requested."""
 
     def __init__(self, agent: Agent, forwarder: Forwarder, sink: Sink, *, metrics: Metrics, clock: Clock,
-                 forward_every: timedelta = timedelta(seconds=1), stop_requested: threading.Event | None = None):
+                 forward_every: timedelta = timedelta(seconds=1), stop_requested: threading.Event | None = None,
+                 sync: PaigoMeasurements | None = None):
         assert agent.spool is not None, "the daemon commits ticks: its agent needs a spool"
         self.agent = agent
         self.spool = agent.spool
@@ -47,27 +52,27 @@ class Daemon:
         self._early_stop = stop_requested or threading.Event()  # set by a signal caught before run()
         self._started = threading.Event()  # the scheduler runs, or run() is over: a stop can proceed
         self._shutdown_thread: threading.Thread | None = None
-        self.health = Health(agent, self.spool, forwarder, metrics=metrics, clock=clock)
+        self.sync = sync  # paigo_sync: the measurements change at each refresh
+        self.health = Health(agent, self.spool, forwarder, metrics=metrics, clock=clock, sync=sync)
         self.server = MetricsServer(agent.cfg.server.listen, metrics.registry, self.health.readiness,
                                     refresh=self.health.refresh_gauges)
         measurements = agent.measurements
-        self._by_job = {f"sample:{m.name}": m for m in measurements}
+        self._by_job: dict[str, Measurement] = {}
+        from agent.paigo_dimensions import MAX_MEASUREMENTS
+
+        synced = MAX_MEASUREMENTS + 1 if sync is not None else 0  # room for every measurement Paigo may add
         self.scheduler = BlockingScheduler(
             timezone=timezone.utc,
-            executors={"default": JobExecutor(max_workers=len(measurements) + 2)},
+            executors={"default": JobExecutor(max_workers=len(measurements) + 2 + synced)},
         )
         self.scheduler.add_listener(self._tick_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         self.scheduler.add_listener(lambda _event: self._started.set(), EVENT_SCHEDULER_START)
         for m in measurements:
-            self.scheduler.add_job(
-                self._sample_job,
-                IntervalTrigger(seconds=m.interval_seconds, start_date=_EPOCH + m.delay, timezone=timezone.utc),
-                args=[m],
-                id=f"sample:{m.name}",
-                max_instances=1,
-                coalesce=True,
-                misfire_grace_time=max(1, m.interval_seconds // 2),
-            )
+            self._add_sample_job(m)
+        if sync is not None:
+            self.scheduler.add_job(self.refresh_measurements, IntervalTrigger(
+                seconds=sync.sync.refresh.total_seconds(), timezone=timezone.utc), id="paigo-sync",
+                max_instances=1, coalesce=True)
         self.scheduler.add_job(self.watch_backlog, IntervalTrigger(seconds=60, timezone=timezone.utc),
                                id="watch-backlog", max_instances=1, coalesce=True)
         self.scheduler.add_job(self.prune, IntervalTrigger(hours=1, timezone=timezone.utc), id="prune",
@@ -80,6 +85,34 @@ class Daemon:
             coalesce=True,
             next_run_time=clock.now(),
         )
+
+    def _add_sample_job(self, m: Measurement) -> None:
+        self._by_job[f"sample:{m.name}"] = m
+        self.scheduler.add_job(
+            self._sample_job,
+            IntervalTrigger(seconds=m.interval_seconds, start_date=_EPOCH + m.delay, timezone=timezone.utc),
+            args=[m],
+            id=f"sample:{m.name}",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=max(1, m.interval_seconds // 2),
+        )
+
+    def refresh_measurements(self) -> None:
+        """paigo_sync: read the dimensions again; from the next tick on, the measurements sampled
+        are those they give (a removed one's spooled records still go out)."""
+        assert self.sync is not None
+        self.agent.cfg = replace(self.agent.cfg, measurements=self.sync.refresh())
+        wanted = {f"sample:{m.name}": m for m in self.agent.measurements}
+        for job_id, m in list(self._by_job.items()):
+            if wanted.get(job_id) != m:  # removed, or changed in Paigo (its interval, role, region)
+                self.scheduler.remove_job(job_id)
+                del self._by_job[job_id]
+                self.health.first_seen.pop(m.name, None)
+        for job_id, m in wanted.items():
+            if job_id not in self._by_job:
+                self._add_sample_job(m)
+                self.health.first_seen.setdefault(m.name, self.clock.now())
 
     def _tick_skipped(self, event: JobEvent) -> None:
         m = self._by_job.get(event.job_id)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import threading
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 from agent.clock import Clock
 from agent.forwarder import Forwarder
@@ -15,13 +17,19 @@ from agent.spool import Spool, SpoolFacts
 from agent.telemetry import Check
 from agent.ticks import Agent
 
+if TYPE_CHECKING:
+    from agent.paigo_sync import PaigoMeasurements
+
 
 class Health:
     """Ready: config loaded, spool writable and below its cap, no configuration problem holding
     delivery back past spool.alert_after, not stopping, every measurement of this shard ticking."""
 
-    def __init__(self, agent: Agent, spool: Spool, forwarder: Forwarder, *, metrics: Metrics, clock: Clock):
+    def __init__(self, agent: Agent, spool: Spool, forwarder: Forwarder, *, metrics: Metrics, clock: Clock,
+                 sync: PaigoMeasurements | None = None):
         self.agent = agent
+        self.sync = sync  # paigo_sync: its dimensions must be fresh
+        self.first_seen: dict[str, datetime] = {}  # measurements added after the start (read from Paigo)
         self.spool = spool
         self.forwarder = forwarder
         self.metrics = metrics
@@ -52,10 +60,13 @@ class Health:
         checks.append(self.forwarder.delivery_check(cfg.spool.alert_after.total_seconds()))
         if self.stopping.is_set():
             checks.append(Check("running", False, "stopping: finishing the sends in flight"))
+        if self.sync is not None:
+            checks.append(self.sync.check())
         now = self.clock.now()
         for m in self.agent.measurements:
             last = self.agent.last_spooled.get(m.name)
-            since = max(last, self.started) if last else self.started
+            start = self.first_seen.get(m.name, self.started)
+            since = max(last, start) if last else start
             age = (now - since).total_seconds()
             limit = 2 * m.interval_seconds
             what = (f"last tick {format_timestamp(last)}" if last

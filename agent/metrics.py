@@ -66,6 +66,12 @@ class Metrics:
             "usage_agent_token_refreshes",
             "Credentials obtained: AWS role sessions (kind=aws_role) and backend tokens (kind=backend).",
             ["kind"], registry=r)
+        self.paigo_dimensions_skipped = Counter(
+            "usage_agent_paigo_dimensions_skipped",
+            "Paigo dimensions not metered at a refresh (paigo_sync), by reason.", ["reason"], registry=r)
+        self.paigo_sync_failures = Counter("usage_agent_paigo_sync_failures",
+                                           "Refreshes that could not read Paigo's dimensions (the last set stays).",
+                                           registry=r)
         Info("usage_agent_build", "The running agent.", registry=r).info(
             {"version": __version__, "python": platform.python_version()})
 

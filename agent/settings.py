@@ -243,6 +243,15 @@ class Server:
 
 
 @dataclass(frozen=True)
+class PaigoSync:
+    """Measurements read from the dimensions defined in Paigo (``paigo_sync``)."""
+
+    refresh: timedelta  # how often the dimensions are read again
+    customer: Customer  # the attribution of every measurement read from Paigo
+    group_by: Literal["customer", "resource"]
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     backend: Backend
     spool: Spool
@@ -250,3 +259,4 @@ class AgentConfig:
     sampling: Sampling
     audit: Audit | None
     measurements: tuple[Measurement, ...]
+    paigo_sync: PaigoSync | None = None

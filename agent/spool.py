@@ -221,6 +221,15 @@ class Spool:
             state = None
         return state if isinstance(state, dict) else {}
 
+    def keep(self, key: str, value: str) -> None:
+        """A small value a restart needs (the dimensions last read from Paigo), replaced whole."""
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO kept (key, value) VALUES (?, ?)", (key, value))
+
+    def kept(self, key: str) -> str | None:
+        with self._lock:
+            return next((v for (v,) in self._db.execute("SELECT value FROM kept WHERE key = ?", (key,))), None)
+
     def last_tick(self, measurement: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT last_tick FROM sampler_state WHERE measurement = ?", (measurement,)).fetchone()

@@ -17,7 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from agent import settings
 from agent.config.backends import BACKEND_TYPES, SOURCE_PATTERN, Audit, Backend
-from agent.config.checks import measurement_problems, type_problems
+from agent.config.checks import measurement_problems, sync_problems, type_problems
 from agent.config.errors import path_order, pydantic_problems, under
 from agent.config.fields import parse_duration
 from agent.config.paths import overlaps
@@ -72,6 +72,7 @@ def _validate(
     except ValidationError as exc:
         found += pydantic_problems(exc)
     found += measurement_problems(expanded.get("measurements"))
+    found += sync_problems(expanded)
     found += type_problems(_valid_measurements(cfg, expanded.get("measurements"), context))
     problems += [p for p in found if not under(p[0], skip)]
     problems += overlaps(expanded, base_dir or Path.cwd(), skip, config_file)

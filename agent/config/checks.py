@@ -62,3 +62,20 @@ def _account_problems(raw: dict[str, Any], where: str) -> list[tuple[str, str]]:
     if "customer" not in raw:
         problems.append((f"{where}.customer", "required key is missing"))
     return problems
+
+
+def sync_problems(document: Any) -> list[tuple[str, str]]:
+    """``paigo_sync`` reads Paigo's dimensions with the Paigo backend's token; without it, the
+    YAML must hold at least one measurement."""
+    if not isinstance(document, dict):
+        return []
+    backend = document.get("backend")
+    kind = backend.get("type") if isinstance(backend, dict) else None
+    if document.get("paigo_sync") is not None:
+        if isinstance(kind, str) and kind != "paigo":
+            return [("paigo_sync", f"needs backend.type: paigo (the dimensions are read from Paigo with its "
+                                   f"token), got backend.type: {kind}")]
+        return []
+    if document.get("measurements", []) == []:
+        return [("measurements", "at least 1 item is needed (or a paigo_sync section, to read them from Paigo)")]
+    return []

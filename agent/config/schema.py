@@ -283,6 +283,21 @@ class Server(Model):
         return listen
 
 
+class PaigoSync(Model):
+    plain = settings.PaigoSync
+
+    refresh: Duration = timedelta(minutes=5)
+    customer: Customer
+    group_by: Literal["customer", "resource"] = "customer"
+
+    @field_validator("refresh")
+    @classmethod
+    def _at_least_a_minute(cls, refresh: timedelta) -> timedelta:
+        if refresh < timedelta(minutes=1):
+            raise ValueError("paigo_sync.refresh must be at least 1m (each refresh is a request to Paigo)")
+        return refresh
+
+
 class AgentConfig(Model):
     plain = settings.AgentConfig
 
@@ -291,7 +306,8 @@ class AgentConfig(Model):
     server: Server = Field(default_factory=Server)
     sampling: Sampling = Field(default_factory=Sampling)
     audit: Audit | None = None
-    measurements: list[Measurement] = Field(min_length=1)
+    measurements: list[Measurement] = Field(default_factory=list)  # at least one without paigo_sync (checks.py)
+    paigo_sync: PaigoSync | None = None
 
 
 class SpoolSection(Model):

@@ -48,9 +48,10 @@ def _http_proxy(pattern: str, proxy: str) -> httpx.URL:
     return url
 
 
-def send(client: httpx.Client, request: httpx.Request, timeout: float, metrics: Metrics) -> Answer:
-    """Send ``request`` and read its answer, all within ``timeout`` seconds in total; every
-    answer is counted by status, every failure by kind.
+def send(client: httpx.Client, request: httpx.Request, timeout: float, metrics: Metrics,
+         cap: int = ANSWER_CAP) -> Answer:
+    """Send ``request`` and read at most ``cap`` bytes of its answer, all within ``timeout``
+    seconds in total; every answer is counted by status, every failure by kind.
 
     Raises httpx.HTTPError when no answer came in time or the connection failed.
     """
@@ -67,7 +68,7 @@ def send(client: httpx.Client, request: httpx.Request, timeout: float, metrics: 
             chunks = [response.content] if response.is_stream_consumed else response.iter_raw()  # read already: a fake
             for chunk in chunks:
                 body += chunk
-                if len(body) > ANSWER_CAP:
+                if len(body) > cap:
                     complete = False  # closing before the end drops the connection: it is not reused
                     break
         finally:
@@ -76,7 +77,7 @@ def send(client: httpx.Client, request: httpx.Request, timeout: float, metrics: 
         metrics.backend_responses.labels("timeout" if isinstance(exc, httpx.TimeoutException)
                                          else "connection_error").inc()
         raise
-    return Answer(response.status_code, response.headers, bytes(body[:ANSWER_CAP]), complete, str(request.url),
+    return Answer(response.status_code, response.headers, bytes(body[:cap]), complete, str(request.url),
                   request)
 
 

@@ -3,7 +3,10 @@
 It implements what the Paigo reference documents for usage collection: the OAuth2
 client-credentials token endpoint (JSON body with audience, grant_type, client_id,
 client_secret) and ``POST /usage`` behind ``Authorization: Bearer``, validating every body
-against the usage-record JSON Schema. Faults can be scripted per request.
+against the usage-record JSON Schema; and "Get all dimensions" (``GET /dimensions``) and
+"Manage measurements" (``GET /measurements``), answered ``{"message", "data": [...]}`` as the
+reference's examples show them (the reference documents no pagination), behind the same
+token. Tests add and remove dimensions while it runs. Faults can be scripted per request.
 """
 
 from __future__ import annotations
@@ -21,7 +24,29 @@ import jsonschema
 from agent.testing.server import Answer, Fault, LoopbackServer
 
 AUDIENCE = "https://qnonyh1pc7.execute-api.us-east-1.amazonaws.com"
-TOKEN, USAGE = "/oauth/token", "/usage"
+TOKEN, USAGE, DIMENSIONS, MEASUREMENTS = "/oauth/token", "/usage", "/dimensions", "/measurements"
+LISTED = "This is a sample API message. The exact message may vary based on the API behavior"
+
+
+def example_dimension(dimension_id: str, resource_type: str = "ebs", region: str = "us-east-1", *,
+                      role: str | None = "arn:aws:iam::214826386939:role/paigo-scraper",
+                      external_id: str | None = "123456789", mode: str = "infrastructureBased",
+                      cloud: str = "aws", interval: str = "hour", name: str = "EBS Usage") -> dict[str, Any]:
+    """A dimension shaped as the reference's "Get all dimensions" example, with its measurement."""
+    configuration: dict[str, Any] = {"cloudPlatform": cloud, "region": region, "resourceType": resource_type}
+    if role is not None:
+        configuration["iamRoleArn"] = role
+    if external_id is not None:
+        configuration["externalId"] = external_id
+    return {
+        "dimensionName": name, "consumptionUnit": {"unit": "data-based", "type": "gigabyte"},
+        "usageIncrement": "1", "usageEntitlement": "inf", "aggregationInterval": interval,
+        "aggregationMethod": "max", "dimensionId": dimension_id,
+        "measurement": {"measurementMode": mode, "measurementConfiguration": configuration,
+                        "measurementName": f"{name} measurement", "measurementId": f"m-{dimension_id}"},
+        "rounding": "round", "overageAllowed": "true", "consumptionPrice": "0.10", "sampleType": "gauge",
+        "paymentSchedule": "arrear", "metadata": {}, "tiers": [], "tiersGroupByMetadata": [],
+    }
 
 
 def usage_record_schema() -> dict[str, Any]:
@@ -52,6 +77,7 @@ class PaigoContractServer(LoopbackServer):
         self.received_ids: Counter[str] = Counter()
         self.token_requests = 0
         self.rejected: list[tuple[int, Any]] = []
+        self._dimensions: dict[str, dict[str, Any]] = {}
 
     @property
     def token_url(self) -> str:
@@ -71,6 +97,18 @@ class PaigoContractServer(LoopbackServer):
     def max_in_flight(self) -> int:
         return self.max_in_flight_by_path[USAGE]
 
+    def add_dimension(self, dimension: dict[str, Any]) -> None:
+        with self._lock:
+            self._dimensions[dimension["dimensionId"]] = dimension
+
+    def remove_dimension(self, dimension_id: str) -> None:
+        with self._lock:
+            del self._dimensions[dimension_id]
+
+    @property
+    def dimension_reads(self) -> int:
+        return self.requests_by_path[DIMENSIONS]
+
     def revoke_tokens(self) -> None:
         with self._lock:
             self._tokens.clear()
@@ -84,6 +122,19 @@ class PaigoContractServer(LoopbackServer):
             return sum(n - 1 for n in self.received_ids.values() if n > 1)
 
     # -- protocol ------------------------------------------------------------------------
+
+    def answer_get(self, path: str, headers: dict[str, str]) -> Answer:
+        if path not in (DIMENSIONS, MEASUREMENTS):
+            return Answer(404 if path != USAGE else 405, {"message": "Not Found"})
+        if not self._authorised(headers.get("authorization")):
+            return Answer(401, {"message": "Unauthorized"})
+        with self._lock:
+            dimensions = list(self._dimensions.values())
+        if path == DIMENSIONS:
+            return Answer(200, {"message": LISTED, "data": dimensions})
+        measurements = {d["measurement"]["measurementId"]: d["measurement"] for d in dimensions
+                        if isinstance(d.get("measurement"), dict) and "measurementId" in d["measurement"]}
+        return Answer(200, {"message": LISTED, "data": list(measurements.values())})
 
     def answer(self, path: str, headers: dict[str, str], raw: bytes) -> Answer:
         if path not in (TOKEN, USAGE):
@@ -142,4 +193,4 @@ class PaigoContractServer(LoopbackServer):
         return 200, {"message": "Usage record created"}
 
 
-__all__ = ["AUDIENCE", "Fault", "PaigoContractServer", "usage_record_schema"]
+__all__ = ["AUDIENCE", "Fault", "PaigoContractServer", "example_dimension", "usage_record_schema"]

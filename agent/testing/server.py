@@ -114,6 +114,10 @@ class LoopbackServer(ABC):
     def answer(self, path: str, headers: dict[str, str], raw: bytes) -> Answer:
         """The contract: the answer to a POST of ``raw`` to ``path`` (header names lowercased)."""
 
+    def answer_get(self, path: str, headers: dict[str, str]) -> Answer:
+        """The contract's answer to a GET of ``path``; a server that serves none refuses the method."""
+        return self.error(405, "method not allowed")
+
     def error(self, status: int, detail: str) -> Answer:
         return Answer(status, {"message": detail})
 
@@ -170,6 +174,12 @@ class LoopbackServer(ABC):
                 return fault.drop
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                self._handle("POST")
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._handle("GET")
+
+            def _handle(self, method: str) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 path = self.path.split("?")[0]
                 with server._lock:
@@ -179,12 +189,12 @@ class LoopbackServer(ABC):
                     server.max_in_flight_by_path[path] = max(server.max_in_flight_by_path[path],
                                                              server.in_flight_by_path[path])
                 try:
-                    self._serve(path, raw)
+                    self._serve(method, path, raw)
                 finally:
                     with server._lock:
                         server.in_flight_by_path[path] -= 1
 
-            def _serve(self, path: str, raw: bytes) -> None:
+            def _serve(self, method: str, path: str, raw: bytes) -> None:
                 if server.latency:
                     time.sleep(server.latency)
                 fault = server._next_fault(path)
@@ -197,7 +207,8 @@ class LoopbackServer(ABC):
                             answer.headers["Retry-After"] = fault.retry_after
                         self._send(answer, fault)
                         return
-                answer = server.answer(path, {k.lower(): v for k, v in self.headers.items()}, raw)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                answer = server.answer(path, headers, raw) if method == "POST" else server.answer_get(path, headers)
                 if fault and fault.after_commit and self._disrupt(fault):
                     return
                 self._send(answer, fault)
