@@ -26,7 +26,8 @@ from agent.errors import SpoolDiskLowError, SpoolError, SpoolFullError
 from agent.metrics import Metrics
 from agent.spool_files import (MIN_FREE_BYTES, STATES, Reserve, acquire_lock, free_bytes, open_database,
                                open_failure, spool_lock)
-from agent.spool_rows import Dead, Lease, Leased, Retry, SpoolFacts, TickCommit, parse_body, readable_body
+from agent.spool_inspect import SpoolInspection
+from agent.spool_rows import Dead, Lease, Leased, Retry, SpoolFacts, TickCommit, parse_body
 
 __all__ = ["STATES", "Dead", "Lease", "Leased", "Reserve", "Retry", "Spool", "SpoolFacts", "TickCommit",
            "open_failure", "parse_body", "spool_lock"]
@@ -35,7 +36,7 @@ log = structlog.get_logger("agent.spool")
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # built once: json.dumps builds one per call
 
 
-class Spool:
+class Spool(SpoolInspection):
     def __init__(self, path: str | Path, max_records: int = 1_000_000, clock: Clock | None = None,
                  create: bool = True, min_free_bytes: int = MIN_FREE_BYTES, reserve: Reserve | None = None,
                  free_space: Callable[[], int] | None = None, metrics: Metrics | None = None):
@@ -345,65 +346,3 @@ class Spool:
         with self._lock:
             return self._db.execute("SELECT min(CASE state WHEN 'pending' THEN not_before ELSE lease_until END) "
                                     "FROM records WHERE state IN ('pending', 'leased')").fetchone()[0]
-
-    # -- inspection --------------------------------------------------------------------
-
-    def unsent(self) -> int:
-        """Pending plus leased records (index range counts, not a table scan)."""
-        with self._lock:
-            return sum(self._db.execute("SELECT COUNT(*) FROM records WHERE state = ?", (state,)).fetchone()[0]
-                       for state in ("pending", "leased"))
-
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM records GROUP BY state").fetchall()
-        return {state: 0 for state in STATES} | dict(rows)
-
-    def stats(self) -> dict[str, Any]:
-        age = self.oldest_unsent_age()
-        size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
-        return {
-            "path": str(self.path),
-            "counts": self.counts(),
-            "oldest_unsent_age_seconds": round(age, 3) if age is not None else None,
-            "file_bytes": size,
-        }
-
-    def oldest_unsent_age(self) -> float | None:
-        """Seconds since the oldest pending or leased record was spooled (index lookups only)."""
-        with self._lock:
-            created = [row[0] for state in ("pending", "leased") for row in self._db.execute(
-                "SELECT created_at FROM records WHERE state = ? ORDER BY seq LIMIT 1", (state,))]
-        return self._time() - min(created) if created else None
-
-    # -- repair ------------------------------------------------------------------------
-
-    def replay(self, ids: Sequence[str] = (), status: int | None = None) -> int:
-        """Dead-lettered records back to pending (all, or those with the given ids / last status)."""
-        query = "UPDATE records SET state = 'pending', not_before = 0, updated_at = ? WHERE state = 'dead'"
-        params: list[Any] = [self._time()]
-        if ids:
-            query += f" AND id IN ({','.join('?' * len(ids))})"
-            params += list(ids)
-        if status is not None:
-            query += " AND last_status = ?"
-            params.append(status)
-        with self._write() as db:
-            return db.execute(query, params).rowcount
-
-    def purge_delivered(self, before: float) -> int:
-        """Delete delivered records whose delivery was recorded before ``before`` (epoch seconds)."""
-        with self._write() as db:
-            return db.execute("DELETE FROM records WHERE state = 'delivered' AND updated_at < ?", (before,)).rowcount
-
-    def rows(self, state: str, limit: int = 100) -> list[dict[str, Any]]:
-        with self._lock:
-            cursor = self._db.execute(
-                "SELECT id, measurement, tick, attempts, last_status, last_error, CAST(body AS BLOB) AS body "
-                "FROM records WHERE state = ? ORDER BY seq LIMIT ?",
-                (state, limit),
-            )
-            names = [c[0] for c in cursor.description]
-            found = cursor.fetchall()
-        return [dict(zip(names, row)) | {"body": readable_body(row[-1])} for row in found]
-
