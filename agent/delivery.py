@@ -1,6 +1,6 @@
 """How records reach a sink, the same for every sink: in batches of its ``max_batch``, up to
 ``max_in_flight`` requests at once over the agent's one client, a rejected batch halved
-until the records at fault stand alone (``split_rejected``), and a request whose
+until the records at fault stand alone (``split_rejected``, or a sink's ``Halve``), and a request whose
 credentials were renewed sent once more. Backoff and Retry-After are the forwarder's.
 """
 
@@ -16,6 +16,7 @@ import structlog
 from agent.records import UsageRecord
 from agent.metrics import Metrics
 from agent.sinks.base import (
+    Halve,
     NotSendable,
     Outcome,
     Rejected,
@@ -47,7 +48,8 @@ def bodies(sink: Sink, records: Sequence[UsageRecord]) -> list[bytes]:
                   measurement=record.measurement, reason=rejected.body)
     if not sink.array_body:
         return [body for _, body in encoded]
-    return [json_array([body for _, body in chunk]) for chunk in _chunks(encoded, sink.max_batch)]
+    wrap = getattr(sink, "body", json_array)  # a sink whose body holds the array in an envelope: {"events": [...]}
+    return [wrap([body for _, body in chunk]) for chunk in _chunks(encoded, sink.max_batch)]
 
 
 class Delivery:
@@ -100,13 +102,16 @@ class Delivery:
                 return  # not sent: left leased, sent again later
             part = waiting.pop()
             outcomes = self._exchange(part)
-            if self.sink.split_rejected and len(part) > 1 and any(isinstance(o, Rejected) for o in outcomes):
+            halve = any(isinstance(o, Halve) for o in outcomes) or (
+                self.sink.split_rejected and any(isinstance(o, Rejected) for o in outcomes))
+            if halve and len(part) > 1:
                 middle = len(part) // 2
                 waiting += [part[middle:], part[:middle]]  # first half next: outcomes keep lease order
                 continue
-            yield from zip((record for record, _ in part), outcomes)
+            yield from zip((record for record, _ in part),
+                           (o.rejected if isinstance(o, Halve) else o for o in outcomes))
 
-    def _exchange(self, part: Sequence[Encoded]) -> list[Outcome]:
+    def _exchange(self, part: Sequence[Encoded]) -> list[Outcome | Halve]:
         """Render, send, classify; once more at once when the sink renewed its credentials."""
         records = [record for record, _ in part]
         for _ in range(2):

@@ -8,12 +8,13 @@ import httpx
 
 from agent.clock import Clock
 from agent.settings import FileBackend, HttpBackend, OpenMeterBackend, PaigoBackend
+from agent.settings import LagoBackend, OrbBackend, TogaiBackend
 from agent.metrics import Metrics
 from agent.sinks.base import Delivered, Outcome, Rejected, RetryLater, Sink
 from agent.sinks.transport import http_client
 
 
-BackendSettings = PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend
+BackendSettings = PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend | TogaiBackend | LagoBackend | OrbBackend
 
 
 def build_client(backend: BackendSettings, transport: httpx.BaseTransport | None = None) -> httpx.Client | None:
@@ -40,6 +41,18 @@ def build_sink(backend: BackendSettings, client: httpx.Client | None, metrics: M
         from agent.sinks.http import HttpSink
 
         return HttpSink(backend, clock)
+    if isinstance(backend, TogaiBackend):
+        from agent.sinks.togai import TogaiSink
+
+        return TogaiSink(backend)
+    if isinstance(backend, LagoBackend):
+        from agent.sinks.lago import LagoSink
+
+        return LagoSink(backend)
+    if isinstance(backend, OrbBackend):
+        from agent.sinks.orb import OrbSink
+
+        return OrbSink(backend)
     assert isinstance(backend, FileBackend)
     from agent.sinks.file import FileSink
 

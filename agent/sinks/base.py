@@ -55,6 +55,15 @@ class SendAgain:
     """A classification meaning: the credentials were renewed, send the same records once more now."""
 
 
+@dataclass(frozen=True)
+class Halve:
+    """A classification meaning: the backend refused the request as a whole without naming the
+    records at fault (too large, an answer that cannot be attributed): send each half; a record
+    sent alone gets ``rejected``. For sinks whose backend otherwise names the records it refuses."""
+
+    rejected: Rejected
+
+
 class NotSendable(Exception):
     """``render`` cannot make a request now (no token): every record of the batch gets ``outcome``."""
 
@@ -102,7 +111,7 @@ class Sink(Protocol):
         """One request carrying these encoded elements (an ``httpx.Request``; the file sink: its
         write). May raise ``NotSendable``."""
 
-    def classify(self, answer: Any, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain]:
+    def classify(self, answer: Any, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain | Halve]:
         """The outcome of each record the request carried."""
 
     def close(self) -> None: ...
@@ -115,6 +124,11 @@ def json_bytes(value: Any) -> bytes:
 
 def json_array(elements: Sequence[bytes]) -> bytes:
     return b"[" + b",".join(elements) + b"]"  # the bytes json_bytes gives for the list
+
+
+def events_body(elements: Sequence[bytes]) -> bytes:
+    """``{"events": [...]}``: the body of the usage APIs that wrap their batch (Togai, Lago, Orb)."""
+    return b'{"events":' + json_array(elements) + b"}"
 
 
 def encode(element: Callable[[UsageRecord], Any], records: Sequence[UsageRecord]
@@ -133,6 +147,16 @@ def encode(element: Callable[[UsageRecord], Any], records: Sequence[UsageRecord]
 
 
 # -- classification ------------------------------------------------------------------------
+
+def answer_json(answer: Answer) -> Any:
+    """The answer's JSON, or None when it was not read whole or is not JSON."""
+    if not answer.complete or not answer.body:
+        return None
+    try:
+        return json.loads(answer.body)
+    except ValueError:
+        return None
+
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """``Retry-After`` as seconds from now: delta-seconds or an HTTP-date, clamped to [0, 1h]."""

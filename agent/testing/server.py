@@ -114,6 +114,10 @@ class LoopbackServer(ABC):
     def answer(self, path: str, headers: dict[str, str], raw: bytes) -> Answer:
         """The contract: the answer to a POST of ``raw`` to ``path`` (header names lowercased)."""
 
+    def respond(self, path: str, query: str, headers: dict[str, str], raw: bytes) -> Answer:
+        """``answer``, for a contract that reads the query string too (``?debug=true``)."""
+        return self.answer(path, headers, raw)
+
     def error(self, status: int, detail: str) -> Answer:
         return Answer(status, {"message": detail})
 
@@ -171,7 +175,7 @@ class LoopbackServer(ABC):
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                path = self.path.split("?")[0]
+                path, _, query = self.path.partition("?")
                 with server._lock:
                     server.requests += 1
                     server.requests_by_path[path] += 1
@@ -179,12 +183,12 @@ class LoopbackServer(ABC):
                     server.max_in_flight_by_path[path] = max(server.max_in_flight_by_path[path],
                                                              server.in_flight_by_path[path])
                 try:
-                    self._serve(path, raw)
+                    self._serve(path, query, raw)
                 finally:
                     with server._lock:
                         server.in_flight_by_path[path] -= 1
 
-            def _serve(self, path: str, raw: bytes) -> None:
+            def _serve(self, path: str, query: str, raw: bytes) -> None:
                 if server.latency:
                     time.sleep(server.latency)
                 fault = server._next_fault(path)
@@ -197,7 +201,7 @@ class LoopbackServer(ABC):
                             answer.headers["Retry-After"] = fault.retry_after
                         self._send(answer, fault)
                         return
-                answer = server.answer(path, {k.lower(): v for k, v in self.headers.items()}, raw)
+                answer = server.respond(path, query, {k.lower(): v for k, v in self.headers.items()}, raw)
                 if fault and fault.after_commit and self._disrupt(fault):
                     return
                 self._send(answer, fault)
