@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from agent.config import parse_backend, parse_config
 from agent.delivery import bodies
@@ -241,13 +242,18 @@ def test_once_dry_run_prints_the_bodies_and_once_delivers_without_showing_the_to
     printed = [json.loads(line) for line in dry.stdout.splitlines()]
     assert [len(body["events"]) for body in printed] == [3, 1] and all(batch_validator().is_valid(b) for b in printed)
 
-    for _ in range(2):  # the second run sends the same tick again: Togai takes each id once
-        done = usage_agent("once", "-c", str(config), "--at", AT_TEXT)
-        assert done.returncode == 0, done.stderr
+    done = usage_agent("once", "-c", str(config), "--at", AT_TEXT)
+    assert done.returncode == 0, done.stderr
     assert {e["id"]: e for body in printed for e in body["events"]} == togai.events
     assert {a["name"] for e in togai.events.values() for a in e["attributes"]} == {"gib"}
-    assert TOKEN not in dry.stderr + done.stderr + dry.stdout + done.stdout
-    assert TOKEN not in spool_text(tmp_path / "spool.db")
+
+    fresh = write_yaml(tmp_path / "fresh.yaml", {**yaml.safe_load(config.read_text()),
+                                                 "spool": {"path": str(tmp_path / "fresh.db")}})
+    again = usage_agent("once", "-c", str(fresh), "--at", AT_TEXT)  # the same tick from a fresh spool
+    assert again.returncode == 0, again.stderr
+    assert togai.duplicates() == 4 and len(togai.events) == 4
+    assert TOKEN not in dry.stderr + done.stderr + again.stderr + dry.stdout + done.stdout + again.stdout
+    assert TOKEN not in spool_text(tmp_path / "spool.db") + spool_text(tmp_path / "fresh.db")
 
 
 # --------------------------------------------------------------------------- config
