@@ -137,6 +137,9 @@ class SinkDefaults:
         (element,) = elements
         return element
 
+    def close(self) -> None:
+        """Nothing to release: the client is the composition root's."""
+
 
 def outside_window(record: UsageRecord, now: datetime, max_age: timedelta, max_ahead: timedelta,
                    backend: str) -> str | None:
@@ -153,12 +156,13 @@ def outside_window(record: UsageRecord, now: datetime, max_age: timedelta, max_a
 
 
 def _span(span: timedelta) -> str:
-    """A duration as a reason shows it: days, else hours, minutes or seconds."""
-    seconds = span.total_seconds()
-    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if seconds >= size:
-            return f"{seconds / size:g} {unit}" if seconds % size == 0 else f"{seconds / size:.1f} {unit}"
-    return f"{seconds:g} seconds"
+    """A duration as a reason shows it: ``35 days``, ``2 days 3 hours 15 minutes``, ``5 minutes``."""
+    seconds, parts = int(span.total_seconds()), []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count} {unit}{'s' if count > 1 else ''}")
+    return " ".join(parts) or "0 seconds"
 
 
 def json_bytes(value: Any) -> bytes:
@@ -281,6 +285,3 @@ class BatchSink(SinkDefaults):
 
     def classify(self, answer: Answer, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain]:
         return [classify(answer, self.success)] * len(records)
-
-    def close(self) -> None:
-        """Nothing to release: the client is the composition root's."""
