@@ -1,7 +1,8 @@
 """How records reach a sink, the same for every sink: in batches of its ``max_batch``, up to
 ``max_in_flight`` requests at once over the agent's one client, a rejected batch halved
 until the records at fault stand alone (``split_rejected``, or a sink's ``Halve``), and a request whose
-credentials were renewed sent once more. Backoff and Retry-After are the forwarder's.
+credentials were renewed sent once more. A record the sink refuses (``Sink.refuse``) or cannot
+render is dead-lettered alone, before sending. Backoff and Retry-After are the forwarder's.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 
+from datetime import datetime
+
 import httpx
 import structlog
 
+from agent.clock import Clock, SystemClock
 from agent.records import UsageRecord
 from agent.metrics import Metrics
 from agent.sinks.base import (
@@ -24,7 +28,6 @@ from agent.sinks.base import (
     Sink,
     classify,
     encode,
-    json_array,
     transport_failure,
 )
 from agent.sinks.transport import send
@@ -38,27 +41,42 @@ def _chunks(items: Sequence[Encoded], size: int) -> list[Sequence[Encoded]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def bodies(sink: Sink, records: Sequence[UsageRecord]) -> list[bytes]:
+def sendable(sink: Sink, records: Sequence[UsageRecord], now: datetime
+             ) -> tuple[list[Encoded], list[tuple[UsageRecord, Rejected]]]:
+    """Each record the sink takes at ``now`` as its encoded element; those it refuses or cannot
+    render set apart, rejected with the reason (status None: the backend never saw them)."""
+    refused: list[tuple[UsageRecord, Rejected]] = []
+    taken: list[UsageRecord] = []
+    for record in records:
+        reason = sink.refuse(record, now)
+        if reason is None:
+            taken.append(record)
+        else:
+            refused.append((record, Rejected(status=None, body=reason)))
+    encoded, failed = encode(sink.element, taken)
+    return encoded, refused + failed
+
+
+def bodies(sink: Sink, records: Sequence[UsageRecord], clock: Clock | None = None) -> list[bytes]:
     """The exact bytes a first send of these records carries, one entry per request body
-    (Paigo: per record; file: per line, without the newline): what ``once --dry-run``
-    prints. Records that cannot be rendered are left out, and logged."""
-    encoded, failed = encode(sink.element, records)
+    (Paigo, Stripe: per record; file: per line, without the newline): what ``once --dry-run``
+    prints. Records refused or that cannot be rendered are left out, and logged."""
+    encoded, failed = sendable(sink, records, (clock or SystemClock()).now())
     for record, rejected in failed:
         log.error("record left out: it would be dead-lettered", record_id=record.record_id,
                   measurement=record.measurement, reason=rejected.body)
-    if not sink.array_body:
-        return [body for _, body in encoded]
-    wrap = getattr(sink, "body", json_array)  # a sink whose body holds the array in an envelope: {"events": [...]}
-    return [wrap([body for _, body in chunk]) for chunk in _chunks(encoded, sink.max_batch)]
+    size = sink.max_batch if sink.array_body else 1
+    return [sink.body([body for _, body in chunk]) for chunk in _chunks(encoded, size)]
 
 
 class Delivery:
     """Sends records through ``sink`` over ``client`` (None for a sink that writes locally)."""
 
-    def __init__(self, sink: Sink, client: httpx.Client | None, metrics: Metrics):
+    def __init__(self, sink: Sink, client: httpx.Client | None, metrics: Metrics, clock: Clock | None = None):
         self.sink = sink
         self._client = client
         self._metrics = metrics
+        self._clock = clock or SystemClock()
 
     def deliver(self, records: Sequence[UsageRecord], stop: threading.Event | None = None
                 ) -> Iterator[tuple[UsageRecord, Outcome]]:
@@ -70,7 +88,7 @@ class Delivery:
         sends in flight end within their own deadline.
         """
         stop = stop or threading.Event()
-        encoded, failed = encode(self.sink.element, records)
+        encoded, failed = sendable(self.sink, records, self._clock.now())
         yield from failed
         batches = _chunks(encoded, self.sink.max_batch)
         workers = min(self.sink.max_in_flight, len(batches))

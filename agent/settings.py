@@ -191,6 +191,25 @@ class HttpBackend:
 
 
 @dataclass(frozen=True)
+class StripeBackend:
+    type: Literal["stripe"]
+    url: str
+    api_key: Secret  # from api_key or api_key_file
+    customer_key: str  # the meter's customer_mapping.event_payload_key
+    value_key: str  # the meter's value_settings.event_payload_key
+    timeout: timedelta
+    max_in_flight: int
+
+
+@dataclass(frozen=True)
+class MetronomeBackend:
+    type: Literal["metronome"]
+    url: str
+    api_key: Secret  # from api_key or api_key_file
+    timeout: timedelta
+
+
+@dataclass(frozen=True)
 class TogaiBackend:
     type: Literal["togai"]
     url: str
@@ -238,7 +257,12 @@ class Audit(JsonlFile):
     """A local JSON Lines copy of every record the backend accepted."""
 
 
-Backend = PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend | TogaiBackend | LagoBackend | OrbBackend
+Backend = (PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend
+           | StripeBackend
+           | MetronomeBackend
+           | TogaiBackend
+           | LagoBackend
+           | OrbBackend)
 
 
 @dataclass(frozen=True)

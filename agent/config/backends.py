@@ -135,6 +135,56 @@ class HttpBackend(Model):
         return self
 
 
+def _api_key(model: BaseModel) -> SecretStr:
+    """``api_key`` or ``api_key_file``, exactly one, as an ``Authorization: Bearer`` header can carry it."""
+    if (model.api_key is None) == (model.api_key_file is None):  # type: ignore[attr-defined]
+        raise ValueError("set exactly one of api_key or api_key_file")
+    key = _at_most_one(model, "api_key")
+    assert key is not None
+    if not _HEADER_VALUE.match(key.get_secret_value()):
+        raise ValueError("the api_key must be printable ASCII, without line breaks or control characters")
+    return key
+
+
+# a key of a Stripe meter event's payload: it goes into the form field name payload[<key>]
+PayloadKey = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")]
+
+
+class StripeBackend(Model):
+    plain = settings.StripeBackend
+
+    type: Literal["stripe"]
+    url: HttpUrl = "https://api.stripe.com"
+    api_key: Secret | None = None
+    api_key_file: SecretFile = None
+    customer_key: PayloadKey = "stripe_customer_id"
+    value_key: PayloadKey = "value"
+    timeout: Duration = timedelta(seconds=10)
+    max_in_flight: int = Field(default=8, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _checks(self) -> StripeBackend:
+        object.__setattr__(self, "api_key", _api_key(self))
+        if self.customer_key == self.value_key:
+            raise ValueError(f"customer_key and value_key must differ (both are {self.customer_key!r})")
+        return self
+
+
+class MetronomeBackend(Model):
+    plain = settings.MetronomeBackend
+
+    type: Literal["metronome"]
+    url: HttpUrl = "https://api.metronome.com"
+    api_key: Secret | None = None
+    api_key_file: SecretFile = None
+    timeout: Duration = timedelta(seconds=10)
+
+    @model_validator(mode="after")
+    def _checks(self) -> MetronomeBackend:
+        object.__setattr__(self, "api_key", _api_key(self))
+        return self
+
+
 def _bearer(model: BaseModel, name: str) -> SecretStr:
     """``name`` or ``name_file``, exactly one: sent as ``Authorization: Bearer``, so header-safe."""
     value, from_file = getattr(model, name), getattr(model, f"{name}_file")
@@ -188,7 +238,7 @@ class LagoBackend(Model):
 
     @model_validator(mode="after")
     def _one_key(self) -> LagoBackend:
-        object.__setattr__(self, "api_key", _bearer(self, "api_key"))
+        object.__setattr__(self, "api_key", _api_key(self))
         return self
 
 
@@ -205,7 +255,7 @@ class OrbBackend(Model):
 
     @model_validator(mode="after")
     def _one_key(self) -> OrbBackend:
-        object.__setattr__(self, "api_key", _bearer(self, "api_key"))
+        object.__setattr__(self, "api_key", _api_key(self))
         return self
 
 
@@ -227,6 +277,15 @@ class Audit(JsonlFile):
     plain = settings.Audit
 
 
-Backend = Annotated[PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend | TogaiBackend | LagoBackend
+Backend = Annotated[PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend
+                    | StripeBackend
+                    | MetronomeBackend
+                    | TogaiBackend
+                    | LagoBackend
                     | OrbBackend, Field(discriminator="type")]
-BACKEND_TYPES = ("paigo", "openmeter", "http", "file", "togai", "lago", "orb")
+BACKEND_TYPES = ("paigo", "openmeter", "http", "file",
+                 "stripe",
+                 "metronome",
+                 "togai",
+                 "lago",
+                 "orb")

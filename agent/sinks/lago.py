@@ -34,9 +34,10 @@ from agent.sinks.base import (
     Rejected,
     RetryLater,
     SendAgain,
-    answer_json,
+    SinkDefaults,
     classify,
     events_body,
+    json_object,
 )
 from agent.sinks.transport import request
 
@@ -49,7 +50,7 @@ def _received(answer: Answer) -> str | None:
     return None if answer.status == 200 else f"with {answer.describe()}, where Lago answers 200"
 
 
-class LagoSink:
+class LagoSink(SinkDefaults):
     name = "lago"
     array_body = True
     max_in_flight = 1  # batches go out one after the other, in lease order
@@ -91,8 +92,8 @@ class LagoSink:
     @staticmethod
     def _by_index(answer: Answer, count: int) -> dict[int, Any] | None:
         """``error_details`` by event index, if it names only events of this batch."""
-        body = answer_json(answer)
-        details = body.get("error_details") if isinstance(body, dict) else None
+        body = json_object(answer)
+        details = body.get("error_details") if body else None
         if not isinstance(details, dict) or not details:
             return None
         named = {}
@@ -101,9 +102,6 @@ class LagoSink:
                 return None  # {"events": ["too_many_events"]}, or an index past this batch
             named[int(key)] = errors
         return named
-
-    def close(self) -> None:
-        """Nothing to release: the client is the composition root's."""
 
 
 def _judged(index: int, errors: Any) -> Outcome:

@@ -36,9 +36,10 @@ from agent.sinks.base import (
     Rejected,
     RetryLater,
     SendAgain,
-    answer_json,
+    SinkDefaults,
     classify,
     events_body,
+    json_object,
 )
 from agent.sinks.transport import request
 
@@ -61,7 +62,7 @@ def _ingested(answer: Answer) -> str | None:
     return None if answer.status == 200 else f"with {answer.describe()}, where Orb answers 200"
 
 
-class OrbSink:
+class OrbSink(SinkDefaults):
     name = "orb"
     array_body = True
     max_in_flight = 1  # batches go out one after the other, in lease order
@@ -93,13 +94,13 @@ class OrbSink:
         outcome = classify(answer, _ingested)
         if isinstance(outcome, RetryLater):
             return [outcome] * len(records)
-        body = answer_json(answer)
+        body = json_object(answer)
         failed = _failed(body, records, answer.status)
         if isinstance(outcome, Delivered):  # a 200 takes every event it does not list as failed
             return [failed.get(r.record_id, outcome) for r in records] if failed else [outcome] * len(records)
         if not failed:  # refused as a whole, no event named: halve until the one at fault stands alone
             return [Halve(outcome)] * len(records)
-        debug = body.get("debug") if isinstance(body, dict) else None
+        debug = body.get("debug") if body else None
         confirmed = set()
         if isinstance(debug, dict):
             confirmed = {key for name in ("ingested", "duplicate") for key in debug.get(name) or () if isinstance(key, str)}
@@ -107,14 +108,11 @@ class OrbSink:
         return [failed.get(r.record_id) or (Delivered(answer.status) if r.record_id in confirmed else resend)
                 for r in records]
 
-    def close(self) -> None:
-        """Nothing to release: the client is the composition root's."""
-
 
 def _failed(body: Any, records: Sequence[UsageRecord], status: int) -> dict[str, Outcome]:
     """The events ``validation_failed`` names, dead-lettered with their messages; {} if it names
     none of this request's (or an event the request did not carry)."""
-    entries = body.get("validation_failed") if isinstance(body, dict) else None
+    entries = body.get("validation_failed") if body else None
     if not isinstance(entries, list):
         return {}
     ids = {r.record_id for r in records}

@@ -36,9 +36,10 @@ from agent.sinks.base import (
     Rejected,
     RetryLater,
     SendAgain,
-    answer_json,
+    SinkDefaults,
     classify,
     events_body,
+    json_object,
 )
 from agent.sinks.transport import request
 
@@ -67,7 +68,7 @@ def not_accepted(error: dict[str, Any]) -> Outcome:
     return Rejected(status=207, body=entry[:REJECTED_BODY])
 
 
-class TogaiSink:
+class TogaiSink(SinkDefaults):
     name = "togai"
     array_body = True
     max_in_flight = 1  # batches go out one after the other, in lease order
@@ -113,8 +114,8 @@ class TogaiSink:
         return [outcome] * len(records)
 
     def _partial(self, answer: Answer, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain | Halve]:
-        body = answer_json(answer)
-        errors = body.get("errors") if isinstance(body, dict) else None
+        body = json_object(answer)
+        errors = body.get("errors") if body else None
         unread = Halve(Rejected(207, f"Togai answered 207 without naming the events it did not accept: "
                                      f"{answer.describe()}"[:REJECTED_BODY]))
         if not isinstance(errors, list):
@@ -128,6 +129,3 @@ class TogaiSink:
                 return [unread] * len(records)  # an error no event of this batch can be held to
             outcomes[where[event_id]] = not_accepted(error)
         return outcomes
-
-    def close(self) -> None:
-        """Nothing to release: the client is the composition root's."""
