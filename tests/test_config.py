@@ -348,6 +348,9 @@ def test_example_config_validates(tmp_path: Path, example: Path) -> None:
         "USAGE_HMAC_FILE": str(secret_file),
         "STRIPE_API_KEY": "secret-from-env",
         "METRONOME_API_KEY": "secret-from-env",
+        "TOGAI_TOKEN": "secret-from-env",
+        "LAGO_API_KEY": "secret-from-env",
+        "ORB_API_KEY": "secret-from-env",
     }
     cfg = load_config(example, env)
     backend = cfg.backend
@@ -360,6 +363,10 @@ def test_example_config_validates(tmp_path: Path, example: Path) -> None:
         assert backend.header_values()["Authorization"] == "Bearer secret-from-env"
         assert backend.hmac_secret is not None and backend.hmac_secret.get_secret_value() == "secret-from-file"
     elif backend.type in ("stripe", "metronome"):
+        assert backend.api_key.get_secret_value() == "secret-from-env"
+    elif backend.type == "togai":
+        assert backend.token.get_secret_value() == "secret-from-env"
+    elif backend.type in ("lago", "orb"):
         assert backend.api_key.get_secret_value() == "secret-from-env"
     else:
         assert isinstance(backend, FileBackend) and Path(backend.path).is_absolute()
