@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from agent.spool import Spool
 from agent.testing.server import Fault
 from tests.conftest import ACCOUNT, DIMENSION, Aws, agent_command, backend_config, write_yaml
 from tests.stripe_server import API_KEY, EVENTS_PATH, StripeContractServer
-from tests.support import FakeClock, make_records
+from tests.support import FakeClock, make_record, make_records
 from tests.test_delivery import Pipeline
 from tests.test_openmeter import MEASUREMENTS, seed
 from agent.delivery import Delivery
@@ -292,3 +293,12 @@ def test_once_dead_letters_a_poison_event_and_delivers_the_rest(aws: Aws, tmp_pa
     (dead,) = spool.rows("dead")
     spool.close()
     assert (dead["id"], dead["last_status"]) == (globex, 400) and "No such customer" in dead["last_error"]
+
+
+def test_the_readme_shows_the_body_the_agent_sends() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    (shown,) = [line for line in readme.splitlines() if line.startswith("event_name=")]
+    tick = datetime(2026, 11, 21, 10, tzinfo=timezone.utc)
+    record = replace(make_record("cus_NciAYcXfLnqBoz", tick, "107", dimension="ebs-storage-gib"),
+                     event_type="ebs_storage_gib")
+    assert bodies(sink_of(), [record], FakeClock(tick.timestamp() + 3600)) == [shown.encode()]
