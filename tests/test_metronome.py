@@ -226,3 +226,18 @@ def test_once_dead_letters_a_poison_event_and_delivers_the_rest(aws: Aws, tmp_pa
     (dead,) = spool.rows("dead")
     spool.close()
     assert (dead["id"], dead["last_status"]) == (globex, 400) and "customer_id is unknown" in dead["last_error"]
+
+
+def test_the_server_refuses_what_metronome_refuses(metronome: MetronomeContractServer) -> None:
+    def post(events: Any) -> httpx.Response:
+        return httpx.post(f"{metronome.url}{INGEST_PATH}", json=events, timeout=5,
+                          headers={"Authorization": f"Bearer {API_KEY}"})
+
+    event = {"transaction_id": "t1", "customer_id": "c", "event_type": "e", "timestamp": "2027-01-15T07:00:00Z",
+             "properties": {"value": "1"}}
+    assert post([event]).status_code == 200
+    assert post([event]).status_code == 200 and metronome.duplicates() == 1  # a repeat is ignored, answered alike
+    assert "unknown field(s) value" in post([{**event, "value": "1"}]).json()["message"]
+    assert post([{**event, "timestamp": "2026-12-01T00:00:00Z"}]).status_code == 400  # past the 34 days
+    assert post([event] * 101).status_code == 400 and post([]).status_code == 400
+    assert metronome.accepted_ids() == {"t1"}

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from agent.spool import Spool
 from agent.testing.server import Fault
 from tests.conftest import ACCOUNT, DIMENSION, Aws, agent_command, backend_config, write_yaml
 from tests.stripe_server import API_KEY, EVENTS_PATH, StripeContractServer
-from tests.support import FakeClock, make_records
+from tests.support import FakeClock, make_record, make_records
 from tests.test_delivery import Pipeline
 from tests.test_openmeter import MEASUREMENTS, seed
 from agent.delivery import Delivery
@@ -292,3 +293,43 @@ def test_once_dead_letters_a_poison_event_and_delivers_the_rest(aws: Aws, tmp_pa
     (dead,) = spool.rows("dead")
     spool.close()
     assert (dead["id"], dead["last_status"]) == (globex, 400) and "No such customer" in dead["last_error"]
+
+
+def test_the_readme_shows_the_body_the_agent_sends() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    (shown,) = [line for line in readme.splitlines() if line.startswith("event_name=")]
+    tick = datetime(2026, 11, 21, 10, tzinfo=timezone.utc)
+    record = replace(make_record("cus_NciAYcXfLnqBoz", tick, "107", dimension="ebs-storage-gib"),
+                     event_type="ebs_storage_gib")
+    assert bodies(sink_of(), [record], FakeClock(tick.timestamp() + 3600)) == [shown.encode()]
+
+
+def test_the_agents_client_keeps_a_connection_per_request_in_flight(clock: FakeClock) -> None:
+    from agent.sinks import build_backend
+
+    with StripeContractServer(clock=clock.time, latency=0.05) as server:
+        backend = build_backend(parse_backend({**STRIPE, "url": server.url, "max_in_flight": 4}), Metrics(), clock)
+        try:
+            got = list(Delivery(backend.sink, backend.client, Metrics(), clock).deliver(make_records(16, start=RECENT - timedelta(hours=4))))
+        finally:
+            backend.close()
+    assert {o for _, o in got} == {Delivered(200)}
+    assert server.max_in_flight_by_path[EVENTS_PATH] == 4
+
+
+def test_the_server_refuses_what_stripe_refuses(stripe: StripeContractServer) -> None:
+    def post(body: str, **headers: str) -> httpx.Response:
+        return httpx.post(f"{stripe.url}{EVENTS_PATH}", content=body, timeout=5, headers={
+            "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/x-www-form-urlencoded", **headers})
+
+    at = int(stripe.clock())
+    ok = f"event_name=e&identifier=i1&timestamp={at}&payload%5Bstripe_customer_id%5D=cus_1&payload%5Bvalue%5D=2.5"
+    assert post(ok).status_code == 200
+    unknown = post(ok.replace("i1", "i2") + "&customer=cus_1").json()["error"]
+    assert (unknown["code"], unknown["param"]) == ("parameter_unknown", "customer")
+    assert post(ok.replace(f"timestamp={at}", f"timestamp={at - 36 * 86400}")).json()["error"]["param"] == "timestamp"
+    assert post(ok.replace("payload%5Bvalue%5D=2.5&", "")).status_code == 400
+    assert post(ok, Authorization="Bearer sk_wrong").status_code == 401
+    duplicate = post(ok)
+    assert duplicate.status_code == 400 and duplicate.headers["Stripe-Should-Retry"] == "false"
+    assert duplicate.json()["error"]["message"] == "An event already exists with identifier i1."
