@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
 from agent.config import parse_backend, parse_config
 from agent.delivery import bodies
@@ -276,3 +278,15 @@ def test_config_defaults_and_errors(tmp_path: Path) -> None:
     assert togai_problems({"type": "togai", "token": "a", "batch_size": 501, "attribute": ""}, tmp_path) == [
         ("backend.attribute", "String should have at least 1 character"),
         ("backend.batch_size", "Input should be less than or equal to 500")]
+
+
+def test_a_record_pending_past_togais_45_days_is_logged_once(togai: TogaiContractServer, pipeline: Pipeline) -> None:
+    togai.script(INGEST_PATH, Fault(status=503))
+    now = pipeline.clock.now()
+    old, recent = make_record(tick=now - timedelta(days=46)), make_record(tick=now - timedelta(days=44), customer="globex")
+    pipeline.enqueue([old, recent])
+    with capture_logs() as logs:
+        pipeline.run_until_drained()
+    warned = [e for e in logs if e["event"].startswith("record pending past the backend's deduplication window")]
+    assert [e["record_id"] for e in warned] == [old.record_id]  # once, though it was leased twice
+    assert togai.accepted_ids() == {old.record_id, recent.record_id}
