@@ -157,7 +157,7 @@ def cmd_once(args: argparse.Namespace, process: Process) -> int:
                 records += result.records
             from agent.delivery import bodies
 
-            for body in bodies(sink.sink, records):  # each request body (file: each line) exactly as sent
+            for body in bodies(sink.sink, records, process.clock):  # each request body (file: each line) exactly as sent
                 sys.stdout.buffer.write(body + b"\n")
             sys.stdout.flush()
         finally:

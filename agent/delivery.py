@@ -1,7 +1,8 @@
 """How records reach a sink, the same for every sink: in batches of its ``max_batch``, up to
 ``max_in_flight`` requests at once over the agent's one client, a rejected batch halved
-until the records at fault stand alone (``split_rejected``), and a request whose
-credentials were renewed sent once more. Backoff and Retry-After are the forwarder's.
+until the records at fault stand alone (``split_rejected``, or a sink's ``Halve``), and a request whose
+credentials were renewed sent once more. A record the sink refuses (``Sink.refuse``) or cannot
+render is dead-lettered alone, before sending. Backoff and Retry-After are the forwarder's.
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 
+from datetime import datetime
+
 import httpx
 import structlog
 
+from agent.clock import Clock, SystemClock
 from agent.records import UsageRecord
 from agent.metrics import Metrics
 from agent.sinks.base import (
+    Halve,
     NotSendable,
     Outcome,
     Rejected,
@@ -23,7 +28,6 @@ from agent.sinks.base import (
     Sink,
     classify,
     encode,
-    json_array,
     transport_failure,
 )
 from agent.sinks.transport import send
@@ -37,26 +41,42 @@ def _chunks(items: Sequence[Encoded], size: int) -> list[Sequence[Encoded]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def bodies(sink: Sink, records: Sequence[UsageRecord]) -> list[bytes]:
+def sendable(sink: Sink, records: Sequence[UsageRecord], now: datetime
+             ) -> tuple[list[Encoded], list[tuple[UsageRecord, Rejected]]]:
+    """Each record the sink takes at ``now`` as its encoded element; those it refuses or cannot
+    render set apart, rejected with the reason (status None: the backend never saw them)."""
+    refused: list[tuple[UsageRecord, Rejected]] = []
+    taken: list[UsageRecord] = []
+    for record in records:
+        reason = sink.refuse(record, now)
+        if reason is None:
+            taken.append(record)
+        else:
+            refused.append((record, Rejected(status=None, body=reason)))
+    encoded, failed = encode(sink.element, taken)
+    return encoded, refused + failed
+
+
+def bodies(sink: Sink, records: Sequence[UsageRecord], clock: Clock | None = None) -> list[bytes]:
     """The exact bytes a first send of these records carries, one entry per request body
-    (Paigo: per record; file: per line, without the newline): what ``once --dry-run``
-    prints. Records that cannot be rendered are left out, and logged."""
-    encoded, failed = encode(sink.element, records)
+    (Paigo, Stripe: per record; file: per line, without the newline): what ``once --dry-run``
+    prints. Records refused or that cannot be rendered are left out, and logged."""
+    encoded, failed = sendable(sink, records, (clock or SystemClock()).now())
     for record, rejected in failed:
         log.error("record left out: it would be dead-lettered", record_id=record.record_id,
                   measurement=record.measurement, reason=rejected.body)
-    if not sink.array_body:
-        return [body for _, body in encoded]
-    return [json_array([body for _, body in chunk]) for chunk in _chunks(encoded, sink.max_batch)]
+    size = sink.max_batch if sink.array_body else 1
+    return [sink.body([body for _, body in chunk]) for chunk in _chunks(encoded, size)]
 
 
 class Delivery:
     """Sends records through ``sink`` over ``client`` (None for a sink that writes locally)."""
 
-    def __init__(self, sink: Sink, client: httpx.Client | None, metrics: Metrics):
+    def __init__(self, sink: Sink, client: httpx.Client | None, metrics: Metrics, clock: Clock | None = None):
         self.sink = sink
         self._client = client
         self._metrics = metrics
+        self._clock = clock or SystemClock()
 
     def deliver(self, records: Sequence[UsageRecord], stop: threading.Event | None = None
                 ) -> Iterator[tuple[UsageRecord, Outcome]]:
@@ -68,7 +88,7 @@ class Delivery:
         sends in flight end within their own deadline.
         """
         stop = stop or threading.Event()
-        encoded, failed = encode(self.sink.element, records)
+        encoded, failed = sendable(self.sink, records, self._clock.now())
         yield from failed
         batches = _chunks(encoded, self.sink.max_batch)
         workers = min(self.sink.max_in_flight, len(batches))
@@ -100,13 +120,16 @@ class Delivery:
                 return  # not sent: left leased, sent again later
             part = waiting.pop()
             outcomes = self._exchange(part)
-            if self.sink.split_rejected and len(part) > 1 and any(isinstance(o, Rejected) for o in outcomes):
+            halve = any(isinstance(o, Halve) for o in outcomes) or (
+                self.sink.split_rejected and any(isinstance(o, Rejected) for o in outcomes))
+            if halve and len(part) > 1:
                 middle = len(part) // 2
                 waiting += [part[middle:], part[:middle]]  # first half next: outcomes keep lease order
                 continue
-            yield from zip((record for record, _ in part), outcomes)
+            yield from zip((record for record, _ in part),
+                           (o.rejected if isinstance(o, Halve) else o for o in outcomes))
 
-    def _exchange(self, part: Sequence[Encoded]) -> list[Outcome]:
+    def _exchange(self, part: Sequence[Encoded]) -> list[Outcome | Halve]:
         """Render, send, classify; once more at once when the sink renewed its credentials."""
         records = [record for record, _ in part]
         for _ in range(2):

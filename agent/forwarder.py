@@ -5,6 +5,9 @@ to pending with a capped exponential backoff with jitter, or the backend's Retry
 There is no retry limit: a record stays pending until the backend takes it or rejects it.
 With an audit copy, each delivered record is appended to it before its outcome is written
 to the spool: a crash in between writes the line again (same id) rather than not at all.
+A record still pending when its time T is further back than the backend's deduplication
+window is logged once (and counted): if an earlier send of it reached the backend, the
+next one would be counted again.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import httpx
 import structlog
 
 from agent.clock import Clock, SystemClock
-from agent.records import UsageRecord
+from agent.records import UsageRecord, format_timestamp
 from agent.delivery import Delivery
 from agent.errors import AuditError, SpoolError
 from agent.metrics import Metrics
@@ -32,6 +35,7 @@ log = structlog.get_logger("agent.forwarder")
 
 MAX_PAUSE = 60.0  # a paused forwarder (spool or audit copy not writable) tries again at least this often
 SETTLE_ROUNDS = 16  # records leased per request slot when each request carries one
+WARNED_MAX = 100_000  # record ids remembered as logged past the dedup window; then forgotten, and logged again
 
 
 @dataclass
@@ -67,7 +71,10 @@ class Forwarder:
     ):
         self._spool = spool
         self._metrics = metrics or Metrics()
-        self._delivery = Delivery(sink, client, self._metrics)
+        self._clock = clock or SystemClock()
+        self._delivery = Delivery(sink, client, self._metrics, self._clock)
+        self._dedup_window = sink.dedup_window
+        self._past_window: set[str] = set()  # ids already logged as pending past the dedup window
         # one-record requests: several per request slot in a lease, their outcomes settled as they arrive
         per_slot = sink.max_batch if sink.max_batch > 1 else SETTLE_ROUNDS
         self._batch_size = batch_size or per_slot * sink.max_in_flight
@@ -75,7 +82,6 @@ class Forwarder:
         self._lease_seconds = lease_seconds
         self._base_backoff = base_backoff
         self._max_backoff = max_backoff
-        self._clock = clock or SystemClock()
         self._rng = rng or random.Random()
         self.stopping = threading.Event()
         self._attempts: dict[str, int] = {}  # leased record id -> sends tried before this lease
@@ -117,6 +123,7 @@ class Forwarder:
         if not leased:
             return result
         self._attempts.update({item.record.record_id: item.attempts for item in leased})
+        self._warn_past_dedup_window([item.record for item in leased])
         settled: list[tuple[UsageRecord, Outcome]] = []
         for record, outcome in self._delivery.deliver([item.record for item in leased], self.stopping):
             self._watch(outcome)
@@ -126,6 +133,23 @@ class Forwarder:
                 settled = []
         self._settle(settled, result)
         return result
+
+    def _warn_past_dedup_window(self, records: list[UsageRecord]) -> None:
+        """Log (once per record) each record whose T is older than the backend deduplicates for."""
+        if self._dedup_window is None:
+            return
+        oldest = self._clock.now() - self._dedup_window
+        for record in records:
+            if record.timestamp < oldest and record.record_id not in self._past_window:
+                if len(self._past_window) >= WARNED_MAX:
+                    self._past_window.clear()
+                self._past_window.add(record.record_id)
+                self._metrics.records_past_dedup_window.inc()
+                log.warning("record pending past the backend's deduplication window: if an earlier send of it "
+                            "reached the backend, a re-send is no longer deduplicated and is counted again",
+                            record_id=record.record_id, measurement=record.measurement,
+                            timestamp=format_timestamp(record.timestamp),
+                            dedup_window_seconds=self._dedup_window.total_seconds())
 
     def _watch(self, outcome: Outcome) -> None:
         """Track an alert (a configuration problem: redirect, refused credentials) until a record gets through."""

@@ -19,6 +19,10 @@ class Metrics:
                                        ["measurement"], registry=r)
         self.records_delivered = Counter("usage_agent_records_delivered", "Records the backend accepted.", registry=r)
         self.records_dead = Counter("usage_agent_records_dead_lettered", "Records the backend rejected.", registry=r)
+        self.records_past_dedup_window = Counter(
+            "usage_agent_records_past_dedup_window",
+            "Records found pending with their time older than the backend's deduplication window (each once): "
+            "a re-send of one the backend already took would be counted again.", registry=r)
         self.resources_skipped = Counter("usage_agent_resources_skipped", "Resources left out of a tick, by reason.",
                                          ["measurement", "reason"], registry=r)
         self.ticks_failed = Counter("usage_agent_ticks_failed", "Measurement ticks that produced no records, by reason.",

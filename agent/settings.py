@@ -204,6 +204,56 @@ class HttpBackend:
 
 
 @dataclass(frozen=True)
+class StripeBackend:
+    type: Literal["stripe"]
+    url: str
+    api_key: Secret  # from api_key or api_key_file
+    customer_key: str  # the meter's customer_mapping.event_payload_key
+    value_key: str  # the meter's value_settings.event_payload_key
+    timeout: timedelta
+    max_in_flight: int
+
+
+@dataclass(frozen=True)
+class MetronomeBackend:
+    type: Literal["metronome"]
+    url: str
+    api_key: Secret  # from api_key or api_key_file
+    timeout: timedelta
+
+
+@dataclass(frozen=True)
+class TogaiBackend:
+    type: Literal["togai"]
+    url: str
+    token: Secret  # from token or token_file
+    attribute: str  # the name of the attribute each event carries the value in
+    batch_size: int
+    timeout: timedelta
+
+
+@dataclass(frozen=True)
+class LagoBackend:
+    type: Literal["lago"]
+    url: str
+    api_key: Secret  # from api_key or api_key_file
+    customer_field: Literal["external_subscription_id"]
+    value_property: str  # the event property the billable metric aggregates
+    batch_size: int
+    timeout: timedelta
+
+
+@dataclass(frozen=True)
+class OrbBackend:
+    type: Literal["orb"]
+    url: str
+    api_key: Secret  # from api_key or api_key_file
+    customer_field: Literal["external_customer_id", "customer_id"]
+    batch_size: int
+    timeout: timedelta
+
+
+@dataclass(frozen=True)
 class JsonlFile:
     path: str  # absolute once loaded by load_config
     max_bytes: int  # rotate before a file would pass this
@@ -220,7 +270,12 @@ class Audit(JsonlFile):
     """A local JSON Lines copy of every record the backend accepted."""
 
 
-Backend = PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend
+Backend = (PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend
+           | StripeBackend
+           | MetronomeBackend
+           | TogaiBackend
+           | LagoBackend
+           | OrbBackend)
 
 
 @dataclass(frozen=True)

@@ -346,6 +346,11 @@ def test_example_config_validates(tmp_path: Path, example: Path) -> None:
         "OPENMETER_TOKEN": "secret-from-env",
         "BILLING_API_TOKEN": "secret-from-env",
         "USAGE_HMAC_FILE": str(secret_file),
+        "STRIPE_API_KEY": "secret-from-env",
+        "METRONOME_API_KEY": "secret-from-env",
+        "TOGAI_TOKEN": "secret-from-env",
+        "LAGO_API_KEY": "secret-from-env",
+        "ORB_API_KEY": "secret-from-env",
     }
     cfg = load_config(example, env)
     backend = cfg.backend
@@ -357,6 +362,12 @@ def test_example_config_validates(tmp_path: Path, example: Path) -> None:
     elif isinstance(backend, HttpBackend):
         assert backend.header_values()["Authorization"] == "Bearer secret-from-env"
         assert backend.hmac_secret is not None and backend.hmac_secret.get_secret_value() == "secret-from-file"
+    elif backend.type in ("stripe", "metronome"):
+        assert backend.api_key.get_secret_value() == "secret-from-env"
+    elif backend.type == "togai":
+        assert backend.token.get_secret_value() == "secret-from-env"
+    elif backend.type in ("lago", "orb"):
+        assert backend.api_key.get_secret_value() == "secret-from-env"
     else:
         assert isinstance(backend, FileBackend) and Path(backend.path).is_absolute()
     assert cfg.measurements and all(m.roles() and m.resource_type in REGISTRY for m in cfg.measurements)
@@ -394,7 +405,8 @@ def _walk(value: Any, where: str = "cfg") -> Any:
 def test_stages_get_plain_frozen_settings(tmp_path: Path, example: Path) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text("from-file\n", encoding="utf-8")
-    env = {name: "from-env" for name in ("PAIGO_CLIENT_ID", "PAIGO_CLIENT_SECRET", "OPENMETER_TOKEN", "BILLING_API_TOKEN")}
+    env = {name: "from-env" for name in ("PAIGO_CLIENT_ID", "PAIGO_CLIENT_SECRET", "OPENMETER_TOKEN", "BILLING_API_TOKEN",
+                                               "STRIPE_API_KEY", "METRONOME_API_KEY")}
     cfg = load_config(example, {**env, "PAIGO_CLIENT_SECRET_FILE": str(secret_file), "USAGE_HMAC_FILE": str(secret_file)})
     for where, value in _walk(cfg):
         assert not isinstance(value, (pydantic.BaseModel, pydantic.SecretStr, list, dict, set)), (where, type(value))

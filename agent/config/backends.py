@@ -135,6 +135,130 @@ class HttpBackend(Model):
         return self
 
 
+def _api_key(model: BaseModel) -> SecretStr:
+    """``api_key`` or ``api_key_file``, exactly one, as an ``Authorization: Bearer`` header can carry it."""
+    if (model.api_key is None) == (model.api_key_file is None):  # type: ignore[attr-defined]
+        raise ValueError("set exactly one of api_key or api_key_file")
+    key = _at_most_one(model, "api_key")
+    assert key is not None
+    if not _HEADER_VALUE.match(key.get_secret_value()):
+        raise ValueError("the api_key must be printable ASCII, without line breaks or control characters")
+    return key
+
+
+# a key of a Stripe meter event's payload: it goes into the form field name payload[<key>]
+PayloadKey = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")]
+
+
+class StripeBackend(Model):
+    plain = settings.StripeBackend
+
+    type: Literal["stripe"]
+    url: HttpUrl = "https://api.stripe.com"
+    api_key: Secret | None = None
+    api_key_file: SecretFile = None
+    customer_key: PayloadKey = "stripe_customer_id"
+    value_key: PayloadKey = "value"
+    timeout: Duration = timedelta(seconds=10)
+    max_in_flight: int = Field(default=8, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _checks(self) -> StripeBackend:
+        object.__setattr__(self, "api_key", _api_key(self))
+        if self.customer_key == self.value_key:
+            raise ValueError(f"customer_key and value_key must differ (both are {self.customer_key!r})")
+        return self
+
+
+class MetronomeBackend(Model):
+    plain = settings.MetronomeBackend
+
+    type: Literal["metronome"]
+    url: HttpUrl = "https://api.metronome.com"
+    api_key: Secret | None = None
+    api_key_file: SecretFile = None
+    timeout: Duration = timedelta(seconds=10)
+
+    @model_validator(mode="after")
+    def _checks(self) -> MetronomeBackend:
+        object.__setattr__(self, "api_key", _api_key(self))
+        return self
+
+
+def _bearer(model: BaseModel, name: str) -> SecretStr:
+    """``name`` or ``name_file``, exactly one: sent as ``Authorization: Bearer``, so header-safe."""
+    value, from_file = getattr(model, name), getattr(model, f"{name}_file")
+    if (value is None) == (from_file is None):
+        raise ValueError(f"set exactly one of {name} or {name}_file")
+    secret: SecretStr = value if value is not None else from_file
+    if not _HEADER_VALUE.match(secret.get_secret_value()):
+        raise ValueError(f"the {name} must be printable ASCII, without line breaks or control characters")
+    return secret
+
+
+class TogaiBackend(Model):
+    plain = settings.TogaiBackend
+
+    type: Literal["togai"]
+    url: HttpUrl = "https://api.togai.com"
+    token: Secret | None = None
+    token_file: SecretFile = None
+    attribute: Text = Field(default="value", min_length=1, max_length=50)  # Togai's Attribute.name
+    batch_size: int = Field(default=500, ge=1, le=500)  # /ingestBatch takes 1 to 500 events
+    timeout: Duration = timedelta(seconds=10)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> TogaiBackend:
+        object.__setattr__(self, "token", _bearer(self, "token"))
+        return self
+
+
+class LagoBackend(Model):
+    plain = settings.LagoBackend
+
+    type: Literal["lago"]
+    url: HttpUrl = "https://api.getlago.com"
+    api_key: Secret | None = None
+    api_key_file: SecretFile = None
+    customer_field: str = "external_subscription_id"
+    value_property: Text = Field(default="value", min_length=1, max_length=255)
+    batch_size: int = Field(default=100, ge=1, le=100)  # /api/v1/events/batch takes at most 100 events
+    timeout: Duration = timedelta(seconds=10)
+
+    @field_validator("customer_field")
+    @classmethod
+    def _subscription(cls, field: str) -> str:
+        if field == "external_customer_id":  # dropped from event input in Lago v1.7.0: such events are never billed
+            raise ValueError("Lago ignores external_customer_id on events (since v1.7.0) and bills an event only "
+                             "through its subscription: use external_subscription_id, with each customer id set "
+                             "to the subscription's external id")
+        if field != "external_subscription_id":
+            raise ValueError(f"expected external_subscription_id, got {field!r:.60}")
+        return field
+
+    @model_validator(mode="after")
+    def _one_key(self) -> LagoBackend:
+        object.__setattr__(self, "api_key", _api_key(self))
+        return self
+
+
+class OrbBackend(Model):
+    plain = settings.OrbBackend
+
+    type: Literal["orb"]
+    url: HttpUrl = "https://api.withorb.com"
+    api_key: Secret | None = None
+    api_key_file: SecretFile = None
+    customer_field: Literal["external_customer_id", "customer_id"] = "external_customer_id"
+    batch_size: int = Field(default=500, ge=1, le=500)
+    timeout: Duration = timedelta(seconds=10)
+
+    @model_validator(mode="after")
+    def _one_key(self) -> OrbBackend:
+        object.__setattr__(self, "api_key", _api_key(self))
+        return self
+
+
 class JsonlFile(Model):
     path: str = Field(min_length=1)  # relative paths: relative to the config file
     max_bytes: ByteSize = Field(default=ByteSize(100 * 2**20), ge=1024, le=2**50)  # rotate before a file would pass this
@@ -153,5 +277,15 @@ class Audit(JsonlFile):
     plain = settings.Audit
 
 
-Backend = Annotated[PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend, Field(discriminator="type")]
-BACKEND_TYPES = ("paigo", "openmeter", "http", "file")
+Backend = Annotated[PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend
+                    | StripeBackend
+                    | MetronomeBackend
+                    | TogaiBackend
+                    | LagoBackend
+                    | OrbBackend, Field(discriminator="type")]
+BACKEND_TYPES = ("paigo", "openmeter", "http", "file",
+                 "stripe",
+                 "metronome",
+                 "togai",
+                 "lago",
+                 "orb")

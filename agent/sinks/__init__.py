@@ -7,21 +7,28 @@ from dataclasses import dataclass
 import httpx
 
 from agent.clock import Clock
-from agent.settings import FileBackend, HttpBackend, OpenMeterBackend, PaigoBackend
+from agent.settings import FileBackend, HttpBackend, MetronomeBackend, OpenMeterBackend, PaigoBackend, StripeBackend
+from agent.settings import LagoBackend, OrbBackend, TogaiBackend
 from agent.metrics import Metrics
 from agent.sinks.base import Delivered, Outcome, Rejected, RetryLater, Sink
 from agent.sinks.transport import http_client
 
 
-BackendSettings = PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend
+BackendSettings = (PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend
+                   | StripeBackend
+                   | MetronomeBackend
+                   | TogaiBackend
+                   | LagoBackend
+                   | OrbBackend)
 
 
 def build_client(backend: BackendSettings, transport: httpx.BaseTransport | None = None) -> httpx.Client | None:
     """The one client every request to the backend goes through (None for the file backend):
-    as many connections as requests may be in flight, each request within ``backend.timeout``."""
+    as many connections as requests may be in flight (``max_in_flight`` for the sinks that send
+    one record per request at once: Paigo, Stripe), each request within ``backend.timeout``."""
     if isinstance(backend, FileBackend):
         return None
-    connections = backend.max_in_flight if isinstance(backend, PaigoBackend) else 1
+    connections = backend.max_in_flight if isinstance(backend, (PaigoBackend, StripeBackend)) else 1
     return http_client(backend.timeout.total_seconds(), connections, transport)
 
 
@@ -40,6 +47,26 @@ def build_sink(backend: BackendSettings, client: httpx.Client | None, metrics: M
         from agent.sinks.http import HttpSink
 
         return HttpSink(backend, clock)
+    if isinstance(backend, StripeBackend):
+        from agent.sinks.stripe import StripeSink
+
+        return StripeSink(backend)
+    if isinstance(backend, MetronomeBackend):
+        from agent.sinks.metronome import MetronomeSink
+
+        return MetronomeSink(backend)
+    if isinstance(backend, TogaiBackend):
+        from agent.sinks.togai import TogaiSink
+
+        return TogaiSink(backend)
+    if isinstance(backend, LagoBackend):
+        from agent.sinks.lago import LagoSink
+
+        return LagoSink(backend)
+    if isinstance(backend, OrbBackend):
+        from agent.sinks.orb import OrbSink
+
+        return OrbSink(backend)
     assert isinstance(backend, FileBackend)
     from agent.sinks.file import FileSink
 

@@ -3,7 +3,10 @@ can come to (``Delivered`` / ``RetryLater`` / ``Rejected``).
 
 A sink turns records into one request and an answer into an outcome per record. It does not
 batch, pool, thread, split or back off: ``agent.delivery`` does that for every sink, driven by
-``max_batch``, ``array_body``, ``max_in_flight`` and ``split_rejected``.
+``max_batch``, ``array_body``, ``max_in_flight`` and ``split_rejected``. A sink that knows records
+its backend will not take (a time outside the window it accepts) says why in ``refuse``; such a
+record is dead-lettered with that reason before anything is sent. ``dedup_window`` says how long
+the backend deduplicates on the record id: a record older than that still pending is logged.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import httpx
 
-from agent.records import UsageRecord
+from agent.records import UsageRecord, format_timestamp
 from agent.errors import excerpt
 
 RETRY_AFTER_MAX = 3600.0  # a backend asking for more than an hour is clamped to an hour
@@ -53,6 +57,15 @@ Outcome = Delivered | RetryLater | Rejected
 @dataclass(frozen=True)
 class SendAgain:
     """A classification meaning: the credentials were renewed, send the same records once more now."""
+
+
+@dataclass(frozen=True)
+class Halve:
+    """A classification meaning: the backend refused the request as a whole without naming the
+    records at fault (too large, an answer that cannot be attributed): send each half; a record
+    sent alone gets ``rejected``. For sinks whose backend otherwise names the records it refuses."""
+
+    rejected: Rejected
 
 
 class NotSendable(Exception):
@@ -94,18 +107,71 @@ class Sink(Protocol):
     max_in_flight: int  # requests the delivery may have open at once
     split_rejected: bool  # a 4xx rejects the whole batch without naming the bad records: halve it to find them
     timeout: float  # seconds each request may take in total
+    dedup_window: timedelta | None  # how long the backend deduplicates on the record id; None: it does not
+
+    def refuse(self, record: UsageRecord, now: datetime) -> str | None:
+        """Why the backend would not take this record at ``now`` (its time outside the window the
+        backend accepts), or None: a reason dead-letters the record before it is sent."""
 
     def element(self, record: UsageRecord) -> Any:
         """The JSON the backend receives for a record: a whole body, or its element of a batch."""
+
+    def body(self, elements: Sequence[bytes]) -> bytes:
+        """The exact bytes of the request body carrying these encoded elements (what
+        ``once --dry-run`` prints)."""
 
     def render(self, elements: Sequence[bytes]) -> Any:
         """One request carrying these encoded elements (an ``httpx.Request``; the file sink: its
         write). May raise ``NotSendable``."""
 
-    def classify(self, answer: Any, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain]:
+    def classify(self, answer: Any, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain | Halve]:
         """The outcome of each record the request carried."""
 
     def close(self) -> None: ...
+
+
+class SinkDefaults:
+    """What a sink declares when its backend does not deduplicate, refuses no record by its time,
+    and takes its elements as JSON (one per body, or an array)."""
+
+    array_body: bool
+    dedup_window: timedelta | None = None
+
+    def refuse(self, record: UsageRecord, now: datetime) -> str | None:
+        return None
+
+    def body(self, elements: Sequence[bytes]) -> bytes:
+        if self.array_body:
+            return json_array(elements)
+        (element,) = elements
+        return element
+
+    def close(self) -> None:
+        """Nothing to release: the client is the composition root's."""
+
+
+def outside_window(record: UsageRecord, now: datetime, max_age: timedelta, max_ahead: timedelta,
+                   backend: str) -> str | None:
+    """The reason a backend that takes only times within [now - max_age, now + max_ahead] refuses
+    ``record``, or None when its time T is within."""
+    if record.timestamp < now - max_age:
+        age = now - record.timestamp
+        return (f"T {format_timestamp(record.timestamp)} is {_span(age)} before {format_timestamp(now)}: "
+                f"{backend} takes events from the past {_span(max_age)} only, so it is not sent")
+    if record.timestamp > now + max_ahead:
+        return (f"T {format_timestamp(record.timestamp)} is {_span(record.timestamp - now)} after "
+                f"{format_timestamp(now)}: {backend} takes events at most {_span(max_ahead)} ahead, so it is not sent")
+    return None
+
+
+def _span(span: timedelta) -> str:
+    """A duration as a reason shows it: ``35 days``, ``2 days 3 hours 15 minutes``, ``5 minutes``."""
+    seconds, parts = int(span.total_seconds()), []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count} {unit}{'s' if count > 1 else ''}")
+    return " ".join(parts) or "0 seconds"
 
 
 def json_bytes(value: Any) -> bytes:
@@ -115,6 +181,11 @@ def json_bytes(value: Any) -> bytes:
 
 def json_array(elements: Sequence[bytes]) -> bytes:
     return b"[" + b",".join(elements) + b"]"  # the bytes json_bytes gives for the list
+
+
+def events_body(elements: Sequence[bytes]) -> bytes:
+    """``{"events": [...]}``: the body of the usage APIs that wrap their batch (Togai, Lago, Orb)."""
+    return b'{"events":' + json_array(elements) + b"}"
 
 
 def encode(element: Callable[[UsageRecord], Any], records: Sequence[UsageRecord]
@@ -154,9 +225,20 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 # Statuses that say the request never reached a usage endpoint that could judge the record:
 # refused credentials, a wrong URL or method, a body type the endpoint does not take.
-_NOT_THE_RECORDS_FAULT = {401: "refused the credentials", 403: "refused the credentials",
+NOT_THE_RECORDS_FAULT = {401: "refused the credentials", 403: "refused the credentials",
                           404: "has no such endpoint", 405: "does not allow this method",
                           415: "does not accept JSON"}
+
+def json_object(answer: Answer) -> dict[str, Any] | None:
+    """The answer's body as a JSON object, or None (not whole, not JSON, not an object)."""
+    if not answer.complete:
+        return None
+    try:
+        payload = json.loads(answer.body)
+    except (ValueError, RecursionError):  # 16 KiB of "[" nests too deep for the parser
+        return None
+    return payload if isinstance(payload, dict) else None
+
 
 # A 2xx answer's check: None when it is the backend's documented success answer, else how it differs.
 SuccessCheck = Callable[[Answer], str | None]
@@ -188,8 +270,8 @@ def classify(answer: Answer, success: SuccessCheck | None = None) -> Outcome:
     retry_after = parse_retry_after(answer.headers.get("Retry-After"))
     if status in (408, 429) or status >= 500:
         return RetryLater(f"backend answered {status}", status=status, retry_after=retry_after)
-    if status in _NOT_THE_RECORDS_FAULT:
-        reason = f"backend {_NOT_THE_RECORDS_FAULT[status]} ({status} from {answer.url})"
+    if status in NOT_THE_RECORDS_FAULT:
+        reason = f"backend {NOT_THE_RECORDS_FAULT[status]} ({status} from {answer.url})"
         return RetryLater(reason, status=status, retry_after=retry_after, alert=True)
     if status < 200:
         return RetryLater(f"backend answered {status}, which is not a final answer", status=status, alert=True)
@@ -202,7 +284,7 @@ def transport_failure(exc: httpx.HTTPError, timeout: float | None = None) -> Ret
     return RetryLater(f"{kind}{within}: {type(exc).__name__}: {excerpt(str(exc))}")
 
 
-class BatchSink:
+class BatchSink(SinkDefaults):
     """A backend that takes a JSON array of records per request and judges the batch as a whole
     (2xx takes all of it, a 4xx rejects all of it); subclasses say how a record renders, how a
     body is posted and (if the backend documents one) what its success answer is."""
@@ -217,6 +299,3 @@ class BatchSink:
 
     def classify(self, answer: Answer, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain]:
         return [classify(answer, self.success)] * len(records)
-
-    def close(self) -> None:
-        """Nothing to release: the client is the composition root's."""

@@ -24,7 +24,7 @@ import structlog
 
 from agent.settings import FileBackend, JsonlFile
 from agent.records import UsageRecord, format_timestamp
-from agent.sinks.base import Delivered, Outcome, RetryLater, SendAgain, json_bytes
+from agent.sinks.base import Delivered, Outcome, RetryLater, SendAgain, SinkDefaults, json_bytes
 
 log = structlog.get_logger("agent.sinks.file")
 
@@ -223,7 +223,7 @@ class JsonlAppend:
         return Written(durable)
 
 
-class FileSink:
+class FileSink(SinkDefaults):
     """Each record as one line: the agent's own record JSON (``UsageRecord.to_json``)."""
 
     name = "file"

@@ -31,6 +31,7 @@ from agent.sinks.base import (
     Outcome,
     RetryLater,
     SendAgain,
+    SinkDefaults,
     classify,
     parse_retry_after,
     redirected,
@@ -214,7 +215,7 @@ class ClientCredentialsToken:
         return token, lifetime
 
 
-class PaigoSink:
+class PaigoSink(SinkDefaults):
     """One record per request, ``max_in_flight`` at once; the token is fetched through the same client."""
 
     name = "paigo"

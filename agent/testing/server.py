@@ -118,6 +118,10 @@ class LoopbackServer(ABC):
         """The contract's answer to a GET of ``path``; a server that serves none refuses the method."""
         return self.error(405, "method not allowed")
 
+    def respond(self, path: str, query: str, headers: dict[str, str], raw: bytes) -> Answer:
+        """``answer``, for a contract that reads the query string too (``?debug=true``)."""
+        return self.answer(path, headers, raw)
+
     def error(self, status: int, detail: str) -> Answer:
         return Answer(status, {"message": detail})
 
@@ -181,7 +185,7 @@ class LoopbackServer(ABC):
 
             def _handle(self, method: str) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                path = self.path.split("?")[0]
+                path, _, query = self.path.partition("?")
                 with server._lock:
                     server.requests += 1
                     server.requests_by_path[path] += 1
@@ -189,12 +193,12 @@ class LoopbackServer(ABC):
                     server.max_in_flight_by_path[path] = max(server.max_in_flight_by_path[path],
                                                              server.in_flight_by_path[path])
                 try:
-                    self._serve(method, path, raw)
+                    self._serve(method, path, query, raw)
                 finally:
                     with server._lock:
                         server.in_flight_by_path[path] -= 1
 
-            def _serve(self, method: str, path: str, raw: bytes) -> None:
+            def _serve(self, method: str, path: str, query: str, raw: bytes) -> None:
                 if server.latency:
                     time.sleep(server.latency)
                 fault = server._next_fault(path)
@@ -208,7 +212,8 @@ class LoopbackServer(ABC):
                         self._send(answer, fault)
                         return
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                answer = server.answer(path, headers, raw) if method == "POST" else server.answer_get(path, headers)
+                answer = (server.respond(path, query, headers, raw) if method == "POST"
+                          else server.answer_get(path, headers))
                 if fault and fault.after_commit and self._disrupt(fault):
                     return
                 self._send(answer, fault)
