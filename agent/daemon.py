@@ -44,6 +44,7 @@ class Daemon:
                  sync: PaigoMeasurements | None = None):
         assert agent.spool is not None, "the daemon commits ticks: its agent needs a spool"
         self.agent = agent
+        agent.watch_between_ticks = True  # stateful samplers (kubernetes_pod) watch their targets between ticks
         self.spool = agent.spool
         self.forwarder = forwarder
         self.sink = sink

@@ -95,6 +95,8 @@ def plan(cfg: AgentConfig, principal: str, account: str | None = None) -> Plan:
     roles: dict[str, Role] = {}
     own: list[Measurement] = []
     for m in cfg.measurements:
+        if not required_actions(m):  # a cluster read through a kubeconfig: RBAC, no AWS permission
+            continue
         for arn, external_id in roles_of(m):
             if arn is None:
                 own.append(m)

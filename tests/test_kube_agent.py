@@ -153,3 +153,13 @@ def test_a_restart_remembers_running_pods_and_logs_those_gone_unseen(tmp_path: P
         second = one_tick(T + timedelta(hours=1))
     # gone unseen: billed until the last tick it was listed at (10:00), nothing in (10:00, 11:00]
     assert second.records == [] and second.error is None
+
+
+def test_iam_policy_asks_nothing_for_a_kubeconfig_cluster(tmp_path: Path) -> None:
+    with KubeApiServer() as kube:
+        path = tmp_path / "agent.yaml"
+        path.write_text(yaml.safe_dump(document(tmp_path, kube)))
+        printed = run("iam-policy", "-c", str(path))
+    assert printed.returncode == 0, printed.stderr
+    policy = json.loads(printed.stdout)
+    assert policy["roles"] == [] and policy["agent_policy"]["Statement"] == []
