@@ -33,6 +33,7 @@ from agent.sinks.base import (
     SendAgain,
     SinkDefaults,
     classify,
+    json_object,
     parse_retry_after,
     redirected,
     transport_failure,
@@ -73,16 +74,6 @@ def _lifetime(value: Any) -> float | None:
     return float(value) if 1 <= value <= MAX_LIFETIME else None  # NaN fails both comparisons
 
 
-def _json_object(answer: Answer) -> dict[str, Any] | None:
-    if not answer.complete:
-        return None
-    try:
-        payload = json.loads(answer.body)
-    except (ValueError, RecursionError):  # 16 KiB of "[" nests too deep for the parser
-        return None
-    return payload if isinstance(payload, dict) else None
-
-
 def token_from(answer: Answer, host: str) -> tuple[str, float]:
     """The bearer token and its lifetime from a 2xx token answer; TokenUnavailable naming
     the peer and what is wrong when the answer is not a usable token."""
@@ -91,7 +82,7 @@ def token_from(answer: Answer, host: str) -> tuple[str, float]:
         return TokenUnavailable(RetryLater(f"token endpoint {host} answered {answer.status} {what}",
                                            status=answer.status, alert=True))
 
-    payload = _json_object(answer)
+    payload = json_object(answer)
     if payload is None:
         raise wrong(f"with {answer.describe()}, not a JSON object with an access_token")
     if "access_token" not in payload:
@@ -108,7 +99,7 @@ def token_from(answer: Answer, host: str) -> tuple[str, float]:
 
 def documented_success(answer: Answer) -> str | None:
     """Paigo answers POST /usage with a JSON object carrying a ``message``."""
-    payload = _json_object(answer)
+    payload = json_object(answer)
     if payload is not None and isinstance(payload.get("message"), str):
         return None
     return f'with {answer.describe()}, where Paigo answers a JSON object with a "message"'
