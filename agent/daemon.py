@@ -24,6 +24,7 @@ from agent.errors import SpoolError
 from agent.forwarder import Forwarder
 from agent.health import Health
 from agent.metrics import Metrics
+from agent.paigo_dimensions import MAX_MEASUREMENTS
 from agent.sinks.base import Sink
 from agent.telemetry import MetricsServer
 from agent.ticks import Agent
@@ -59,8 +60,6 @@ class Daemon:
                                     refresh=self.health.refresh_gauges)
         measurements = agent.measurements
         self._by_job: dict[str, Measurement] = {}
-        from agent.paigo_dimensions import MAX_MEASUREMENTS
-
         synced = MAX_MEASUREMENTS + 1 if sync is not None else 0  # room for every measurement Paigo may add
         self.scheduler = BlockingScheduler(
             timezone=timezone.utc,
@@ -72,7 +71,7 @@ class Daemon:
             self._add_sample_job(m)
         if sync is not None:
             self.scheduler.add_job(self.refresh_measurements, IntervalTrigger(
-                seconds=sync.sync.refresh.total_seconds(), timezone=timezone.utc), id="paigo-sync",
+                seconds=sync.refresh_seconds, timezone=timezone.utc), id="paigo-sync",
                 max_instances=1, coalesce=True)
         self.scheduler.add_job(self.watch_backlog, IntervalTrigger(seconds=60, timezone=timezone.utc),
                                id="watch-backlog", max_instances=1, coalesce=True)

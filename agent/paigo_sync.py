@@ -53,6 +53,10 @@ class PaigoMeasurements:
         self._left_logged: set[str] = set()
 
     @property
+    def refresh_seconds(self) -> float:
+        return self.sync.refresh.total_seconds()
+
+    @property
     def measurements(self) -> tuple[Measurement, ...]:
         return self.yaml + self.derived.measurements
 

@@ -223,13 +223,14 @@ class Spool(SpoolInspection):
         return state if isinstance(state, dict) else {}
 
     def keep(self, key: str, value: str) -> None:
-        """A small value a restart needs (the dimensions last read from Paigo), replaced whole."""
+        """A value a restart needs (Paigo's dimensions): a sampler_state row no measurement name can take."""
         with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO kept (key, value) VALUES (?, ?)", (key, value))
+            db.execute("INSERT OR REPLACE INTO sampler_state VALUES (?, '', ?)", (f"kept:{key}", value))
 
     def kept(self, key: str) -> str | None:
         with self._lock:
-            return next((v for (v,) in self._db.execute("SELECT value FROM kept WHERE key = ?", (key,))), None)
+            rows = self._db.execute("SELECT state FROM sampler_state WHERE measurement = ?", (f"kept:{key}",)).fetchall()
+        return rows[0][0] if rows else None
 
     def last_tick(self, measurement: str) -> str | None:
         with self._lock:

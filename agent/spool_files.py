@@ -44,10 +44,6 @@ CREATE TABLE IF NOT EXISTS sampler_state (
     last_tick TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT '{}'
 );
-CREATE TABLE IF NOT EXISTS kept (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
 """
 
 

@@ -102,6 +102,14 @@ def test_the_chart_has_no_default_config() -> None:
         render({"config": {**minimal()["config"], "backend": {"type": "paigoo"}}})
 
 
+def test_a_config_with_paigo_sync_and_no_measurements_renders() -> None:
+    synced = {"backend": {"type": "paigo", "client_id": "${PAIGO_CLIENT_ID}", "client_secret": "${PAIGO_CLIENT_SECRET}"},
+              "paigo_sync": {"refresh": "5m", "customer": {"tag": "customer-id"}}, "measurements": []}
+    credentials = {"existingSecret": "paigo-credentials"}
+    rendered = json.loads(objects(render({"config": synced, "credentials": credentials}))["ConfigMap"]["data"]["config.yaml"])
+    assert rendered["paigo_sync"] == synced["paigo_sync"] and rendered["measurements"] == []
+
+
 def test_the_schema_takes_the_keys_of_each_backend_and_no_others() -> None:
     models = {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in typing.get_args(typing.get_args(Backend)[0])}
     backend = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]["properties"]["backend"]
