@@ -84,6 +84,28 @@ def _eks_cluster(clients: ClientFor, target: Target, k: Kubernetes) -> Cluster:
     return Cluster(k.eks_cluster or "", config)
 
 
+def _client(memory: TargetMemory | None, cluster: Cluster) -> Any:
+    """The target's client, kept across ticks while its kubeconfig (or EKS token) stays the same."""
+    key = repr(cluster.config)  # in memory only: it holds the token
+    held = memory.live.get("client") if memory else None
+    if held is not None and held.key == key:
+        return held.value
+    if held is not None:
+        held.close()
+    client = client_for(cluster)
+    if memory is not None:
+        memory.live["client"] = _Client(client, key)
+    return client
+
+
+class _Client:
+    def __init__(self, value: Any, key: str):
+        self.value, self.key = value, key
+
+    def close(self) -> None:
+        self.value.close()
+
+
 def _remembered(memory: TargetMemory | None, tick: datetime) -> dict[str, PodUsage]:
     """The pods the last tick committed (if it was an earlier tick)."""
     if memory is None or not memory.state.get("tick") or memory.state["tick"] >= tick.isoformat():
@@ -123,23 +145,27 @@ def sample_pods(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped
         except KubeconfigError as exc:
             raise KubeError(str(exc)) from None
     keys = tag_keys(m)
-    client = client_for(cluster)
-    try:
-        listed, versions = listing.pods(client, cluster, k.namespaces, k.label_selector, in_time)
-        ns_labels = listing.namespace_labels(client, cluster, k.namespaces, in_time) if keys else {}
-    finally:
-        client.close()
     memory = target.memory
-    start, end = target.tick - m.interval, target.tick
-    current: dict[str, PodUsage] = {}
-    for pod in listed:
+    client = _client(memory, cluster)
+    def convert(pod: Any) -> PodUsage | Skipped | None:
         try:
-            usage = usage_of(pod, k.gpu_resource, keep_labels=keys)
+            return usage_of(pod, m.metric, k.gpu_resource, keep_labels=keys)
         except ValueError as exc:
             meta = pod.metadata
-            yield Skipped(f"{meta.namespace}/{meta.name}" if meta else "?", f"unreadable pod: {excerpt(str(exc))}")
-            continue
-        if usage is not None:
+            return Skipped(f"{meta.namespace}/{meta.name}" if meta else "?", f"unreadable pod: {excerpt(str(exc))}")
+
+    try:
+        listed, versions = listing.pods(client, cluster, k.namespaces, k.label_selector, in_time, convert)
+        ns_labels = listing.namespace_labels(client, cluster, k.namespaces, in_time) if keys else {}
+    finally:
+        if memory is None:
+            client.close()
+    start, end = target.tick - m.interval, target.tick
+    current: dict[str, PodUsage] = {}
+    for usage in listed:
+        if isinstance(usage, Skipped):
+            yield usage
+        else:
             current[usage.uid] = usage
     gone = _remembered(memory, end)
     watcher = memory.live.get("watch") if memory else None
@@ -172,5 +198,5 @@ def sample_pods(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped
         if isinstance(watcher, PodWatcher):
             watcher.forget(end)
         elif memory.watch:
-            memory.live["watch"] = PodWatcher(cluster, k.namespaces, k.label_selector, k.gpu_resource, keys,
+            memory.live["watch"] = PodWatcher(cluster, k.namespaces, k.label_selector, m.metric, k.gpu_resource, keys,
                                               versions, memory.now)
