@@ -123,7 +123,7 @@ def test_a_pod_started_and_deleted_between_two_ticks_is_billed_by_the_watch(tmp_
             state = spool.sampler_state(m.name)
             (target,) = state.values()
             assert target["tick"] == "2026-11-21T11:00:00+00:00"
-            assert [p["name"] for p in target["pods"]] == ["web"]  # burst ended before the next window: dropped
+            assert [p[2] for p in target["pods"]] == ["web"]  # burst ended before the next window: dropped
             rerun = agent.sample_tick(m, T + timedelta(hours=1))
             assert rerun.inserted == 0  # the tick's record id is spooled already
         finally:

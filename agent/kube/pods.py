@@ -96,16 +96,17 @@ class PodUsage:
     def runs_at(self, moment: datetime) -> bool:
         return self.start <= moment and (self.end is None or moment < self.end)
 
-    def to_state(self) -> dict[str, Any]:
-        return {"uid": self.uid, "ns": self.namespace, "name": self.name, "node": self.node,
-                "labels": dict(self.labels), "requests": {k: str(v) for k, v in self.requests.items()},
-                "start": self.start.isoformat(), "end": self.end.isoformat() if self.end else None}
+    def to_state(self) -> list[Any]:
+        """As the sampler state keeps it: a list, not a mapping (10k pods a tick, 40% less JSON)."""
+        (metric, amount), = self.requests.items()
+        return [self.uid, self.namespace, self.name, self.node, self.labels, metric, str(amount),
+                self.start.isoformat(), self.end.isoformat() if self.end else None]
 
     @classmethod
-    def from_state(cls, raw: Mapping[str, Any]) -> PodUsage:
-        return cls(raw["uid"], raw["ns"], raw["name"], raw["node"], dict(raw["labels"]),
-                   {k: Decimal(v) for k, v in raw["requests"].items()}, datetime.fromisoformat(raw["start"]),
-                   datetime.fromisoformat(raw["end"]) if raw["end"] else None)
+    def from_state(cls, raw: list[Any]) -> PodUsage:
+        uid, namespace, name, node, labels, metric, amount, start, end = raw
+        return cls(uid, namespace, name, node, dict(labels), {metric: Decimal(amount)}, datetime.fromisoformat(start),
+                   datetime.fromisoformat(end) if end else None)
 
 
 def request_of(spec: Any, metric: str, gpu_resource: str) -> Decimal:

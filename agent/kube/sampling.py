@@ -111,7 +111,7 @@ def _remembered(memory: TargetMemory | None, tick: datetime) -> dict[str, PodUsa
     if memory is None or not memory.state.get("tick") or memory.state["tick"] >= tick.isoformat():
         return {}
     try:
-        return {raw["uid"]: PodUsage.from_state(raw) for raw in memory.state.get("pods", ())}
+        return {raw[0]: PodUsage.from_state(raw) for raw in memory.state.get("pods", ())}
     except (KeyError, TypeError, ValueError) as exc:
         log.warning("remembered pods unreadable; this tick uses the listing alone", error=excerpt(str(exc)))
         return {}
