@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from structlog.testing import capture_logs
 
 from agent.config import parse_config
 from agent.credentials import SessionFactory
@@ -150,9 +151,12 @@ def test_a_restart_remembers_running_pods_and_logs_those_gone_unseen(tmp_path: P
 
         assert one_tick(T).records[0].value == Decimal("0.5")
         kube.delete_pod("tenant-a", "web")  # while no agent runs
-        second = one_tick(T + timedelta(hours=1))
+        with capture_logs() as logs:
+            second = one_tick(T + timedelta(hours=1))
     # gone unseen: billed until the last tick it was listed at (10:00), nothing in (10:00, 11:00]
     assert second.records == [] and second.error is None
+    (gap,) = [e for e in logs if e["event"].startswith("pods gone since the last tick without their end being seen")]
+    assert gap["pods"] == 1 and gap["cluster"] == "test-cluster"
 
 
 def test_iam_policy_asks_nothing_for_a_kubeconfig_cluster(tmp_path: Path) -> None:

@@ -20,12 +20,11 @@ from agent.kube.cluster import Cluster, KubeconfigError, KubeError, client_for, 
 from agent.kube.pods import PodUsage, usage_of
 from agent.kube.watch import PodWatcher
 from agent.records import WIDE
-from agent.samplers.base import ClientFor, Sample, Skipped, Target, TargetMemory
+from agent.samplers.base import CLUSTER_REGION, ClientFor, Sample, Skipped, Target, TargetMemory
 from agent.settings import Kubernetes, Measurement
 
 log = structlog.get_logger("agent.kube")
 
-CLUSTER_REGION = "kubernetes"  # the region label of a cluster reached through a kubeconfig
 EKS_RENEW = timedelta(minutes=1)  # an EKS token is renewed this long before it expires
 MAX_REMEMBERED = 1_000_000
 
