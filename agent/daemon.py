@@ -39,6 +39,7 @@ class Daemon:
                  forward_every: timedelta = timedelta(seconds=1), stop_requested: threading.Event | None = None):
         assert agent.spool is not None, "the daemon commits ticks: its agent needs a spool"
         self.agent = agent
+        agent.watch_between_ticks = True  # stateful samplers (kubernetes_pod) watch their targets between ticks
         self.spool = agent.spool
         self.forwarder = forwarder
         self.sink = sink

@@ -28,6 +28,7 @@ EXTERNAL_ID = "demo-external-id"
 DIMENSIONS = {
     "ebs-storage": "8a7b5f91-3b85-4cf4-8585-dcdf17f49004",
     "ebs-gib-hours": "0f6c2d7e-58a4-4a4e-9d0b-3c1f6a9e2b11",
+    "pod-vcpu-hours": "5d1e9c3a-7b2f-4e8d-a6c4-2f9b8e1d0c37",
 }
 # (region, size GiB, type, customer tag or None)
 VOLUMES = [
@@ -55,7 +56,22 @@ def _seed(endpoint: str) -> list[tuple[str, str]]:
     return created
 
 
-def demo_config(backend_url: str, token_url: str, spool_path: str) -> dict[str, Any]:
+def _seed_pods(kube: Any, start: Any) -> None:
+    """acme's namespace runs a 1.5-core web pod all along; globex labels a 2-core batch pod
+    in a shared namespace that runs 20 minutes into the first hour for 30 minutes."""
+    from agent.testing.kube_server import container, pod
+
+    kube.add_namespace("tenant-acme", {"customer-id": "acme"})
+    kube.add_namespace("shared")
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    kube.add_pod(pod("tenant-acme", "web", containers=[container("app", {"cpu": "1500m", "memory": "2Gi"})],
+                     start=(start - timedelta(hours=1)).strftime(stamp)))
+    kube.add_pod(pod("shared", "batch", labels={"customer-id": "globex"}, phase="Succeeded",
+                     containers=[container("job", {"cpu": "2"})], start=(start + timedelta(minutes=5)).strftime(stamp),
+                     finished=(start + timedelta(minutes=35)).strftime(stamp)))
+
+
+def demo_config(backend_url: str, token_url: str, spool_path: str, kubeconfig: str | None = None) -> dict[str, Any]:
     common = {
         "cloud_platform": "aws",
         "resource_type": "ebs",
@@ -80,6 +96,9 @@ def demo_config(backend_url: str, token_url: str, spool_path: str) -> dict[str, 
             {"name": "ebs-storage", "dimension_id": DIMENSIONS["ebs-storage"], "mode": "gauge", **common},
             {"name": "ebs-gib-hours", "dimension_id": DIMENSIONS["ebs-gib-hours"], "mode": "time_weighted",
              "per": "hour", **common},
+            *([{"name": "pod-vcpu-hours", "dimension_id": DIMENSIONS["pod-vcpu-hours"], "resource_type": "kubernetes_pod",
+                "metric": "cpu_request_cores", "mode": "time_weighted", "per": "hour", "interval": "15m",
+                "kubernetes": {"kubeconfig": kubeconfig}, "customer": {"tag": "customer-id"}}] if kubeconfig else []),
         ],
     }
 
@@ -96,6 +115,7 @@ def run_demo(*, metrics: Metrics, clock: Clock, out: Any = None) -> int:
     try:
         from moto.server import ThreadedMotoServer
 
+        from agent.testing.kube_server import KubeApiServer
         from agent.testing.paigo_server import Fault, PaigoContractServer
     except ImportError as exc:
         print(f"the demo needs the demo extra: pip install 'usage-agent[demo]' ({exc})", file=sys.stderr)
@@ -122,10 +142,16 @@ def run_demo(*, metrics: Metrics, clock: Clock, out: Any = None) -> int:
         "DEMO_CLIENT_SECRET": "demo-secret",
     })
     backend = PaigoContractServer(client_id="demo-client", client_secret="demo-secret").start()
+    kube = KubeApiServer(page_cap=1).start()
     workdir = Path(tempfile.mkdtemp(prefix="usage-agent-demo-"))
     try:
+        import yaml
+
         volumes = _seed(endpoint)
-        raw = demo_config(backend.url, backend.token_url, str(workdir / "spool.db"))
+        start = clock.now().replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+        _seed_pods(kube, start)
+        (workdir / "kubeconfig").write_text(yaml.safe_dump(kube.kubeconfig(cluster="demo-cluster")))
+        raw = demo_config(backend.url, backend.token_url, str(workdir / "spool.db"), str(workdir / "kubeconfig"))
         cfg = parse_config(raw, "<demo>", dict(os.environ))
         spool = Spool(cfg.spool.path, cfg.spool.max_records, clock=clock, metrics=metrics)
         spool.claim()
@@ -136,12 +162,12 @@ def run_demo(*, metrics: Metrics, clock: Clock, out: Any = None) -> int:
         # the backend starts with an outage: the records wait in the spool and are retried
         backend.script("/usage", Fault(status=503), Fault(status=429, retry_after="0"), Fault(drop=True))
 
-        start = clock.now().replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
         ticks = [start + timedelta(minutes=15 * i) for i in range(4)]
         sampled: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
         sampled_records: dict[tuple[str, str], int] = defaultdict(int)
         print(f"moto (AWS) on {endpoint}, Paigo-contract backend on {backend.url}, spool {cfg.spool.path}", file=out)
-        print(f"role {ROLE_ARN} assumed with external id {EXTERNAL_ID!r}", file=out)
+        print(f"role {ROLE_ARN} assumed with external id {EXTERNAL_ID!r}; Kubernetes API contract server on "
+              f"{kube.url} (pages of 1 pod)", file=out)
         for i, tick in enumerate(ticks):
             if i == 2:  # acme deletes its 50 GiB volume halfway through
                 region, volume_id = volumes[1]
@@ -164,7 +190,7 @@ def run_demo(*, metrics: Metrics, clock: Clock, out: Any = None) -> int:
             received[key] += Decimal(body["recordValue"])
             received_records[key] += 1
         rows = []
-        units = {"ebs-storage": "GiB (sum of 4 gauges)", "ebs-gib-hours": "GiB-hours"}
+        units = {"ebs-storage": "GiB (sum of 4 gauges)", "ebs-gib-hours": "GiB-hours", "pod-vcpu-hours": "vCPU-hours"}
         for key in sorted(sampled):
             rows.append([key[0], key[1], units[key[0]], str(sampled_records[key]), format_decimal(sampled[key]),
                          str(received_records[key]), format_decimal(received[key])])
@@ -176,7 +202,8 @@ def run_demo(*, metrics: Metrics, clock: Clock, out: Any = None) -> int:
         print(f"spool: {counts['delivered']} delivered, {counts['pending'] + counts['leased']} unsent, "
               f"{counts['dead']} dead-lettered; backend saw {backend.usage_requests} requests, "
               f"{backend.duplicates()} duplicate ids, {backend.token_requests} token request(s)", file=out)
-        print("the untagged 30 GiB volume in eu-west-1 was skipped (customer.untagged: skip)", file=out)
+        print("the untagged 30 GiB volume in eu-west-1 was skipped (customer.untagged: skip); pods: acme's 1.5-core "
+              "pod ran the whole hour (1.5 vCPU-hours), globex's 2-core pod 30 minutes (1 vCPU-hour)", file=out)
         agent.close()
         sink.close()
         spool.close()
@@ -184,4 +211,5 @@ def run_demo(*, metrics: Metrics, clock: Clock, out: Any = None) -> int:
         return 0 if ok else 1
     finally:
         backend.stop()
+        kube.stop()
         moto.stop()

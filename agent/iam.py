@@ -84,9 +84,9 @@ class Plan:
         if self.roles:
             statements.append({"Sid": "AssumeCustomerRoles", "Effect": "Allow", "Action": "sts:AssumeRole",
                                "Resource": [role.arn for role in self.roles]})
-        own = sampler_actions(self.own)
-        if own:  # a kubeconfig cluster's measurements need no AWS permission: IAM refuses an empty Action
-            statements.append({"Sid": "UsageAgentRead", "Effect": "Allow", "Action": own, "Resource": "*"})
+        if self.own:
+            statements.append({"Sid": "UsageAgentRead", "Effect": "Allow", "Action": sampler_actions(self.own),
+                               "Resource": "*"})
         return {"Version": POLICY_VERSION, "Statement": statements}
 
 
@@ -95,6 +95,8 @@ def plan(cfg: AgentConfig, principal: str, account: str | None = None) -> Plan:
     roles: dict[str, Role] = {}
     own: list[Measurement] = []
     for m in cfg.measurements:
+        if not required_actions(m):  # a cluster read through a kubeconfig: RBAC, no AWS permission
+            continue
         for arn, external_id in roles_of(m):
             if arn is None:
                 own.append(m)
