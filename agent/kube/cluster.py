@@ -153,6 +153,8 @@ def api_error(exc: Exception, cluster: Cluster, namespace: str | None, what: str
         message = excerpt(exc.status.message or "") if isinstance(exc, ApiError) else ""
         if code in (401, 403):
             why = "the token was refused" if code == 401 else "the identity may not do this (RBAC)"
+            if code == 401 and cluster.token is not None:  # an EKS token: the cluster does not know the role
+                why += " (map the role in an EKS access entry or aws-auth)"
             return KubeAuthError(f"kubernetes {what} in {where}: {code} {why}: {message}")
         return KubeError(f"kubernetes {what} in {where}: {code} {message}")
     return KubeError(f"kubernetes {what} in {where}: {excerpt(f'{type(exc).__name__}: {exc}')}")
