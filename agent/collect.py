@@ -27,7 +27,7 @@ from agent.errors import AssumeRoleError, SamplingError, excerpt
 from agent.metrics import Metrics
 from agent.records import UsageRecord, format_timestamp
 from agent.samplers import REGISTRY, Skipped, Target
-from agent.samplers.base import TargetMemory
+from agent.samplers.base import CLUSTER_REGION, TargetMemory
 from agent.settings import AgentConfig, Customer, Measurement, Role
 from agent.shard import EVERYTHING, Shard
 
@@ -138,8 +138,8 @@ class Collector:
     def measurements(self) -> list[Measurement]:
         """The measurements with targets in this replica's shard (with ``regions: all``, the
         targets are known once the regions are listed: such a measurement is kept)."""
-        return [m for m in self.cfg.measurements if m.all_regions or not m.regions or any(
-            self.shard.owns(m, role.arn, region) for role in m.roles() for region in m.regions)]
+        return [m for m in self.cfg.measurements if m.all_regions or any(
+            self.shard.owns(m, role.arn, region) for role in m.roles() for region in m.regions or (CLUSTER_REGION,))]
 
     def tick_context(self, m: Measurement, tick: datetime) -> Any:
         """Log context for every line of a tick; each target's thread narrows account and region."""

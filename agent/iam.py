@@ -84,9 +84,9 @@ class Plan:
         if self.roles:
             statements.append({"Sid": "AssumeCustomerRoles", "Effect": "Allow", "Action": "sts:AssumeRole",
                                "Resource": [role.arn for role in self.roles]})
-        own = sampler_actions(self.own)
-        if own:  # a kubeconfig cluster's measurements need no AWS permission: IAM refuses an empty Action
-            statements.append({"Sid": "UsageAgentRead", "Effect": "Allow", "Action": own, "Resource": "*"})
+        if self.own:
+            statements.append({"Sid": "UsageAgentRead", "Effect": "Allow", "Action": sampler_actions(self.own),
+                               "Resource": "*"})
         return {"Version": POLICY_VERSION, "Statement": statements}
 
 

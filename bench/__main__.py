@@ -11,7 +11,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from bench import accounts, delivery, sampling, spooling
+from bench import accounts, delivery, kube, sampling, spooling
 from bench.common import ROOT, load_average, machine
 
 SAMPLING_SIZES = (10_000, 100_000)
@@ -21,8 +21,9 @@ DELIVERY_RECORDS = 20_000
 NAIVE_RECORDS = 1_000  # one request at a time: 20k would take over two minutes
 THREADED_RECORDS = 5_000
 # how many interleaved runs each contender gets; the 100k tick and the forwarder are the long ones
-REPEATS = {"sampling_10k": 5, "sampling_100k": 2, "spool": 3, "delivery": 2}
-BENCHMARKS = ("sampling", "spool", "delivery", "accounts")
+REPEATS = {"sampling_10k": 5, "sampling_100k": 2, "spool": 3, "delivery": 2, "kubernetes": 5}
+BENCHMARKS = ("sampling", "spool", "delivery", "accounts", "kubernetes")
+KUBE_PODS = 10_000
 ACCOUNT_SIZES = (50, 200)  # customer accounts, each with the 17 regions enabled by default
 LATENCY_ACCOUNTS, LATENCY = 20, 0.05  # the floor pays every round trip in turn: 20 accounts take ~20 s
 DAEMON_ACCOUNTS = 20
@@ -149,6 +150,20 @@ def _accounts(results: dict[str, Any], rows: list[list[str]], repeats: dict[str,
                  f"after tick 10: {rss[9]:.0f} MiB", "", "flat", f"{rss[-1] - rss[9]:+.1f} MiB"])
 
 
+def _kubernetes(results: dict[str, Any], rows: list[list[str]], repeats: dict[str, int]) -> None:
+    got = kube.run(KUBE_PODS, repeats["kubernetes"])
+    agent, floor = got["agent"], got["floor"]
+    results["kubernetes_tick_overhead_10k"] = _ratio(agent.wall, floor.wall)
+    results["kubernetes_peak_rss_mb_10k"] = got["memory"]["peak_mb"]
+    results["raw"]["kubernetes_10k"] = {"pods": KUBE_PODS, "agent_tick": agent.as_json(), "lightkube_floor": floor.as_json(),
+                                        "memory_fresh_process": got["memory"], "pages_served": got["pages_served"]}
+    rows.append([f"kubernetes: one tick, {KUBE_PODS // 1000}k pods", f"{agent.wall:.2f} s",
+                 f"lightkube list floor {floor.wall:.2f} s", f"{results['kubernetes_tick_overhead_10k']:.2f}", "<= 1.2",
+                 f"CPU ratio {_ratio(agent.cpu, floor.cpu):.2f}"])
+    rows.append([f"memory: peak RSS of one tick, {KUBE_PODS // 1000}k pods", f"{got['memory']['peak_mb']:.0f} MiB",
+                 f"before the tick: {got['memory']['before_tick_mb']:.0f} MiB", "", "< 250 MB", ""])
+
+
 def table(rows: list[list[str]]) -> str:
     headers = ["benchmark", "agent", "compared with", "ratio", "goal", "note"]
     widths = [max(len(x) for x in column) for column in zip(headers, *rows)]
@@ -173,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine(), "started_at": datetime.now(timezone.utc).isoformat(
         timespec="seconds"), "load_average_at_start": load_average(), "repeats": repeats, "raw": {}}
     rows: list[list[str]] = []
-    steps = {"sampling": _sampling, "spool": _spool, "delivery": _delivery, "accounts": _accounts}
+    steps = {"sampling": _sampling, "spool": _spool, "delivery": _delivery, "accounts": _accounts,
+             "kubernetes": _kubernetes}
     for name in args.only or BENCHMARKS:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         steps[name](results, rows, repeats)

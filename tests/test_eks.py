@@ -166,6 +166,9 @@ def test_credentials_are_renewed_once_past_their_expiry_and_not_before(aws: Aws)
     assert renewed is not first and renewed.server == "https://MOVED.gr7.us-east-1.eks.amazonaws.com"
     assert renewed.expires_at == first.expires_at + timedelta(minutes=14)
     assert verify_eks_token(renewed.token, CLUSTER, secret_key=moto_secret)
+    credentials.close()  # as the target's memory closes: a watch winding down gets no new token
+    with pytest.raises(EksError, match=r"^EKS cluster 'prod': its credentials are closed$"):
+        credentials.current()
 
 
 def token_for(url: str) -> str:

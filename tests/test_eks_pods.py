@@ -122,7 +122,8 @@ def test_a_cluster_that_does_not_accept_the_role_fails_its_target_loudly(aws: Aw
     create_cluster(aws, endpoint=kube.url, ca_pem=ca_certificate()[0])
     done = once(write_config(tmp_path))
     assert done.returncode == 1
-    assert f"kubernetes list pods in cluster {CLUSTER} ({kube.url}), all namespaces: 401 the token was refused" in done.stderr
+    assert (f"kubernetes list pods in cluster {CLUSTER} ({kube.url}), all namespaces: 401 the token was refused "
+            "(map the role in an EKS access entry or aws-auth)") in done.stderr
     assert not (tmp_path / "usage.jsonl").exists() or (tmp_path / "usage.jsonl").read_text() == ""
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from structlog.testing import capture_logs
 
 from agent.config import parse_config
 from agent.credentials import SessionFactory
@@ -123,7 +124,7 @@ def test_a_pod_started_and_deleted_between_two_ticks_is_billed_by_the_watch(tmp_
             state = spool.sampler_state(m.name)
             (target,) = state.values()
             assert target["tick"] == "2026-11-21T11:00:00+00:00"
-            assert [p["name"] for p in target["pods"]] == ["web"]  # burst ended before the next window: dropped
+            assert [p[2] for p in target["pods"]] == ["web"]  # burst ended before the next window: dropped
             rerun = agent.sample_tick(m, T + timedelta(hours=1))
             assert rerun.inserted == 0  # the tick's record id is spooled already
         finally:
@@ -150,9 +151,12 @@ def test_a_restart_remembers_running_pods_and_logs_those_gone_unseen(tmp_path: P
 
         assert one_tick(T).records[0].value == Decimal("0.5")
         kube.delete_pod("tenant-a", "web")  # while no agent runs
-        second = one_tick(T + timedelta(hours=1))
+        with capture_logs() as logs:
+            second = one_tick(T + timedelta(hours=1))
     # gone unseen: billed until the last tick it was listed at (10:00), nothing in (10:00, 11:00]
     assert second.records == [] and second.error is None
+    (gap,) = [e for e in logs if e["event"].startswith("pods gone since the last tick without their end being seen")]
+    assert gap["pods"] == 1 and gap["cluster"] == "test-cluster"
 
 
 def test_iam_policy_asks_nothing_for_a_kubeconfig_cluster(tmp_path: Path) -> None:

@@ -118,7 +118,8 @@ class BoundedTransport(httpx2.BaseTransport):
     """TLS as the kubeconfig says; every answer read only so far; watches ask for bookmarks."""
 
     def __init__(self, config: SingleConfig, token: Callable[[], str] | None = None):
-        context = verify_cluster(config.cluster, config.user, config.abs_file, trust_env=False)
+        plain = str(config.cluster.server).startswith("http://")  # no TLS: no context to build (0.15 s)
+        context = False if plain else verify_cluster(config.cluster, config.user, config.abs_file, trust_env=False)
         self.inner = httpx2.HTTPTransport(verify=context, trust_env=False)
         self.token = token
 
@@ -152,6 +153,8 @@ def api_error(exc: Exception, cluster: Cluster, namespace: str | None, what: str
         message = excerpt(exc.status.message or "") if isinstance(exc, ApiError) else ""
         if code in (401, 403):
             why = "the token was refused" if code == 401 else "the identity may not do this (RBAC)"
+            if code == 401 and cluster.token is not None:  # an EKS token: the cluster does not know the role
+                why += " (map the role in an EKS access entry or aws-auth)"
             return KubeAuthError(f"kubernetes {what} in {where}: {code} {why}: {message}")
         return KubeError(f"kubernetes {what} in {where}: {code} {message}")
     return KubeError(f"kubernetes {what} in {where}: {excerpt(f'{type(exc).__name__}: {exc}')}")

@@ -140,6 +140,7 @@ class EksCredentials:
         self._now = now
         self._lock = threading.Lock()
         self._access: EksAccess | None = None
+        self._closed = False
 
     @property
     def cluster(self) -> str:
@@ -147,12 +148,14 @@ class EksCredentials:
 
     def current(self) -> EksAccess:
         with self._lock:  # a list and a watch renewing at once make one DescribeCluster, not two
+            if self._closed:  # a watch still winding down asks nothing more of AWS
+                raise EksError(f"EKS cluster {self._cluster!r}: its credentials are closed")
             now = self._now()
             if self._access is None or now >= self._access.expires_at:
                 self._access = eks_access(self._clients, self._cluster, now=now)
             return self._access
 
     def close(self) -> None:
-        """Forget the token (the target's memory closes what it holds)."""
+        """Forget the token for good (the target's memory closes what it holds)."""
         with self._lock:
-            self._access = None
+            self._access, self._closed = None, True

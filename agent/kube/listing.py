@@ -25,11 +25,17 @@ def selector(raw: str | None) -> dict[str, Any] | None:
     return {raw: exists()} if raw else None
 
 
+def _same(item: Any) -> Any:
+    return item
+
+
 def list_all(client: Client, cluster: Cluster, kind: type, namespace: str | None, labels: str | None, *,
-             in_time: Callable[[str], None], page_size: int = PAGE_SIZE,
-             max_items: int = MAX_ITEMS) -> tuple[list[Any], str | None]:
-    """Every object of ``kind`` (in ``namespace``, ``ALL``, or cluster-scoped with None) and the
-    list's resourceVersion. ``in_time(what)`` raises once the target's deadline has passed."""
+             in_time: Callable[[str], None], page_size: int = PAGE_SIZE, max_items: int = MAX_ITEMS,
+             convert: Callable[[Any], Any] = _same) -> tuple[list[Any], str | None]:
+    """Every object of ``kind`` (in ``namespace``, ``ALL``, or cluster-scoped with None), each
+    ``convert``ed as it arrives (None: left out; the models of a whole listing kept alive make the
+    garbage collector walk them on every page), and the list's resourceVersion.
+    ``in_time(what)`` raises once the target's deadline has passed."""
     what = f"list {kind.__name__.lower()}s"
     for attempt in range(MAX_RESTARTS + 1):
         in_time(what)
@@ -38,15 +44,19 @@ def list_all(client: Client, cluster: Cluster, kind: type, namespace: str | None
             kwargs["namespace"] = namespace
         listing = client.list(kind, **kwargs)
         items: list[Any] = []
+        count = 0
         try:
             for item in listing:
-                items.append(item)
-                if len(items) % page_size == 0:
-                    in_time(f"{what}: stopped after {len(items)} items")
-                if len(items) > max_items:
+                kept = convert(item)
+                if kept is not None:
+                    items.append(kept)
+                count += 1
+                if count % page_size == 0:
+                    in_time(f"{what}: stopped after {count} items")
+                if count > max_items:
                     raise KubeError(f"kubernetes {what} in cluster {cluster.label}: more than {max_items} items; "
                                     "the listing is cut off rather than run forever")
-            return items, (listing.resourceVersion if items else _version(listing))
+            return items, _version(listing)
         except KubeError:
             raise
         except Exception as exc:  # noqa: BLE001 - lightkube, httpx2 and msgspec errors are translated here
@@ -67,12 +77,14 @@ def _version(listing: Any) -> str | None:
 
 
 def pods(client: Client, cluster: Cluster, namespaces: Iterable[str], labels: str | None,
-         in_time: Callable[[str], None], page_size: int = PAGE_SIZE) -> tuple[list[Any], dict[str, str | None]]:
-    """The pods of every namespace (``()``: all at once) and each listing's resourceVersion."""
+         in_time: Callable[[str], None], convert: Callable[[Any], Any] = _same,
+         page_size: int = PAGE_SIZE) -> tuple[list[Any], dict[str, str | None]]:
+    """The pods of every namespace (``()``: all at once), converted, and each listing's resourceVersion."""
     found: list[Any] = []
     versions: dict[str, str | None] = {}
     for namespace in tuple(namespaces) or (ALL,):
-        items, version = list_all(client, cluster, Pod, namespace, labels, in_time=in_time, page_size=page_size)
+        items, version = list_all(client, cluster, Pod, namespace, labels, in_time=in_time, page_size=page_size,
+                                  convert=convert)
         found += items
         versions[namespace] = version
     return found, versions

@@ -4,6 +4,7 @@ grammar of apimachinery's resource.Quantity."""
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from decimal import Decimal
 from typing import Any
 
@@ -22,6 +23,17 @@ MAX_LENGTH = 64
 def parse_quantity(raw: Any) -> Decimal:
     """The exact value of a quantity; ValueError for anything the API server would not accept
     and for negative amounts (a request is never negative)."""
+    if type(raw) is str:  # the few distinct strings of a cluster's pods are parsed once
+        return _parsed(raw)
+    return _parse(raw)
+
+
+@lru_cache(maxsize=4096)
+def _parsed(raw: str) -> Decimal:
+    return _parse(raw)
+
+
+def _parse(raw: Any) -> Decimal:
     if isinstance(raw, bool) or not isinstance(raw, (str, int)):
         raise ValueError(f"not a quantity: {str(raw)[:MAX_LENGTH]!r}")
     text = str(raw).strip()

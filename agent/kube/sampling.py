@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timezone
 from decimal import Decimal
+from typing import Any
 
 import structlog
 
@@ -19,12 +20,11 @@ from agent.kube.cluster import Cluster, KubeconfigError, KubeError, client_for, 
 from agent.kube.pods import PodUsage, usage_of
 from agent.kube.watch import PodWatcher
 from agent.records import WIDE
-from agent.samplers.base import ClientFor, Sample, Skipped, Target, TargetMemory
+from agent.samplers.base import CLUSTER_REGION, ClientFor, Sample, Skipped, Target, TargetMemory
 from agent.settings import Kubernetes, Measurement
 
 log = structlog.get_logger("agent.kube")
 
-CLUSTER_REGION = "kubernetes"  # the region label of a cluster reached through a kubeconfig
 MAX_REMEMBERED = 1_000_000
 
 
@@ -67,12 +67,34 @@ def _eks_cluster(clients: ClientFor, target: Target, k: Kubernetes) -> Cluster:
     return Cluster(k.eks_cluster, config, token=lambda: credentials.current().token)
 
 
+def _client(memory: TargetMemory | None, cluster: Cluster) -> Any:
+    """The target's client, kept across ticks while its kubeconfig (or EKS token) stays the same."""
+    key = repr(cluster.config)  # in memory only: it holds the token
+    held = memory.live.get("client") if memory else None
+    if held is not None and held.key == key:
+        return held.value
+    if held is not None:
+        held.close()
+    client = client_for(cluster)
+    if memory is not None:
+        memory.live["client"] = _Client(client, key)
+    return client
+
+
+class _Client:
+    def __init__(self, value: Any, key: str):
+        self.value, self.key = value, key
+
+    def close(self) -> None:
+        self.value.close()
+
+
 def _remembered(memory: TargetMemory | None, tick: datetime) -> dict[str, PodUsage]:
     """The pods the last tick committed (if it was an earlier tick)."""
     if memory is None or not memory.state.get("tick") or memory.state["tick"] >= tick.isoformat():
         return {}
     try:
-        return {raw["uid"]: PodUsage.from_state(raw) for raw in memory.state.get("pods", ())}
+        return {raw[0]: PodUsage.from_state(raw) for raw in memory.state.get("pods", ())}
     except (KeyError, TypeError, ValueError) as exc:
         log.warning("remembered pods unreadable; this tick uses the listing alone", error=excerpt(str(exc)))
         return {}
@@ -106,23 +128,27 @@ def sample_pods(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped
         except KubeconfigError as exc:
             raise KubeError(str(exc)) from None
     keys = tag_keys(m)
-    client = client_for(cluster)
-    try:
-        listed, versions = listing.pods(client, cluster, k.namespaces, k.label_selector, in_time)
-        ns_labels = listing.namespace_labels(client, cluster, k.namespaces, in_time) if keys else {}
-    finally:
-        client.close()
     memory = target.memory
-    start, end = target.tick - m.interval, target.tick
-    current: dict[str, PodUsage] = {}
-    for pod in listed:
+    client = _client(memory, cluster)
+    def convert(pod: Any) -> PodUsage | Skipped | None:
         try:
-            usage = usage_of(pod, k.gpu_resource, keep_labels=keys)
+            return usage_of(pod, m.metric, k.gpu_resource, keep_labels=keys)
         except ValueError as exc:
             meta = pod.metadata
-            yield Skipped(f"{meta.namespace}/{meta.name}" if meta else "?", f"unreadable pod: {excerpt(str(exc))}")
-            continue
-        if usage is not None:
+            return Skipped(f"{meta.namespace}/{meta.name}" if meta else "?", f"unreadable pod: {excerpt(str(exc))}")
+
+    try:
+        listed, versions = listing.pods(client, cluster, k.namespaces, k.label_selector, in_time, convert)
+        ns_labels = listing.namespace_labels(client, cluster, k.namespaces, in_time) if keys else {}
+    finally:
+        if memory is None:
+            client.close()
+    start, end = target.tick - m.interval, target.tick
+    current: dict[str, PodUsage] = {}
+    for usage in listed:
+        if isinstance(usage, Skipped):
+            yield usage
+        else:
             current[usage.uid] = usage
     gone = _remembered(memory, end)
     watcher = memory.live.get("watch") if memory else None
@@ -155,5 +181,5 @@ def sample_pods(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped
         if isinstance(watcher, PodWatcher):
             watcher.forget(end)
         elif memory.watch:
-            memory.live["watch"] = PodWatcher(cluster, k.namespaces, k.label_selector, k.gpu_resource, keys,
+            memory.live["watch"] = PodWatcher(cluster, k.namespaces, k.label_selector, m.metric, k.gpu_resource, keys,
                                               versions, memory.now)

@@ -32,11 +32,12 @@ def _deleted_at(pod: Any, now: datetime) -> datetime:
 class PodWatcher:
     """One thread per (measurement, namespace): ``seen()`` is what it observed since it started."""
 
-    def __init__(self, cluster: Cluster, namespaces: Iterable[str], labels: str | None, gpu_resource: str,
+    def __init__(self, cluster: Cluster, namespaces: Iterable[str], labels: str | None, metric: str, gpu_resource: str,
                  keep_labels: tuple[str, ...], versions: dict[str, str | None], now: Callable[[], datetime],
                  wait: Callable[[threading.Event, float], bool] | None = None):
         self.cluster = cluster
         self.labels = labels
+        self.metric = metric
         self.gpu_resource = gpu_resource
         self.keep_labels = keep_labels
         self.now = now
@@ -63,7 +64,7 @@ class PodWatcher:
 
     def _record(self, pod: Any, deleted: bool) -> None:
         try:
-            usage = usage_of(pod, self.gpu_resource, keep_labels=self.keep_labels,
+            usage = usage_of(pod, self.metric, self.gpu_resource, keep_labels=self.keep_labels,
                              deleted_at=_deleted_at(pod, self.now()) if deleted else None)
         except ValueError as exc:  # the tick's list reports it, skipped, while it exists
             log.warning("watched pod unreadable", cluster=self.cluster.label, error=str(exc))
@@ -82,11 +83,10 @@ class PodWatcher:
             self._clients.append(client)
             try:
                 if version is None:  # a fresh list: where the watch starts from
-                    items, version = listing.list_all(client, self.cluster, Pod, namespace, self.labels,
-                                                      in_time=lambda _: None)
+                    _, version = listing.list_all(client, self.cluster, Pod, namespace, self.labels,
+                                                  in_time=lambda _: None,
+                                                  convert=lambda pod: self._record(pod, deleted=False))
                     self.relists += 1
-                    for pod in items:
-                        self._record(pod, deleted=False)
                 for kind, pod in client.watch(Pod, namespace=namespace, labels=listing.selector(self.labels),
                                               resource_version=version, server_timeout=SERVER_TIMEOUT):
                     failures = 0

@@ -21,6 +21,7 @@ from botocore.parsers import ResponseParserError
 from agent.settings import Measurement
 from agent.errors import SamplingError, excerpt
 
+CLUSTER_REGION = "kubernetes"  # the region of a target that is a cluster, not an AWS region (SamplerSpec.place)
 MAX_PAGES = 10_000  # per listing: 5M volumes at 500 a page; an endless NextToken stops here at the latest
 
 
