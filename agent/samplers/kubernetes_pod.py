@@ -3,9 +3,23 @@ billed for exactly the seconds each pod ran in the window (agent.kube does the w
 
 from __future__ import annotations
 
-from agent.kube.sampling import place, sample_pods
-from agent.samplers.base import MetricSpec, SamplerSpec
+from collections.abc import Iterator
+
+from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target
 from agent.settings import Measurement
+
+
+# lightkube (and httpx2, msgspec) load with the first Kubernetes measurement, not with every command
+def sample_pods(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped]:
+    from agent.kube.sampling import sample_pods as sample
+
+    return sample(clients, target)
+
+
+def place(m: Measurement) -> tuple[str, str] | None:
+    from agent.kube.sampling import place as cluster_of
+
+    return cluster_of(m)
 
 
 def _check(m: Measurement) -> list[tuple[str, str]]:
