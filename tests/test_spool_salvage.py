@@ -216,7 +216,7 @@ def test_salvage_copies_a_row_that_does_not_render_as_dead_letter(built: Path, t
 
 # three 4 KiB regions over 3000 records: both indexes damaged too (no witness is whole), a leaf
 # whose cells vanish without an error, and a row whose id column alone was garbled
-@pytest.mark.parametrize("seed", [46, 55])
+@pytest.mark.parametrize("seed", [29, 55])
 def test_salvage_bound_stays_true_when_no_index_is_whole(tmp_path: Path, seed: int) -> None:
     from tests.test_spool_repair import build_spool
 
