@@ -406,7 +406,8 @@ def test_stages_get_plain_frozen_settings(tmp_path: Path, example: Path) -> None
     secret_file = tmp_path / "secret"
     secret_file.write_text("from-file\n", encoding="utf-8")
     env = {name: "from-env" for name in ("PAIGO_CLIENT_ID", "PAIGO_CLIENT_SECRET", "OPENMETER_TOKEN", "BILLING_API_TOKEN",
-                                               "STRIPE_API_KEY", "METRONOME_API_KEY")}
+                                               "STRIPE_API_KEY", "METRONOME_API_KEY",
+                                               "TOGAI_TOKEN", "LAGO_API_KEY", "ORB_API_KEY")}
     cfg = load_config(example, {**env, "PAIGO_CLIENT_SECRET_FILE": str(secret_file), "USAGE_HMAC_FILE": str(secret_file)})
     for where, value in _walk(cfg):
         assert not isinstance(value, (pydantic.BaseModel, pydantic.SecretStr, list, dict, set)), (where, type(value))
