@@ -4,7 +4,7 @@ namespace filter, pages capped below the limit, 410 restarts and refused identit
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any

@@ -45,7 +45,7 @@ class Cluster:
     token: Callable[[], str] | None = field(default=None, repr=False, compare=False)
 
 
-def _read_kubeconfig(path: Path, context: str | None) -> Cluster:
+def read_kubeconfig(path: Path, context: str | None) -> Cluster:
     import yaml
 
     try:
@@ -91,7 +91,7 @@ def resolve(k: Kubernetes, env: Mapping[str, str] | None = None) -> Cluster:
     """The cluster of a measurement: KubeconfigError naming the file and what is wrong."""
     path = kubeconfig_path(k, os.environ if env is None else env)
     if path is not None:
-        return _read_kubeconfig(path, k.context)
+        return read_kubeconfig(path, k.context)
     try:
         return Cluster("in-cluster", KubeConfig.from_service_account().get())
     except (ConfigError, KeyError, OSError) as exc:

@@ -35,11 +35,11 @@ def _check(m: Measurement) -> list[tuple[str, str]]:
             if present:
                 problems.append((key, why))
         if k.kubeconfig is not None:
-            from agent.kube.cluster import KubeconfigError, _read_kubeconfig
+            from agent.kube.cluster import KubeconfigError, read_kubeconfig
             from pathlib import Path
 
             try:
-                _read_kubeconfig(Path(k.kubeconfig), k.context)
+                read_kubeconfig(Path(k.kubeconfig), k.context)
             except KubeconfigError as exc:
                 problems.append(("kubernetes.kubeconfig", str(exc)))
     else:
