@@ -219,6 +219,42 @@ def test_env_vars_are_substituted_and_double_dollar_is_literal(tmp_path: Path) -
     assert cfg.measurements[0].metadata == {"price": "$5 per GiB", "literal": "${NOT_EXPANDED}"}
 
 
+# the backend lines exactly as the config contract writes them: ``${VAR}`` unquoted in a flow mapping
+FLOW_BACKENDS = [
+    "{type: paigo, client_id: ${PAIGO_CLIENT_ID}, client_secret: ${PAIGO_SECRET}}",
+    "{type: openmeter, url: https://openmeter.cloud, token: ${OPENMETER_TOKEN}, source: usage-agent, batch_size: 100}",
+    "{type: togai, url: https://api.togai.com, token: ${TOGAI_TOKEN}, attribute: value, batch_size: 500}",
+    "{type: stripe, url: https://api.stripe.com, api_key: ${STRIPE_API_KEY}, customer_key: stripe_customer_id, "
+    "value_key: value}",
+    "{type: lago, url: https://api.getlago.com, api_key: ${LAGO_API_KEY}, customer_field: external_subscription_id, "
+    "value_property: value}",
+    "{type: orb, url: https://api.withorb.com, api_key: ${ORB_API_KEY}, customer_field: external_customer_id}",
+    "{type: metronome, url: https://api.metronome.com, api_key: ${METRONOME_API_KEY}}",
+]
+
+
+@pytest.mark.parametrize("line", FLOW_BACKENDS)
+def test_an_unquoted_variable_in_a_flow_mapping_is_expanded(tmp_path: Path, line: str) -> None:
+    measurements = yaml.safe_dump({"measurements": [measurement(metadata={"note": "$${KEPT}"})]}, sort_keys=False)
+    path = write(tmp_path, f"backend: {line}\n{measurements}")
+    env = {name: f"secret-of-{name.lower()}" for name in ("PAIGO_CLIENT_ID", "PAIGO_SECRET", "OPENMETER_TOKEN",
+           "TOGAI_TOKEN", "STRIPE_API_KEY", "LAGO_API_KEY", "ORB_API_KEY", "METRONOME_API_KEY")}
+    cfg = load_config(path, env)
+    fields = {name: getattr(cfg.backend, name) for name in ("client_id", "token", "api_key") if hasattr(cfg.backend, name)}
+    values = [v if isinstance(v, str) else v.get_secret_value() if hasattr(v, "get_secret_value") else v.value
+              for v in fields.values()]
+    assert values and all(v.startswith("secret-of-") for v in values)
+    assert cfg.measurements[0].metadata == {"note": "${KEPT}"}
+    assert problems_of(path, {}) and all("is not set" in why for _, why in problems_of(path, {}))
+
+
+def test_a_yaml_error_after_a_variable_keeps_its_column(tmp_path: Path) -> None:
+    text = "backend: {type: file, path: ${OUT}, x: [}\n"
+    column = text.index("[}") + 2  # the "}" where a node was expected, 1-based
+    assert problems_of(write(tmp_path, text), {"OUT": "o"}) == [
+        ("", f"invalid YAML at line 1, column {column}: did not find expected node content")]
+
+
 def test_secret_file_is_read_stripped_and_resolved_against_config_dir(tmp_path: Path) -> None:
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "paigo").write_text(f"  {SECRET}\n\n", encoding="utf-8")

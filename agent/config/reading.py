@@ -90,6 +90,29 @@ def expand_env(node: Any, env: dict[str, str], path: str, problems: list[tuple[s
     return _ENV_REF.sub(substitute, node)
 
 
+# ``${NAME}`` is written unquoted in flow mappings (``{token: ${TOKEN}}``), where YAML reads its
+# braces as a mapping: it is parsed as a marker of the same length (error columns stay true)
+# made of private-use characters, and turned back into ``${NAME}`` for ``expand_env``
+_REF_IN_TEXT = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_MARK = re.compile("\ue000\ue001([A-Za-z_][A-Za-z0-9_]*)\ue002")
+
+
+def _marked(text: str) -> str:
+    if any(c in text for c in "\ue000\ue001\ue002"):  # cannot be told apart from a marker: parse as written
+        return text
+    return _REF_IN_TEXT.sub(lambda m: m[0] if m[1] is None else f"\ue000\ue001{m[1]}\ue002", text)
+
+
+def _unmarked(node: Any) -> Any:
+    if isinstance(node, str):
+        return _MARK.sub(lambda m: f"${{{m[1]}}}", node) if "\ue000" in node else node
+    if isinstance(node, dict):
+        return {_unmarked(key): _unmarked(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unmarked(value) for value in node]
+    return node
+
+
 _SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when installed
 
 
@@ -162,8 +185,9 @@ def read_yaml(path: Path) -> Any:
         utf16 = " (it is UTF-16: save it as UTF-8)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
         raise ConfigError(str(path), [("", f"file is not valid UTF-8 (byte {exc.start}){utf16}")]) from None
     try:
-        _check_shape(text)
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        marked = _marked(text)
+        _check_shape(marked)
+        return _unmarked(yaml.load(marked, Loader=_StrictLoader))  # noqa: S506 - a SafeLoader subclass
     except yaml.reader.ReaderError as exc:  # its str() spans lines and names "<unicode string>"
         line = text.count("\n", 0, exc.position) + 1
         column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
