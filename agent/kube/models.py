@@ -17,7 +17,7 @@ from lightkube.resources.core_v1 import Pod
 # ruff: noqa: UP007
 
 
-class _Model(msgspec.Struct, omit_defaults=True):
+class _Model(msgspec.Struct, omit_defaults=True, gc=False):
     pass
 
 
@@ -72,7 +72,7 @@ class Meta(_Model):
     labels: Optional[dict] = None
 
 
-class BilledPod(resource.NamespacedResourceG, _Model):
+class BilledPod(resource.NamespacedResourceG, msgspec.Struct, omit_defaults=True):
     """A Pod as the tick's listing reads it (``client.list(BilledPod, ...)``: the pods API)."""
 
     _api_info: ClassVar[resource.ApiInfo] = Pod._api_info
