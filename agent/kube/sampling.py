@@ -89,13 +89,14 @@ class _Client:
         self.value.close()
 
 
-def _remembered(memory: TargetMemory | None, tick: datetime) -> dict[str, PodUsage]:
-    """The pods the last tick committed (if it was an earlier tick)."""
+def _remembered(memory: TargetMemory | None, tick: datetime, listed: dict[str, PodUsage]) -> dict[str, PodUsage]:
+    """The pods the last tick committed (if it was an earlier tick) that are not ``listed`` now
+    (a listed pod's own entry is what the listing says: only the gone ones are decoded)."""
     if memory is None or not memory.state.get("tick") or memory.state["tick"] >= tick.isoformat():
         return {}
     try:
-        return {raw[0]: PodUsage.from_state(raw) for raw in memory.state.get("pods", ())}
-    except (KeyError, TypeError, ValueError) as exc:
+        return {raw[0]: PodUsage.from_state(raw) for raw in memory.state.get("pods", ()) if raw[0] not in listed}
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
         log.warning("remembered pods unreadable; this tick uses the listing alone", error=excerpt(str(exc)))
         return {}
 
@@ -150,7 +151,7 @@ def sample_pods(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped
             yield usage
         else:
             current[usage.uid] = usage
-    gone = _remembered(memory, end)
+    gone = _remembered(memory, end, current)
     watcher = memory.live.get("watch") if memory else None
     seen = watcher.seen() if isinstance(watcher, PodWatcher) else {}
     everything = dict(current)
