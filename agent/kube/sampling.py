@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
 import structlog
+from msgspec.structs import replace
 
 from agent.errors import excerpt
 from agent.kube import listing
