@@ -1,7 +1,8 @@
 """The part of a Pod that billing reads, as msgspec structs lightkube lists into: decoding
 only these fields (and skipping the rest of each pod's JSON, its volumes, env, probes,
 managed fields) costs half of decoding lightkube's full Pod model, and leaves the garbage
-collector a fifth of the objects. The fields kept have lightkube's names and types (and
+collector a fifth of the objects (the parts are untracked structs, the arrays tuples it
+untracks). The fields kept have lightkube's names and types (and
 its required fields are required), so a pod decodes or fails here as it does there."""
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class Container(_Model):
 
 
 class Spec(_Model):
-    containers: list[Container]
-    initContainers: Optional[list[Container]] = None
+    containers: tuple[Container, ...]
+    initContainers: Optional[tuple[Container, ...]] = None
     nodeName: Optional[str] = None
     overhead: Optional[dict] = None
     resources: Optional[Resources] = None
@@ -60,9 +61,9 @@ class ContainerStatus(_Model):
 class Status(_Model):
     phase: Optional[str] = None
     startTime: Optional[datetime] = None
-    containerStatuses: Optional[list[ContainerStatus]] = None
-    initContainerStatuses: Optional[list[ContainerStatus]] = None
-    ephemeralContainerStatuses: Optional[list[ContainerStatus]] = None
+    containerStatuses: Optional[tuple[ContainerStatus, ...]] = None
+    initContainerStatuses: Optional[tuple[ContainerStatus, ...]] = None
+    ephemeralContainerStatuses: Optional[tuple[ContainerStatus, ...]] = None
 
 
 class Meta(_Model):

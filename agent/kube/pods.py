@@ -98,11 +98,12 @@ class PodUsage(msgspec.Struct, frozen=True, gc=False):
     def runs_at(self, moment: datetime) -> bool:
         return self.start <= moment and (self.end is None or moment < self.end)
 
-    def to_state(self) -> list[Any]:
-        """As the sampler state keeps it: a list, not a mapping (10k pods a tick, 40% less JSON)."""
+    def to_state(self) -> tuple[Any, ...]:
+        """As the sampler state keeps it: an array, not a mapping (10k pods a tick, 40% less JSON),
+        a tuple the garbage collector stops tracking (a list would be walked until the next tick)."""
         (metric, amount), = self.requests.items()
-        return [self.uid, self.namespace, self.name, self.node, self.labels, metric, str(amount),
-                self.start.isoformat(), self.end.isoformat() if self.end else None]
+        return (self.uid, self.namespace, self.name, self.node, self.labels, metric, str(amount),
+                self.start.isoformat(), self.end.isoformat() if self.end else None)
 
     @classmethod
     def from_state(cls, raw: list[Any]) -> PodUsage:
