@@ -169,13 +169,15 @@ def sample_pods(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped
     if unseen:
         log.warning("pods gone since the last tick without their end being seen (the agent was not watching); "
                     "each is billed until the last tick it was listed at", pods=unseen, cluster=cluster.label)
+    per_pod = m.group_by == "resource"  # only a pod's own record carries its facts
     for uid, usage in everything.items():
         values = _values(usage, m, start, end)
         if values is None:
             continue
-        yield target.sample(uid, values, {**ns_labels.get(usage.namespace, {}), **usage.labels},
+        ns = ns_labels.get(usage.namespace)
+        yield target.sample(uid, values, {**ns, **usage.labels} if ns else usage.labels,
                             {"cluster": cluster.label, "namespace": usage.namespace, "pod": usage.name,
-                             "node": usage.node, "uid": uid})
+                             "node": usage.node, "uid": uid} if per_pod else {})
     if memory is not None:
         kept = [u for u in everything.values() if u.end is None or u.end > end][:MAX_REMEMBERED]
         memory.state = {"tick": end.isoformat(), "pods": [u.to_state() for u in kept]}
