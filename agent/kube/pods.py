@@ -38,13 +38,15 @@ def _amount(requests: Mapping[str, Any], resource: str) -> Decimal:
 
 def effective_request(spec: Any, resource: str) -> Decimal:
     """The pod's request of ``resource`` as the scheduler reserves it (ValueError: a bad quantity)."""
-    pod_level = _requests(spec.resources)
-    if resource in POD_LEVEL and pod_level.get(resource) is not None:
-        total = parse_quantity(pod_level[resource])
+    pod_level = _requests(spec.resources).get(resource) if resource in POD_LEVEL else None
+    if pod_level is not None:
+        total = parse_quantity(pod_level)
     else:
         total = ZERO
-        for c in spec.containers or ():
-            total += _amount(_requests(c.resources), resource)
+        for c in spec.containers or ():  # the hot loop of a tick: a container without the request adds nothing
+            raw = c.resources.requests.get(resource) if c.resources is not None and c.resources.requests else None
+            if raw is not None:
+                total += parse_quantity(raw)
         if spec.initContainers:
             sidecars = init = ZERO
             for container in spec.initContainers:
