@@ -1,9 +1,9 @@
 """The part of a Pod that billing reads, as msgspec structs lightkube lists into: decoding
-only these fields (and skipping the rest of each pod's JSON, its volumes, env, probes,
-managed fields) costs half of decoding lightkube's full Pod model, and leaves the garbage
-collector a fifth of the objects (the parts are untracked structs, the arrays tuples it
-untracks). The fields kept have lightkube's names and types (and
-its required fields are required), so a pod decodes or fails here as it does there."""
+only these fields (skipping the rest of each pod's JSON: volumes, env, probes, managed
+fields) takes about half the time of lightkube's full Pod model, and the parts are structs
+the garbage collector does not track and tuples it untracks (20 pages of 500 full Pods
+kept alive took 0.8 s with collections, 0.1 s here). The fields kept have lightkube's
+names and types, its required fields required, so a pod decodes or fails as it does there."""
 
 from __future__ import annotations
 
