@@ -78,6 +78,7 @@ class Tally:
         self.untagged: list[str] = []
         self.invalid: list[tuple[str, str]] = []
         self.sampled = 0
+        self._valid: set[str] = set()  # customer ids already checked: a tick sees each thousands of times
 
     def add(self, sample: Any) -> None:
         value = sample.values.get(self.metric)
@@ -90,9 +91,10 @@ class Tally:
         if not customer_id:
             self.untagged.append(self._resource(sample.region, sample.account, sample.resource_id))
             return
-        if not valid_customer_id(customer_id):
+        if customer_id not in self._valid and not valid_customer_id(customer_id):
             self.invalid.append((self._resource(sample.region, sample.account, sample.resource_id), customer_id))
             return
+        self._valid.add(customer_id)
         per_resource = self.measurement.group_by == "resource"
         key = (customer_id, self._resource(sample.region, sample.account, sample.resource_id) if per_resource
                else AGGREGATE)

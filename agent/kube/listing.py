@@ -9,9 +9,10 @@ from typing import Any
 
 from lightkube import Client
 from lightkube.operators import exists
-from lightkube.resources.core_v1 import Namespace, Pod
+from lightkube.resources.core_v1 import Namespace
 
 from agent.kube.cluster import Cluster, KubeError, api_error, status_of
+from agent.kube.models import BilledPod
 
 PAGE_SIZE = 500
 MAX_ITEMS = 1_000_000  # per listing: a continue token that never ends stops here at the latest
@@ -36,7 +37,7 @@ def list_all(client: Client, cluster: Cluster, kind: type, namespace: str | None
     ``convert``ed as it arrives (None: left out; the models of a whole listing kept alive make the
     garbage collector walk them on every page), and the list's resourceVersion.
     ``in_time(what)`` raises once the target's deadline has passed."""
-    what = f"list {kind.__name__.lower()}s"
+    what = f"list {kind._api_info.plural}"
     for attempt in range(MAX_RESTARTS + 1):
         in_time(what)
         kwargs: dict[str, Any] = {"chunk_size": page_size, "labels": selector(labels)}
@@ -79,11 +80,12 @@ def _version(listing: Any) -> str | None:
 def pods(client: Client, cluster: Cluster, namespaces: Iterable[str], labels: str | None,
          in_time: Callable[[str], None], convert: Callable[[Any], Any] = _same,
          page_size: int = PAGE_SIZE) -> tuple[list[Any], dict[str, str | None]]:
-    """The pods of every namespace (``()``: all at once), converted, and each listing's resourceVersion."""
+    """The pods of every namespace (``()``: all at once), as much of them as billing reads
+    (``BilledPod``), converted, and each listing's resourceVersion."""
     found: list[Any] = []
     versions: dict[str, str | None] = {}
     for namespace in tuple(namespaces) or (ALL,):
-        items, version = list_all(client, cluster, Pod, namespace, labels, in_time=in_time, page_size=page_size,
+        items, version = list_all(client, cluster, BilledPod, namespace, labels, in_time=in_time, page_size=page_size,
                                   convert=convert)
         found += items
         versions[namespace] = version

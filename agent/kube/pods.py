@@ -11,10 +11,11 @@ a pod-level ``spec.resources.requests`` (cpu, memory) replaces the containers' s
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
+
+import msgspec
 
 from agent.kube.quantity import parse_quantity
 from agent.records import WIDE
@@ -23,6 +24,7 @@ GIB = Decimal(2**30)
 ZERO = Decimal(0)
 POD_LEVEL = ("cpu", "memory")  # the resources a pod-level request may set
 ENDED = ("Succeeded", "Failed")
+MICROSECOND = timedelta(microseconds=1)
 
 
 def _requests(resources: Any) -> Mapping[str, Any]:
@@ -36,13 +38,15 @@ def _amount(requests: Mapping[str, Any], resource: str) -> Decimal:
 
 def effective_request(spec: Any, resource: str) -> Decimal:
     """The pod's request of ``resource`` as the scheduler reserves it (ValueError: a bad quantity)."""
-    pod_level = _requests(spec.resources)
-    if resource in POD_LEVEL and pod_level.get(resource) is not None:
-        total = parse_quantity(pod_level[resource])
+    pod_level = _requests(spec.resources).get(resource) if resource in POD_LEVEL else None
+    if pod_level is not None:
+        total = parse_quantity(pod_level)
     else:
         total = ZERO
-        for c in spec.containers or ():
-            total += _amount(_requests(c.resources), resource)
+        for c in spec.containers or ():  # the hot loop of a tick: a container without the request adds nothing
+            raw = c.resources.requests.get(resource) if c.resources is not None and c.resources.requests else None
+            if raw is not None:
+                total += parse_quantity(raw)
         if spec.initContainers:
             sidecars = init = ZERO
             for container in spec.initContainers:
@@ -71,9 +75,10 @@ def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
-@dataclass(frozen=True, slots=True)
-class PodUsage:
-    """One pod: who it is, what it requests, when it ran (``end`` None: still running)."""
+class PodUsage(msgspec.Struct, frozen=True, gc=False):
+    """One pod: who it is, what it requests, when it ran (``end`` None: still running).
+    A struct the garbage collector does not track (it holds no containers of itself): a tick
+    keeps 10k of them alive while it allocates, and each full collection would walk them all."""
 
     uid: str
     namespace: str
@@ -90,17 +95,17 @@ class PodUsage:
         finish = window_end if self.end is None else min(self.end, window_end)
         if finish <= begin:
             return Decimal(0)
-        elapsed = finish - begin
-        return Decimal(elapsed.days * 86400 + elapsed.seconds) + Decimal(elapsed.microseconds).scaleb(-6)
+        return Decimal((finish - begin) // MICROSECOND).scaleb(-6)
 
     def runs_at(self, moment: datetime) -> bool:
         return self.start <= moment and (self.end is None or moment < self.end)
 
-    def to_state(self) -> list[Any]:
-        """As the sampler state keeps it: a list, not a mapping (10k pods a tick, 40% less JSON)."""
+    def to_state(self) -> tuple[Any, ...]:
+        """As the sampler state keeps it: an array, not a mapping (10k pods a tick, 40% less JSON),
+        a tuple the garbage collector stops tracking (a list would be walked until the next tick)."""
         (metric, amount), = self.requests.items()
-        return [self.uid, self.namespace, self.name, self.node, self.labels, metric, str(amount),
-                self.start.isoformat(), self.end.isoformat() if self.end else None]
+        return (self.uid, self.namespace, self.name, self.node, self.labels, metric, str(amount),
+                self.start.isoformat(), self.end.isoformat() if self.end else None)
 
     @classmethod
     def from_state(cls, raw: list[Any]) -> PodUsage:

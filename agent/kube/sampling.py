@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
 import structlog
+from msgspec.structs import replace
 
 from agent.errors import excerpt
 from agent.kube import listing
@@ -89,13 +89,14 @@ class _Client:
         self.value.close()
 
 
-def _remembered(memory: TargetMemory | None, tick: datetime) -> dict[str, PodUsage]:
-    """The pods the last tick committed (if it was an earlier tick)."""
+def _remembered(memory: TargetMemory | None, tick: datetime, listed: dict[str, PodUsage]) -> dict[str, PodUsage]:
+    """The pods the last tick committed (if it was an earlier tick) that are not ``listed`` now
+    (a listed pod's own entry is what the listing says: only the gone ones are decoded)."""
     if memory is None or not memory.state.get("tick") or memory.state["tick"] >= tick.isoformat():
         return {}
     try:
-        return {raw[0]: PodUsage.from_state(raw) for raw in memory.state.get("pods", ())}
-    except (KeyError, TypeError, ValueError) as exc:
+        return {raw[0]: PodUsage.from_state(raw) for raw in memory.state.get("pods", ()) if raw[0] not in listed}
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
         log.warning("remembered pods unreadable; this tick uses the listing alone", error=excerpt(str(exc)))
         return {}
 
@@ -150,7 +151,7 @@ def sample_pods(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped
             yield usage
         else:
             current[usage.uid] = usage
-    gone = _remembered(memory, end)
+    gone = _remembered(memory, end, current)
     watcher = memory.live.get("watch") if memory else None
     seen = watcher.seen() if isinstance(watcher, PodWatcher) else {}
     everything = dict(current)
@@ -168,13 +169,15 @@ def sample_pods(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped
     if unseen:
         log.warning("pods gone since the last tick without their end being seen (the agent was not watching); "
                     "each is billed until the last tick it was listed at", pods=unseen, cluster=cluster.label)
+    per_pod = m.group_by == "resource"  # only a pod's own record carries its facts
     for uid, usage in everything.items():
         values = _values(usage, m, start, end)
         if values is None:
             continue
-        yield target.sample(uid, values, {**ns_labels.get(usage.namespace, {}), **usage.labels},
+        ns = ns_labels.get(usage.namespace)
+        yield target.sample(uid, values, {**ns, **usage.labels} if ns else usage.labels,
                             {"cluster": cluster.label, "namespace": usage.namespace, "pod": usage.name,
-                             "node": usage.node, "uid": uid})
+                             "node": usage.node, "uid": uid} if per_pod else {})
     if memory is not None:
         kept = [u for u in everything.values() if u.end is None or u.end > end][:MAX_REMEMBERED]
         memory.state = {"tick": end.isoformat(), "pods": [u.to_state() for u in kept]}
