@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from agent.testing.server import Answer, LoopbackServer
+from agent.testing.server import Answer, IdLedger, LoopbackServer
 
 BATCH_PATH = "/api/v1/events/batch"
 MAX_EVENTS = 100
@@ -56,7 +56,7 @@ def event_problems(event: Any) -> dict[str, list[str]]:
     return problems
 
 
-class LagoContractServer(LoopbackServer):
+class LagoContractServer(IdLedger, LoopbackServer):
     def __init__(self, api_key: str = "lago-test-key",
                  reject: Callable[[dict[str, Any]], dict[str, list[str]] | None] | None = None, port: int = 0):
         super().__init__(port)
@@ -66,10 +66,6 @@ class LagoContractServer(LoopbackServer):
         self.received: Counter[str] = Counter()  # transaction_id -> times sent
         self.batch_sizes: list[int] = []  # of accepted batches
         self.refusals: list[dict[str, Any]] = []  # 422 bodies answered
-
-    def accepted_ids(self) -> set[str]:
-        with self._lock:
-            return set(self.events)
 
     def error(self, status: int, detail: str) -> Answer:
         return Answer(status, {"status": status, "error": _ERRORS.get(status, detail)})

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from agent.testing.server import Answer, LoopbackServer
+from agent.testing.server import Answer, IdLedger, LoopbackServer
 
 INGEST_PATH = "/v1/ingest"
 API_KEY = "metronome-test-token-7f3a"
@@ -28,7 +28,7 @@ REQUIRED = ("transaction_id", "customer_id", "event_type", "timestamp")
 MAX_AGE, MAX_AHEAD = 34 * 86400, 24 * 3600
 
 
-class MetronomeContractServer(LoopbackServer):
+class MetronomeContractServer(IdLedger, LoopbackServer):
     def __init__(self, api_key: str = API_KEY, clock: Callable[[], float] = time.time,
                  reject: Callable[[dict[str, Any]], str | None] | None = None, port: int = 0, latency: float = 0.0):
         super().__init__(port, latency)
@@ -39,14 +39,6 @@ class MetronomeContractServer(LoopbackServer):
         self.received: Counter[str] = Counter()
         self.batch_sizes: list[int] = []  # of accepted requests
         self.refused: list[tuple[int, str]] = []
-
-    def accepted_ids(self) -> set[str]:
-        with self._lock:
-            return set(self.events)
-
-    def duplicates(self) -> int:
-        with self._lock:
-            return sum(n - 1 for n in self.received.values() if n > 1)
 
     def error(self, status: int, detail: str) -> Answer:
         if status != 429 and status < 500:

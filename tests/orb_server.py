@@ -20,14 +20,14 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import parse_qs
 
-from agent.testing.server import Answer, LoopbackServer
+from agent.testing.server import Answer, IdLedger, LoopbackServer
 
 INGEST_PATH = "/v1/ingest"
 REQUIRED = ("event_name", "idempotency_key", "timestamp", "properties")
 FIELDS = {*REQUIRED, "customer_id", "external_customer_id"}
 
 
-class OrbContractServer(LoopbackServer):
+class OrbContractServer(IdLedger, LoopbackServer):
     def __init__(self, api_key: str = "orb-test-key", now: Callable[[], datetime] | None = None,
                  grace_period: timedelta | None = None, customers: set[str] | None = None,
                  reject: Callable[[dict[str, Any]], str | None] | None = None, max_events: int = 500, port: int = 0):
@@ -43,14 +43,6 @@ class OrbContractServer(LoopbackServer):
         self.received: Counter[str] = Counter()
         self.batch_sizes: list[int] = []
         self.answers: list[tuple[int, dict[str, Any]]] = []
-
-    def accepted_ids(self) -> set[str]:
-        with self._lock:
-            return set(self.events)
-
-    def duplicates(self) -> int:
-        with self._lock:
-            return sum(n - 1 for n in self.received.values() if n > 1)
 
     def error(self, status: int, detail: str) -> Answer:
         return Answer(status, {"type": f"https://docs.withorb.com/reference/error-responses#{status}", "status": status,

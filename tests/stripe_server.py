@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
-from agent.testing.server import Answer, LoopbackServer
+from agent.testing.server import Answer, IdLedger, LoopbackServer
 
 EVENTS_PATH = "/v1/billing/meter_events"
 API_KEY = "sk_test_51usageagentKey"
@@ -30,7 +30,7 @@ _DECIMAL = re.compile(r"^\d+(\.\d+)?$")
 MAX_AGE, MAX_AHEAD = 35 * 86400, 5 * 60
 
 
-class StripeContractServer(LoopbackServer):
+class StripeContractServer(IdLedger, LoopbackServer):
     def __init__(self, api_key: str = API_KEY, customer_key: str = "stripe_customer_id", value_key: str = "value",
                  clock: Callable[[], float] = time.time,
                  reject: Callable[[dict[str, Any]], str | None] | None = None, port: int = 0, latency: float = 0.0):
@@ -44,14 +44,6 @@ class StripeContractServer(LoopbackServer):
         self.versions: Counter[str] = Counter()
         self.bodies: list[bytes] = []  # every body sent, as received
         self.refused: list[tuple[int, dict[str, Any]]] = []
-
-    def accepted_ids(self) -> set[str]:
-        with self._lock:
-            return set(self.events)
-
-    def duplicates(self) -> int:
-        with self._lock:
-            return sum(n - 1 for n in self.received.values() if n > 1)
 
     def error(self, status: int, detail: str, *, code: str | None = None, param: str | None = None,
               should_retry: str | None = None, kind: str = "invalid_request_error") -> Answer:

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from agent.testing.server import Answer, LoopbackServer, contract_validator, schema_errors
+from agent.testing.server import Answer, IdLedger, LoopbackServer, contract_validator, schema_errors
 
 INGEST_PATH = "/ingestBatch"
 
@@ -26,7 +26,7 @@ def batch_validator() -> Any:
     return contract_validator("togai-ingest-batch.schema.json")
 
 
-class TogaiContractServer(LoopbackServer):
+class TogaiContractServer(IdLedger, LoopbackServer):
     def __init__(self, token: str = "togai-test-token", reject: Callable[[dict[str, Any]], str | None] | None = None,
                  max_bytes: int = 1_000_000, port: int = 0):
         super().__init__(port)
@@ -39,14 +39,6 @@ class TogaiContractServer(LoopbackServer):
         self.received: Counter[str] = Counter()
         self.batch_sizes: list[int] = []  # events per request that got past validation
         self.statuses: list[int] = []
-
-    def accepted_ids(self) -> set[str]:
-        with self._lock:
-            return set(self.events)
-
-    def duplicates(self) -> int:
-        with self._lock:
-            return sum(n - 1 for n in self.received.values() if n > 1)
 
     def _answer(self, answer: Answer) -> Answer:
         with self._lock:

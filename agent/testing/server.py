@@ -63,6 +63,23 @@ class _QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class IdLedger:
+    """What a contract server that deduplicates on an id took: ``events`` by id (the first
+    accepted), ``received`` how often each id was sent; both guarded by ``_lock``."""
+
+    events: dict[str, Any]
+    received: Counter[str]
+    _lock: threading.Lock
+
+    def accepted_ids(self) -> set[str]:
+        with self._lock:
+            return set(self.events)
+
+    def duplicates(self) -> int:
+        with self._lock:
+            return sum(n - 1 for n in self.received.values() if n > 1)
+
+
 class LoopbackServer(ABC):
     """Subclasses implement ``answer`` (and ``error`` for their error body format)."""
 
