@@ -135,56 +135,6 @@ class HttpBackend(Model):
         return self
 
 
-def _api_key(model: BaseModel) -> SecretStr:
-    """``api_key`` or ``api_key_file``, exactly one, as an ``Authorization: Bearer`` header can carry it."""
-    if (model.api_key is None) == (model.api_key_file is None):  # type: ignore[attr-defined]
-        raise ValueError("set exactly one of api_key or api_key_file")
-    key = _at_most_one(model, "api_key")
-    assert key is not None
-    if not _HEADER_VALUE.match(key.get_secret_value()):
-        raise ValueError("the api_key must be printable ASCII, without line breaks or control characters")
-    return key
-
-
-# a key of a Stripe meter event's payload: it goes into the form field name payload[<key>]
-PayloadKey = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")]
-
-
-class StripeBackend(Model):
-    plain = settings.StripeBackend
-
-    type: Literal["stripe"]
-    url: HttpUrl = "https://api.stripe.com"
-    api_key: Secret | None = None
-    api_key_file: SecretFile = None
-    customer_key: PayloadKey = "stripe_customer_id"
-    value_key: PayloadKey = "value"
-    timeout: Duration = timedelta(seconds=10)
-    max_in_flight: int = Field(default=8, ge=1, le=256)
-
-    @model_validator(mode="after")
-    def _checks(self) -> StripeBackend:
-        object.__setattr__(self, "api_key", _api_key(self))
-        if self.customer_key == self.value_key:
-            raise ValueError(f"customer_key and value_key must differ (both are {self.customer_key!r})")
-        return self
-
-
-class MetronomeBackend(Model):
-    plain = settings.MetronomeBackend
-
-    type: Literal["metronome"]
-    url: HttpUrl = "https://api.metronome.com"
-    api_key: Secret | None = None
-    api_key_file: SecretFile = None
-    timeout: Duration = timedelta(seconds=10)
-
-    @model_validator(mode="after")
-    def _checks(self) -> MetronomeBackend:
-        object.__setattr__(self, "api_key", _api_key(self))
-        return self
-
-
 def _bearer(model: BaseModel, name: str) -> SecretStr:
     """``name`` or ``name_file``, exactly one: sent as ``Authorization: Bearer``, so header-safe."""
     value, from_file = getattr(model, name), getattr(model, f"{name}_file")
@@ -194,6 +144,46 @@ def _bearer(model: BaseModel, name: str) -> SecretStr:
     if not _HEADER_VALUE.match(secret.get_secret_value()):
         raise ValueError(f"the {name} must be printable ASCII, without line breaks or control characters")
     return secret
+
+
+class ApiKeyBackend(Model):
+    """A backend authenticated by ``api_key`` or ``api_key_file``, exactly one."""
+
+    api_key: Secret | None = None
+    api_key_file: SecretFile = None
+    timeout: Duration = timedelta(seconds=10)
+
+    @model_validator(mode="after")
+    def _one_key(self) -> ApiKeyBackend:
+        object.__setattr__(self, "api_key", _bearer(self, "api_key"))
+        return self
+
+
+# a key of a Stripe meter event's payload: it goes into the form field name payload[<key>]
+PayloadKey = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")]
+
+
+class StripeBackend(ApiKeyBackend):
+    plain = settings.StripeBackend
+
+    type: Literal["stripe"]
+    url: HttpUrl = "https://api.stripe.com"
+    customer_key: PayloadKey = "stripe_customer_id"
+    value_key: PayloadKey = "value"
+    max_in_flight: int = Field(default=8, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _checks(self) -> StripeBackend:
+        if self.customer_key == self.value_key:
+            raise ValueError(f"customer_key and value_key must differ (both are {self.customer_key!r})")
+        return self
+
+
+class MetronomeBackend(ApiKeyBackend):
+    plain = settings.MetronomeBackend
+
+    type: Literal["metronome"]
+    url: HttpUrl = "https://api.metronome.com"
 
 
 class TogaiBackend(Model):
@@ -213,17 +203,14 @@ class TogaiBackend(Model):
         return self
 
 
-class LagoBackend(Model):
+class LagoBackend(ApiKeyBackend):
     plain = settings.LagoBackend
 
     type: Literal["lago"]
     url: HttpUrl = "https://api.getlago.com"
-    api_key: Secret | None = None
-    api_key_file: SecretFile = None
     customer_field: str = "external_subscription_id"
     value_property: Text = Field(default="value", min_length=1, max_length=255)
     batch_size: int = Field(default=100, ge=1, le=100)  # /api/v1/events/batch takes at most 100 events
-    timeout: Duration = timedelta(seconds=10)
 
     @field_validator("customer_field")
     @classmethod
@@ -236,27 +223,14 @@ class LagoBackend(Model):
             raise ValueError(f"expected external_subscription_id, got {field!r:.60}")
         return field
 
-    @model_validator(mode="after")
-    def _one_key(self) -> LagoBackend:
-        object.__setattr__(self, "api_key", _api_key(self))
-        return self
 
-
-class OrbBackend(Model):
+class OrbBackend(ApiKeyBackend):
     plain = settings.OrbBackend
 
     type: Literal["orb"]
     url: HttpUrl = "https://api.withorb.com"
-    api_key: Secret | None = None
-    api_key_file: SecretFile = None
     customer_field: Literal["external_customer_id", "customer_id"] = "external_customer_id"
     batch_size: int = Field(default=500, ge=1, le=500)
-    timeout: Duration = timedelta(seconds=10)
-
-    @model_validator(mode="after")
-    def _one_key(self) -> OrbBackend:
-        object.__setattr__(self, "api_key", _api_key(self))
-        return self
 
 
 class JsonlFile(Model):
