@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -102,7 +101,8 @@ class Daemon:
         """paigo_sync: read the dimensions again; from the next tick on, the measurements sampled
         are those they give (a removed one's spooled records still go out)."""
         assert self.sync is not None
-        self.agent.cfg = replace(self.agent.cfg, measurements=self.sync.refresh())
+        self.sync.refresh()
+        self.agent.cfg = self.sync.config(self.agent.cfg)
         wanted = {f"sample:{m.name}": m for m in self.agent.measurements}
         for job_id, m in list(self._by_job.items()):
             if wanted.get(job_id) != m:  # removed, or changed in Paigo (its interval, role, region)

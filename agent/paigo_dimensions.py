@@ -188,7 +188,6 @@ class DimensionReader:
         self._token = token
         self._metrics = metrics
         self._timeout = backend.timeout.total_seconds()
-        self._host = httpx.URL(backend.url).host
 
     def read(self) -> list[Any]:
         """Every dimension Paigo answers; DimensionsUnavailable naming the peer and what went wrong."""

@@ -214,10 +214,9 @@ class Spool(SpoolInspection):
 
     def sampler_state(self, measurement: str) -> dict[str, Any]:
         """The sampler state committed with the measurement's latest tick ({} if none)."""
-        with self._lock:
-            row = self._db.execute("SELECT state FROM sampler_state WHERE measurement = ?", (measurement,)).fetchone()
+        text = self._state_text(measurement)
         try:
-            state = json.loads(row[0]) if row and row[0] else {}
+            state = json.loads(text) if text else {}
         except ValueError:  # written by json.dumps in commit_tick: only damage gets here
             state = None
         return state if isinstance(state, dict) else {}
@@ -228,9 +227,12 @@ class Spool(SpoolInspection):
             db.execute("INSERT OR REPLACE INTO sampler_state VALUES (?, '', ?)", (f"kept:{key}", value))
 
     def kept(self, key: str) -> str | None:
+        return self._state_text(f"kept:{key}")
+
+    def _state_text(self, name: str) -> str | None:
         with self._lock:
-            rows = self._db.execute("SELECT state FROM sampler_state WHERE measurement = ?", (f"kept:{key}",)).fetchall()
-        return rows[0][0] if rows else None
+            row = self._db.execute("SELECT state FROM sampler_state WHERE measurement = ?", (name,)).fetchone()
+        return row[0] if row else None
 
     def last_tick(self, measurement: str) -> str | None:
         with self._lock:

@@ -87,9 +87,9 @@ def kubeconfig_path(k: Kubernetes, env: Mapping[str, str]) -> Path | None:
     return Path("~/.kube/config").expanduser()
 
 
-def resolve(k: Kubernetes, env: Mapping[str, str] | None = None) -> Cluster:
+def resolve(k: Kubernetes) -> Cluster:
     """The cluster of a measurement: KubeconfigError naming the file and what is wrong."""
-    path = kubeconfig_path(k, os.environ if env is None else env)
+    path = kubeconfig_path(k, os.environ)
     if path is not None:
         return read_kubeconfig(path, k.context)
     try:

@@ -142,10 +142,6 @@ class EksCredentials:
         self._access: EksAccess | None = None
         self._closed = False
 
-    @property
-    def cluster(self) -> str:
-        return self._cluster
-
     def current(self) -> EksAccess:
         with self._lock:  # a list and a watch renewing at once make one DescribeCluster, not two
             if self._closed:  # a watch still winding down asks nothing more of AWS

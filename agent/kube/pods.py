@@ -151,6 +151,3 @@ def usage_of(pod: Any, metric: str, gpu_resource: str, *, keep_labels: tuple[str
     return PodUsage(meta.uid, meta.namespace or "", meta.name or "", spec.nodeName or "", labels,
                     {metric: request_of(spec, metric, gpu_resource)}, start, end)
 
-
-def window(tick: datetime, interval: timedelta) -> tuple[datetime, datetime]:
-    return tick - interval, tick

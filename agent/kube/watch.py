@@ -46,7 +46,6 @@ class PodWatcher:
         self._seen: dict[str, PodUsage] = {}
         self._stop = threading.Event()
         self.events = 0  # watch events applied (ADDED, MODIFIED, DELETED)
-        self.relists = 0
         self._clients: list[Any] = []
         self._threads = [threading.Thread(target=self._run, args=(ns, versions.get(ns)), daemon=True,
                                           name=f"watch-{cluster.label}-{ns}") for ns in (tuple(namespaces) or (listing.ALL,))]
@@ -86,7 +85,6 @@ class PodWatcher:
                     _, version = listing.list_all(client, self.cluster, Pod, namespace, self.labels,
                                                   in_time=lambda _: None,
                                                   convert=lambda pod: self._record(pod, deleted=False))
-                    self.relists += 1
                 for kind, pod in client.watch(Pod, namespace=namespace, labels=listing.selector(self.labels),
                                               resource_version=version, server_timeout=SERVER_TIMEOUT):
                     failures = 0

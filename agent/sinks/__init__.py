@@ -7,19 +7,14 @@ from dataclasses import dataclass
 import httpx
 
 from agent.clock import Clock
-from agent.settings import FileBackend, HttpBackend, MetronomeBackend, OpenMeterBackend, PaigoBackend, StripeBackend
-from agent.settings import LagoBackend, OrbBackend, TogaiBackend
+from agent.settings import Backend, FileBackend, HttpBackend, MetronomeBackend, OpenMeterBackend, PaigoBackend
+from agent.settings import LagoBackend, OrbBackend, StripeBackend, TogaiBackend
 from agent.metrics import Metrics
 from agent.sinks.base import Delivered, Outcome, Rejected, RetryLater, Sink
 from agent.sinks.transport import http_client
 
 
-BackendSettings = (PaigoBackend | OpenMeterBackend | HttpBackend | FileBackend
-                   | StripeBackend
-                   | MetronomeBackend
-                   | TogaiBackend
-                   | LagoBackend
-                   | OrbBackend)
+BackendSettings = Backend  # every backend's settings, as the config makes them
 
 
 def build_client(backend: BackendSettings, transport: httpx.BaseTransport | None = None) -> httpx.Client | None:
@@ -28,7 +23,7 @@ def build_client(backend: BackendSettings, transport: httpx.BaseTransport | None
     one record per request at once: Paigo, Stripe), each request within ``backend.timeout``."""
     if isinstance(backend, FileBackend):
         return None
-    connections = backend.max_in_flight if isinstance(backend, (PaigoBackend, StripeBackend)) else 1
+    connections = getattr(backend, "max_in_flight", 1)
     return http_client(backend.timeout.total_seconds(), connections, transport)
 
 
