@@ -101,12 +101,15 @@ class Collector:
         self._regions: dict[tuple[str | None, str | None], tuple[datetime, list[str]]] = {}
         self._listing: dict[tuple[str | None, str | None], threading.Lock] = {}
         self._memories: dict[tuple[str, str], TargetMemory] = {}  # (measurement, account/region) -> memory
+        self._loading = threading.Lock()  # one target reads a measurement's stored state; the others wait
+        self._loaded: set[str] = set()  # measurements whose stored state is in _memories
         self.watch_between_ticks = False  # the daemon: stateful samplers keep watching between ticks
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         with self._lock:
             memories, self._memories = list(self._memories.values()), {}
+            self._loaded.clear()
         for memory in memories:
             memory.close()
 
@@ -117,16 +120,17 @@ class Collector:
     def _memory(self, m: Measurement, account: str, region: str) -> TargetMemory | None:
         if not REGISTRY[m.resource_type].stateful:
             return None
-        key = f"{account}/{region}"
+        with self._loading:
+            if m.name not in self._loaded:  # first tick of this measurement in this process: what the spool remembers
+                stored = self.stored_state(m)
+                with self._lock:
+                    for target, state in stored.items():
+                        if isinstance(state, dict):
+                            self._memories.setdefault((m.name, target), TargetMemory(state, self.watch_between_ticks, self.clock.now))
+                    self._loaded.add(m.name)
         with self._lock:
-            known = any(name == m.name for name, _ in self._memories)
-        stored = {} if known else self.stored_state(m)
-        with self._lock:
-            if not known:  # first tick of this measurement in this process: what the spool remembers
-                for target, state in stored.items():
-                    if isinstance(state, dict):
-                        self._memories.setdefault((m.name, target), TargetMemory(state, self.watch_between_ticks, self.clock.now))
-            return self._memories.setdefault((m.name, key), TargetMemory({}, self.watch_between_ticks, self.clock.now))
+            return self._memories.setdefault((m.name, f"{account}/{region}"),
+                                             TargetMemory({}, self.watch_between_ticks, self.clock.now))
 
     def _state(self, m: Measurement) -> dict[str, Any] | None:
         if not REGISTRY[m.resource_type].stateful:
