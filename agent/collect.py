@@ -301,7 +301,7 @@ class Collector:
         if result.withheld:
             log.warning("customer totals withheld: a failed target may hold part of them, and a partial "
                         "total would be billed under the tick's final id", withheld=result.withheld)
-        tag = ",".join(sorted({r.customer.tag for r in m.roles() if r.customer and r.customer.tag}))
+        tag = ",".join(m.customer_tags)
         reasons = {s.resource_id: s.reason for s in skipped}
         for resource in self._first_time(m, list(reasons)):
             log.warning("resource skipped", resource=resource, reason=reasons[resource])

@@ -160,6 +160,11 @@ class Measurement:
         return (Role(self.iam_role_arn, self.external_id, self.customer),)
 
     @property
+    def customer_tags(self) -> tuple[str, ...]:
+        """The tag (or label) keys any account's customer is read from, sorted; () for static ids."""
+        return tuple(sorted({r.customer.tag for r in self.roles() if r.customer is not None and r.customer.tag}))
+
+    @property
     def interval_seconds(self) -> int:
         return int(self.interval.total_seconds())
 

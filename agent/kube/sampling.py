@@ -28,10 +28,6 @@ log = structlog.get_logger("agent.kube")
 MAX_REMEMBERED = 1_000_000
 
 
-def tag_keys(m: Measurement) -> tuple[str, ...]:
-    return tuple(sorted({r.customer.tag for r in m.roles() if r.customer is not None and r.customer.tag}))
-
-
 def place(m: Measurement) -> tuple[str, str] | None:
     """A kubeconfig cluster's target: its name; None for EKS (reached through the role)."""
     k = m.kubernetes
@@ -128,7 +124,7 @@ def sample_pods(clients: ClientFor, target: Target) -> Iterator[Sample | Skipped
             cluster = resolve(k)
         except KubeconfigError as exc:
             raise KubeError(str(exc)) from None
-    keys = tag_keys(m)
+    keys = m.customer_tags
     memory = target.memory
     client = _client(memory, cluster)
     def convert(pod: Any) -> PodUsage | Skipped | None:

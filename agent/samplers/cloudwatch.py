@@ -50,7 +50,7 @@ def resource_dimension(query: CloudWatchQuery) -> str | None:
 
 
 def needs_tags(m: Measurement) -> bool:
-    return bool(m.filters.tags) or any(r.customer is not None and r.customer.tag for r in m.roles())
+    return bool(m.filters.tags or m.customer_tags)
 
 
 def _series(target: Target, cw: Any, query: CloudWatchQuery) -> list[dict[str, str]]:
