@@ -74,6 +74,7 @@ class Forwarder:
         self._clock = clock or SystemClock()
         self._delivery = Delivery(sink, client, self._metrics, self._clock)
         self._dedup_window = sink.dedup_window
+        self._refuse = sink.refuse
         self._past_window: set[str] = set()  # ids already logged as pending past the dedup window
         # one-record requests: several per request slot in a lease, their outcomes settled as they arrive
         per_slot = sink.max_batch if sink.max_batch > 1 else SETTLE_ROUNDS
@@ -135,12 +136,15 @@ class Forwarder:
         return result
 
     def _warn_past_dedup_window(self, records: list[UsageRecord]) -> None:
-        """Log (once per record) each record whose T is older than the backend deduplicates for."""
+        """Log (once per record) each record whose T is older than the backend deduplicates for
+        (not one the sink refuses to send for its age: that one is dead-lettered unsent)."""
         if self._dedup_window is None:
             return
-        oldest = self._clock.now() - self._dedup_window
+        now = self._clock.now()
+        oldest = now - self._dedup_window
         for record in records:
-            if record.timestamp < oldest and record.record_id not in self._past_window:
+            if (record.timestamp < oldest and record.record_id not in self._past_window
+                    and self._refuse(record, now) is None):
                 if len(self._past_window) >= WARNED_MAX:
                     self._past_window.clear()
                 self._past_window.add(record.record_id)
