@@ -1,6 +1,6 @@
 """How records reach a sink, the same for every sink: in batches of its ``max_batch``, up to
 ``max_in_flight`` requests at once over the agent's one client, a rejected batch halved
-until the records at fault stand alone (``split_rejected``, or a sink's ``Halve``), and a request whose
+until the records at fault stand alone (a sink's ``Halve``), and a request whose
 credentials were renewed sent once more. A record the sink refuses (``Sink.refuse``) or cannot
 render is dead-lettered alone, before sending. Backoff and Retry-After are the forwarder's.
 """
@@ -120,8 +120,7 @@ class Delivery:
                 return  # not sent: left leased, sent again later
             part = waiting.pop()
             outcomes = self._exchange(part)
-            halve = any(isinstance(o, Halve) for o in outcomes) or (
-                self.sink.split_rejected and any(isinstance(o, Rejected) for o in outcomes))
+            halve = any(isinstance(o, Halve) for o in outcomes)
             if halve and len(part) > 1:
                 middle = len(part) // 2
                 waiting += [part[middle:], part[:middle]]  # first half next: outcomes keep lease order

@@ -3,7 +3,8 @@ can come to (``Delivered`` / ``RetryLater`` / ``Rejected``).
 
 A sink turns records into one request and an answer into an outcome per record. It does not
 batch, pool, thread, split or back off: ``agent.delivery`` does that for every sink, driven by
-``max_batch``, ``array_body``, ``max_in_flight`` and ``split_rejected``. A sink that knows records
+``max_batch``, ``array_body`` and ``max_in_flight``, and by ``Halve`` (a batch refused as a whole
+without naming the records at fault is sent again in halves). A sink that knows records
 its backend will not take (a time outside the window it accepts) says why in ``refuse``; such a
 record is dead-lettered with that reason before anything is sent. ``dedup_window`` says how long
 the backend deduplicates on the record id: a record older than that still pending is logged.
@@ -105,7 +106,6 @@ class Sink(Protocol):
     max_batch: int  # the most records one request (or write) carries
     array_body: bool  # one request's body is a JSON array of many records (else: one record per body or line)
     max_in_flight: int  # requests the delivery may have open at once
-    split_rejected: bool  # a 4xx rejects the whole batch without naming the bad records: halve it to find them
     timeout: float  # seconds each request may take in total
     dedup_window: timedelta | None  # how long the backend deduplicates on the record id; None: it does not
 
@@ -293,9 +293,10 @@ class BatchSink(SinkDefaults):
     max_batch: int
     array_body = True
     max_in_flight = 1  # batches go out one after the other, in lease order
-    split_rejected = True
     timeout: float
     success: SuccessCheck | None = None
 
-    def classify(self, answer: Answer, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain]:
-        return [classify(answer, self.success)] * len(records)
+    def classify(self, answer: Answer, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain | Halve]:
+        outcome = classify(answer, self.success)
+        # a 4xx rejects the whole batch without naming the bad records: halve it to find them
+        return [Halve(outcome) if isinstance(outcome, Rejected) else outcome] * len(records)

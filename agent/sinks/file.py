@@ -230,7 +230,6 @@ class FileSink(SinkDefaults):
     max_batch = 100
     array_body = False  # one line per record
     max_in_flight = 1  # one writer, one file
-    split_rejected = False  # a write never rejects a record
     timeout = 0.0  # local writes: no request deadline
 
     def __init__(self, cfg: FileBackend):

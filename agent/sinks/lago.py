@@ -55,7 +55,6 @@ class LagoSink(SinkDefaults):
     array_body = True
     max_in_flight = 1  # batches go out one after the other, in lease order
     body = staticmethod(events_body)  # also what ``once --dry-run`` prints
-    split_rejected = False  # a 422 names the events at fault by index
     dedup_window: timedelta | None = None  # a transaction_id is refused as long as Lago keeps the event
 
     def __init__(self, cfg: LagoBackend):

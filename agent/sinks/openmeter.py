@@ -3,7 +3,7 @@
 Body: a JSON array of events as ``application/cloudevents-batch+json``; ``Authorization:
 Bearer <token>`` when a token is configured. 2xx accepts the whole batch. OpenMeter answers
 ``400 application/problem+json`` for the whole batch when any event is invalid, so a
-rejected batch is halved until the bad events stand alone (``split_rejected``).
+rejected batch is halved until the bad events stand alone (``BatchSink`` answers ``Halve``).
 OpenMeter deduplicates on (source, id): a re-sent record is not counted twice.
 Its documented success answer is ``204 No Content`` (``202 Accepted`` from deployments that
 ingest asynchronously); any other 2xx is not OpenMeter answering, and is not delivery.

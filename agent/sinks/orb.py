@@ -67,7 +67,6 @@ class OrbSink(SinkDefaults):
     array_body = True
     max_in_flight = 1  # batches go out one after the other, in lease order
     body = staticmethod(events_body)  # also what ``once --dry-run`` prints
-    split_rejected = False  # a 4xx names the events that failed validation
     dedup_window: timedelta | None = None  # a key is ingested at most once; past the grace period Orb refuses the event
 
     def __init__(self, cfg: OrbBackend):

@@ -212,7 +212,6 @@ class PaigoSink(SinkDefaults):
     name = "paigo"
     max_batch = 1
     array_body = False
-    split_rejected = False  # one record per request: a 4xx names it
 
     def __init__(self, cfg: PaigoBackend, client: httpx.Client, metrics: Metrics, clock: Clock | None = None):
         self.timeout = cfg.timeout.total_seconds()

@@ -72,7 +72,6 @@ class StripeSink(SinkDefaults):
     name = "stripe"
     max_batch = 1
     array_body = False
-    split_rejected = False  # one event per request: a 4xx names it
     dedup_window = DEDUP_WINDOW
 
     def __init__(self, cfg: StripeBackend):

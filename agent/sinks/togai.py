@@ -73,7 +73,6 @@ class TogaiSink(SinkDefaults):
     array_body = True
     max_in_flight = 1  # batches go out one after the other, in lease order
     body = staticmethod(events_body)  # also what ``once --dry-run`` prints
-    split_rejected = False  # a 207 names the events it refuses; a whole-batch refusal is halved (Halve)
     dedup_window: timedelta | None = timedelta(days=45)  # an id is taken once within 45 days
 
     def __init__(self, cfg: TogaiBackend):
