@@ -25,21 +25,9 @@ import httpx
 
 from agent.records import UsageRecord, format_decimal
 from agent.settings import LagoBackend
-from agent.sinks.base import (
-    REJECTED_BODY,
-    Answer,
-    Delivered,
-    Halve,
-    Outcome,
-    Rejected,
-    RetryLater,
-    SendAgain,
-    SinkDefaults,
-    classify,
-    events_body,
-    json_object,
-)
-from agent.sinks.transport import request
+from agent.sinks.base import (REJECTED_BODY, Answer, Delivered, Halve, Outcome, Rejected, RetryLater, SendAgain,
+                              classify, json_object)
+from agent.sinks.post import EventsSink
 
 DUPLICATE = "value_already_exist"
 RESEND = ("Lago refused the batch for other events of it (a batch is atomic): "
@@ -50,21 +38,14 @@ def _received(answer: Answer) -> str | None:
     return None if answer.status == 200 else f"with {answer.describe()}, where Lago answers 200"
 
 
-class LagoSink(SinkDefaults):
+class LagoSink(EventsSink):
     name = "lago"
-    array_body = True
-    max_in_flight = 1  # batches go out one after the other, in lease order
-    body = staticmethod(events_body)  # also what ``once --dry-run`` prints
     dedup_window: timedelta | None = None  # a transaction_id is refused as long as Lago keeps the event
 
     def __init__(self, cfg: LagoBackend):
-        self._url = httpx.URL(f"{cfg.url}/api/v1/events/batch")
-        self._headers = {"Content-Type": "application/json",
-                         "Authorization": f"Bearer {cfg.api_key.get_secret_value()}"}
+        super().__init__(httpx.URL(f"{cfg.url}/api/v1/events/batch"), cfg.api_key, cfg.batch_size, cfg.timeout)
         self._customer_field = cfg.customer_field
         self._value_property = cfg.value_property
-        self.max_batch = cfg.batch_size
-        self.timeout = cfg.timeout.total_seconds()
 
     def element(self, record: UsageRecord) -> dict[str, Any]:
         return {
@@ -74,9 +55,6 @@ class LagoSink(SinkDefaults):
             "timestamp": int(record.timestamp.timestamp()),
             "properties": {**record.metadata, self._value_property: format_decimal(record.value)},
         }
-
-    def render(self, elements: Sequence[bytes]) -> httpx.Request:
-        return request("POST", self._url, self._headers, self.body(elements))
 
     def classify(self, answer: Answer, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain | Halve]:
         outcome = classify(answer, _received)

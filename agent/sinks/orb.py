@@ -27,21 +27,9 @@ import httpx
 
 from agent.records import UsageRecord, format_timestamp
 from agent.settings import OrbBackend
-from agent.sinks.base import (
-    REJECTED_BODY,
-    Answer,
-    Delivered,
-    Halve,
-    Outcome,
-    Rejected,
-    RetryLater,
-    SendAgain,
-    SinkDefaults,
-    classify,
-    events_body,
-    json_object,
-)
-from agent.sinks.transport import request
+from agent.sinks.base import (REJECTED_BODY, Answer, Delivered, Halve, Outcome, Rejected, RetryLater, SendAgain,
+                              classify, json_object)
+from agent.sinks.post import EventsSink
 
 EXACT_INT = 2**53  # integers a double holds exactly
 RESEND = ("Orb refused other events of the request and did not confirm this one: "
@@ -62,20 +50,14 @@ def _ingested(answer: Answer) -> str | None:
     return None if answer.status == 200 else f"with {answer.describe()}, where Orb answers 200"
 
 
-class OrbSink(SinkDefaults):
+class OrbSink(EventsSink):
     name = "orb"
-    array_body = True
-    max_in_flight = 1  # batches go out one after the other, in lease order
-    body = staticmethod(events_body)  # also what ``once --dry-run`` prints
     dedup_window: timedelta | None = None  # a key is ingested at most once; past the grace period Orb refuses the event
 
     def __init__(self, cfg: OrbBackend):
-        self._url = httpx.URL(f"{cfg.url}/v1/ingest", params={"debug": "true"})
-        self._headers = {"Content-Type": "application/json",
-                         "Authorization": f"Bearer {cfg.api_key.get_secret_value()}"}
+        super().__init__(httpx.URL(f"{cfg.url}/v1/ingest", params={"debug": "true"}), cfg.api_key, cfg.batch_size,
+                         cfg.timeout)
         self._customer_field = cfg.customer_field
-        self.max_batch = cfg.batch_size
-        self.timeout = cfg.timeout.total_seconds()
 
     def element(self, record: UsageRecord) -> dict[str, Any]:
         return {
@@ -85,9 +67,6 @@ class OrbSink(SinkDefaults):
             "timestamp": format_timestamp(record.timestamp),
             "properties": {**record.metadata, "value": json_number(record.value)},
         }
-
-    def render(self, elements: Sequence[bytes]) -> httpx.Request:
-        return request("POST", self._url, self._headers, self.body(elements))
 
     def classify(self, answer: Answer, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain | Halve]:
         outcome = classify(answer, _ingested)

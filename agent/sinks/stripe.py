@@ -25,23 +25,10 @@ import httpx
 
 from agent.records import UsageRecord, format_decimal
 from agent.settings import StripeBackend
-from agent.sinks.base import (
-    NOT_THE_RECORDS_FAULT,
-    REJECTED_BODY,
-    Answer,
-    Delivered,
-    Outcome,
-    Rejected,
-    RetryLater,
-    SendAgain,
-    SinkDefaults,
-    classify,
-    json_object,
-    outside_window,
-    parse_retry_after,
-)
 from agent.errors import excerpt
-from agent.sinks.transport import request
+from agent.sinks.base import (NOT_THE_RECORDS_FAULT, REJECTED_BODY, Answer, Delivered, Outcome, Rejected, RetryLater,
+                              SendAgain, classify, json_object, outside_window, parse_retry_after)
+from agent.sinks.post import PostSink
 
 STRIPE_VERSION = "2025-04-30.basil"  # the API version the bodies and answers here are written to
 EVENTS_PATH = "/v1/billing/meter_events"
@@ -66,7 +53,7 @@ def error_message(answer: Answer) -> str:
     return message if isinstance(message, str) else ""
 
 
-class StripeSink(SinkDefaults):
+class StripeSink(PostSink):
     """One meter event per request, ``max_in_flight`` at once over the agent's one client."""
 
     name = "stripe"
@@ -75,11 +62,11 @@ class StripeSink(SinkDefaults):
     dedup_window = DEDUP_WINDOW
 
     def __init__(self, cfg: StripeBackend):
-        self.timeout = cfg.timeout.total_seconds()
+        super().__init__(httpx.URL(f"{cfg.url}{EVENTS_PATH}"),
+                         {"Authorization": f"Bearer {cfg.api_key.get_secret_value()}",
+                          "Content-Type": "application/x-www-form-urlencoded", "Stripe-Version": STRIPE_VERSION},
+                         cfg.timeout)
         self.max_in_flight = cfg.max_in_flight
-        self._url = httpx.URL(f"{cfg.url}{EVENTS_PATH}")
-        self._headers = {"Authorization": f"Bearer {cfg.api_key.get_secret_value()}",
-                         "Content-Type": "application/x-www-form-urlencoded", "Stripe-Version": STRIPE_VERSION}
         self._customer = f"payload[{cfg.customer_key}]"
         self._value = f"payload[{cfg.value_key}]"
 
@@ -99,9 +86,6 @@ class StripeSink(SinkDefaults):
     def body(self, elements: Sequence[bytes]) -> bytes:
         (element,) = elements
         return urlencode(json.loads(element)).encode()
-
-    def render(self, elements: Sequence[bytes]) -> httpx.Request:
-        return request("POST", self._url, self._headers, self.body(elements))
 
     def classify(self, answer: Answer, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain]:
         return [self._outcome(answer)] * len(records)

@@ -27,21 +27,9 @@ import httpx
 
 from agent.records import UsageRecord, format_decimal, format_timestamp
 from agent.settings import TogaiBackend
-from agent.sinks.base import (
-    REJECTED_BODY,
-    Answer,
-    Delivered,
-    Halve,
-    Outcome,
-    Rejected,
-    RetryLater,
-    SendAgain,
-    SinkDefaults,
-    classify,
-    events_body,
-    json_object,
-)
-from agent.sinks.transport import request
+from agent.sinks.base import (REJECTED_BODY, Answer, Delivered, Halve, Outcome, Rejected, RetryLater, SendAgain,
+                              classify, json_object)
+from agent.sinks.post import EventsSink
 
 SCHEMA_NAME_MAX = 50
 ACCOUNT_ID_MAX = 512
@@ -68,19 +56,13 @@ def not_accepted(error: dict[str, Any]) -> Outcome:
     return Rejected(status=207, body=entry[:REJECTED_BODY])
 
 
-class TogaiSink(SinkDefaults):
+class TogaiSink(EventsSink):
     name = "togai"
-    array_body = True
-    max_in_flight = 1  # batches go out one after the other, in lease order
-    body = staticmethod(events_body)  # also what ``once --dry-run`` prints
     dedup_window: timedelta | None = timedelta(days=45)  # an id is taken once within 45 days
 
     def __init__(self, cfg: TogaiBackend):
-        self._url = httpx.URL(f"{cfg.url}/ingestBatch")
-        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {cfg.token.get_secret_value()}"}
+        super().__init__(httpx.URL(f"{cfg.url}/ingestBatch"), cfg.token, cfg.batch_size, cfg.timeout)
         self._attribute = cfg.attribute
-        self.max_batch = cfg.batch_size
-        self.timeout = cfg.timeout.total_seconds()
 
     def element(self, record: UsageRecord) -> dict[str, Any]:
         if not 1 <= len(record.event_type) <= SCHEMA_NAME_MAX:
@@ -100,9 +82,6 @@ class TogaiSink(SinkDefaults):
             # labels: a customer's long list of regions or accounts is cut rather than the record refused
             "dimensions": {key: value[:DIMENSION_MAX] for key, value in record.metadata.items() if value},
         }
-
-    def render(self, elements: Sequence[bytes]) -> httpx.Request:
-        return request("POST", self._url, self._headers, self.body(elements))
 
     def classify(self, answer: Answer, records: Sequence[UsageRecord]) -> list[Outcome | SendAgain | Halve]:
         if answer.status == 207:
