@@ -170,14 +170,26 @@ class Measurement:
 
 
 @dataclass(frozen=True)
-class PaigoBackend:
-    type: Literal["paigo"]
+class RemoteBackend:
+    """What every backend reached over HTTP has."""
+
+    type: str
     url: str
+    timeout: timedelta  # what each request may take in total
+
+
+@dataclass(frozen=True)
+class ApiKeyBackend(RemoteBackend):
+    api_key: Secret  # from api_key or api_key_file
+
+
+@dataclass(frozen=True)
+class PaigoBackend(RemoteBackend):
+    type: Literal["paigo"]
     token_url: str
     audience: str
     client_id: str
     client_secret: Secret  # from client_secret or client_secret_file
-    timeout: timedelta
     max_in_flight: int
 
     def secret(self) -> str:
@@ -185,77 +197,59 @@ class PaigoBackend:
 
 
 @dataclass(frozen=True)
-class OpenMeterBackend:
+class OpenMeterBackend(RemoteBackend):
     type: Literal["openmeter"]
-    url: str
     token: Secret | None  # from token or token_file
     source: str
     batch_size: int
-    timeout: timedelta
 
 
 @dataclass(frozen=True)
-class HttpBackend:
+class HttpBackend(RemoteBackend):
     type: Literal["http"]
-    url: str
     headers: Mapping[str, Secret]
     header_files: Mapping[str, Secret]  # header name -> the content of its file
     hmac_secret: Secret | None  # from hmac_secret or hmac_secret_file
     batch_size: int
-    timeout: timedelta
 
     def header_values(self) -> dict[str, str]:
         return {name: value.get_secret_value() for name, value in {**self.headers, **self.header_files}.items()}
 
 
 @dataclass(frozen=True)
-class StripeBackend:
+class StripeBackend(ApiKeyBackend):
     type: Literal["stripe"]
-    url: str
-    api_key: Secret  # from api_key or api_key_file
     customer_key: str  # the meter's customer_mapping.event_payload_key
     value_key: str  # the meter's value_settings.event_payload_key
-    timeout: timedelta
     max_in_flight: int
 
 
 @dataclass(frozen=True)
-class MetronomeBackend:
+class MetronomeBackend(ApiKeyBackend):
     type: Literal["metronome"]
-    url: str
-    api_key: Secret  # from api_key or api_key_file
-    timeout: timedelta
 
 
 @dataclass(frozen=True)
-class TogaiBackend:
+class TogaiBackend(RemoteBackend):
     type: Literal["togai"]
-    url: str
     token: Secret  # from token or token_file
     attribute: str  # the name of the attribute each event carries the value in
     batch_size: int
-    timeout: timedelta
 
 
 @dataclass(frozen=True)
-class LagoBackend:
+class LagoBackend(ApiKeyBackend):
     type: Literal["lago"]
-    url: str
-    api_key: Secret  # from api_key or api_key_file
     customer_field: Literal["external_subscription_id"]
     value_property: str  # the event property the billable metric aggregates
     batch_size: int
-    timeout: timedelta
 
 
 @dataclass(frozen=True)
-class OrbBackend:
+class OrbBackend(ApiKeyBackend):
     type: Literal["orb"]
-    url: str
-    api_key: Secret  # from api_key or api_key_file
     customer_field: Literal["external_customer_id", "customer_id"]
     batch_size: int
-    timeout: timedelta
 
 
 @dataclass(frozen=True)
