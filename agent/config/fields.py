@@ -132,6 +132,12 @@ def check_role_arn(arn: str) -> str:
     return arn
 
 
+def listed_once(values: list[str], what: str) -> list[str]:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} are listed more than once")
+    return values
+
+
 RoleArn = Annotated[str, AfterValidator(check_role_arn)]
 ExternalId = Annotated[Text, Field(min_length=2, max_length=1224)]
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from agent import settings
-from agent.config.fields import Model, Text
+from agent.config.fields import Model, Text, listed_once
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _RESOURCE_NAME = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _SELECTOR = re.compile(r"^[A-Za-z0-9_./!=(), -]+$")
 _EKS_NAME = re.compile(r"^[0-9A-Za-z][A-Za-z0-9_-]{0,99}$")
+_NAMES = {"eks_cluster": (_EKS_NAME, "an EKS cluster name (letters, digits, '-', '_'; at most 100)"),
+          "gpu_resource": (_RESOURCE_NAME, "an extended resource name such as nvidia.com/gpu")}
 
 
 class Kubernetes(Model):
@@ -34,9 +36,7 @@ class Kubernetes(Model):
         for name in names:
             if not _DNS_LABEL.match(name) or len(name) > 63:
                 raise ValueError(f"{name[:80]!r} is not a namespace name (a DNS label: a-z, 0-9, '-')")
-        if len(set(names)) != len(names):
-            raise ValueError("namespaces are listed more than once")
-        return names
+        return listed_once(names, "namespaces")
 
     @field_validator("label_selector")
     @classmethod
@@ -45,16 +45,10 @@ class Kubernetes(Model):
             raise ValueError(f"not a label selector such as 'billing=on,tier in (gold,silver)': {value[:80]!r}")
         return value
 
-    @field_validator("eks_cluster")
+    @field_validator(*_NAMES)
     @classmethod
-    def _eks_name(cls, value: str | None) -> str | None:
-        if value is not None and not _EKS_NAME.match(value):
-            raise ValueError(f"{value[:80]!r} is not an EKS cluster name (letters, digits, '-', '_'; at most 100)")
-        return value
-
-    @field_validator("gpu_resource")
-    @classmethod
-    def _resource_name(cls, value: str) -> str:
-        if not _RESOURCE_NAME.match(value):
-            raise ValueError(f"{value[:80]!r} is not an extended resource name such as nvidia.com/gpu")
+    def _name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        pattern, what = _NAMES[info.field_name]
+        if value is not None and not pattern.match(value):
+            raise ValueError(f"{value[:80]!r} is not {what}")
         return value

@@ -24,7 +24,7 @@ from pydantic import (
 from agent import settings
 from agent.config.backends import Audit, Backend
 from agent.config.kube import Kubernetes
-from agent.config.fields import Duration, ExternalId, MetadataValue, Model, RoleArn, Text, check_role_arn
+from agent.config.fields import Duration, ExternalId, MetadataValue, Model, RoleArn, Text, check_role_arn, listed_once
 from agent.samplers import REGISTRY, SamplerSpec
 from agent.settings import ALL_REGIONS
 
@@ -140,9 +140,7 @@ class _Measurement(Model):
                 raise ValueError("'all' stands alone: write regions: all")
             if not _REGION.match(region):
                 raise ValueError(f"{region!r} is not an AWS region name such as us-east-1 (or: all)")
-        if len(set(regions)) != len(regions):
-            raise ValueError("regions are listed more than once")
-        return regions
+        return listed_once(regions, "regions")
 
     @field_validator("iam_role_arn")
     @classmethod
