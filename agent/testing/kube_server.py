@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from agent.testing.server import _QuietServer
+from agent.testing.server import Loopback
 
 _REQUIREMENT = re.compile(r"^\s*(!?)\s*([A-Za-z0-9./_-]+)\s*(?:(==|=|!=)\s*([A-Za-z0-9._-]*)|\s+(in|notin)\s*\(([^)]*)\))?\s*$")
 FIELDS = {"metadata.name": ("metadata", "name"), "metadata.namespace": ("metadata", "namespace"),
@@ -113,7 +113,7 @@ def pod(namespace: str, name: str, *, containers: list[dict[str, Any]] | None = 
             "spec": spec, "status": status}
 
 
-class KubeApiServer:
+class KubeApiServer(Loopback):
     """The API server's pods and namespaces. ``page_cap``: at most this many items a page,
     whatever limit was asked. ``forbidden``: namespaces (``*``: all-namespace lists) answered 403."""
 
@@ -135,33 +135,13 @@ class KubeApiServer:
         self.requests: list[str] = []  # every request's path and query
         self.page_sizes: list[int] = []  # items in each list page served
         self._stopping = False
-        self._httpd = _QuietServer(("127.0.0.1", port), self._handler())
-        if tls is not None:  # https, as an EKS endpoint is (its CA is the test's)
-            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
-        self._scheme = "https" if tls is not None else "http"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"{self._scheme}://{host}:{port}"
-
-    def start(self) -> KubeApiServer:
-        self._thread.start()
-        return self
+        super().__init__(self._handler(), port, tls)  # tls: https, as an EKS endpoint is (its CA is the test's)
 
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> KubeApiServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().stop()
 
     def kubeconfig(self, context: str = "test", cluster: str = "test-cluster", token: str | None = None) -> dict[str, Any]:
         return {"apiVersion": "v1", "kind": "Config", "current-context": context,

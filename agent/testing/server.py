@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import sys
 import threading
 import time
@@ -11,7 +12,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any
+from typing import Any, Self
 
 import jsonschema
 
@@ -63,6 +64,36 @@ class _QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class Loopback:
+    """An HTTP server on 127.0.0.1 (https with ``tls``) in a daemon thread: ``url``, ``start``, ``stop``, ``with``."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], port: int = 0, tls: ssl.SSLContext | None = None):
+        self._httpd = _QuietServer(("127.0.0.1", port), handler)
+        if tls is not None:
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
+        self._scheme = "https" if tls is not None else "http"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"{self._scheme}://{host}:{port}"
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 class IdLedger:
     """What a contract server that deduplicates on an id took: ``events`` by id (the first
     accepted), ``received`` how often each id was sent; both guarded by ``_lock``."""
@@ -80,7 +111,7 @@ class IdLedger:
             return sum(n - 1 for n in self.received.values() if n > 1)
 
 
-class LoopbackServer(ABC):
+class LoopbackServer(Loopback, ABC):
     """Subclasses implement ``answer`` (and ``error`` for their error body format)."""
 
     def __init__(self, port: int = 0, latency: float = 0.0):
@@ -92,27 +123,7 @@ class LoopbackServer(ABC):
         self.in_flight_by_path: Counter[str] = Counter()  # requests being handled now
         self.max_in_flight_by_path: Counter[str] = Counter()
         self.answer_bytes: list[int] = []  # bytes of each answer written before it ended or the client hung up
-        self._httpd = _QuietServer(("127.0.0.1", port), self._handler())
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> Any:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> Any:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(self._handler(), port)
 
     def script(self, path: str, *faults: Fault) -> None:
         with self._lock:
