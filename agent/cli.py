@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,12 +38,21 @@ class UsageError(Exception):
 STOP_REQUESTED = threading.Event()
 
 
-@dataclass(frozen=True)
 class Process:
     """What every stage of one agent process shares: its one ``Metrics`` and its one clock."""
 
-    metrics: Metrics
-    clock: Clock
+    def __init__(self, metrics: Metrics | None = None, clock: Clock | None = None):
+        self._metrics = metrics
+        self.clock = clock or SystemClock()
+
+    @property
+    def metrics(self) -> Metrics:
+        """Built when first asked for: validate, iam-policy and the spool commands count nothing."""
+        if self._metrics is None:
+            from agent.metrics import Metrics
+
+            self._metrics = Metrics()
+        return self._metrics
 
 
 def _log() -> Any:
@@ -201,13 +209,14 @@ def cmd_run(args: argparse.Namespace, process: Process) -> int:
 
 def cmd_spool(args: argparse.Namespace, process: Process) -> int:
     from agent.config import load_spool_config
-    from agent.salvage import salvage
     from agent.spool import Spool
 
     spool_cfg = load_spool_config(args.config, dict(os.environ))  # not the backend's variables or secrets
     if not Path(spool_cfg.path).is_file():  # a mistyped path must not create an empty spool that reports zeros
         raise ConfigError(args.config, [("spool.path", f"no spool at {spool_cfg.path}; spool commands never create one")])
     if args.spool_command == "salvage":
+        from agent.salvage import salvage
+
         report = salvage(spool_cfg.path, clock=process.clock)
         print(json.dumps(report.as_dict(), indent=2))
         return EXIT_OK
@@ -280,10 +289,11 @@ def cmd_iam_policy(args: argparse.Namespace, process: Process) -> int:
     from dataclasses import replace
 
     from agent.iam import RENDERERS, plan
-    from agent.paigo_dimensions import DimensionsUnavailable
 
     cfg = _load(args.config)
     if args.from_paigo:
+        from agent.paigo_dimensions import DimensionsUnavailable
+
         try:
             cfg = replace(cfg, measurements=cfg.measurements + _from_paigo(cfg, process).measurements)
         except DimensionsUnavailable as exc:
@@ -336,12 +346,11 @@ def main(argv: list[str] | None = None, process: Process | None = None) -> int:
     if args.command == "run":
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: STOP_REQUESTED.set())
-    from agent.metrics import Metrics
     from agent.telemetry import configure_logging
 
     # the demo prints a report; its logs only say what went wrong unless asked for more
     configure_logging(os.environ.get("LOG_LEVEL", "warning") if args.command == "demo" else None)
-    process = process or Process(metrics=Metrics(), clock=SystemClock())
+    process = process or Process()
     try:
         code = COMMANDS[args.command](args, process)
         sys.stdout.flush()  # here, so a closed pipe is seen inside this try and not at exit

@@ -26,13 +26,13 @@ from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
 
-import botocore.session
 from botocore.config import Config
 from botocore.credentials import CredentialProvider, CredentialResolver, Credentials, RefreshableCredentials
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from botocore.retries.standard import RetryEventAdapter, StandardRetryConditions
 
 from agent import __version__
+from agent.botocore_data import new_session
 from agent.clock import Clock
 from agent.errors import AssumeRoleError, SamplingError
 from agent.metrics import Metrics
@@ -171,10 +171,9 @@ class SessionFactory:
         session_name: str | None = None,
         assume_role_in_flight: int = ASSUME_ROLE_IN_FLIGHT,
     ):
-        self._base = botocore.session.get_session()  # the agent's own identity
-        self._signing = botocore.session.get_session()  # the shared clients': whichever account calls
-        # one parsed copy of each service model (~20 MB for EC2) for both sessions
-        self._signing.register_component("data_loader", self._base.get_component("data_loader"))
+        # one parsed copy of each service model (~20 MB for EC2) for both, and for the process
+        self._base = new_session()  # the agent's own identity
+        self._signing = new_session()  # the shared clients': whichever account calls
         self._signing.register_component("credential_provider", CredentialResolver([_ActingAccountProvider()]))
         self._metrics = metrics
         self._clock = clock  # now(): when the assumed credentials are renewed; sleep(): retry backoff

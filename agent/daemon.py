@@ -25,7 +25,7 @@ from agent.health import Health
 from agent.metrics import Metrics
 from agent.paigo_dimensions import MAX_MEASUREMENTS
 from agent.sinks.base import Sink
-from agent.telemetry import MetricsServer
+from agent.endpoints import MetricsServer
 from agent.ticks import Agent
 
 if TYPE_CHECKING:

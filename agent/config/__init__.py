@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from agent import settings
 from agent.config.backends import BACKEND_TYPES, SOURCE_PATTERN, Audit, Backend
@@ -30,8 +30,8 @@ __all__ = [
     "load_spool_config", "parse_audit", "parse_backend", "parse_config", "parse_duration", "parse_measurement",
 ]
 
-_MEASUREMENT: TypeAdapter[Any] = TypeAdapter(Measurement)
-_BACKEND: TypeAdapter[Any] = TypeAdapter(Backend)
+_MEASUREMENT: TypeAdapter[Any] = TypeAdapter(Measurement, config=ConfigDict(defer_build=True))
+_BACKEND: TypeAdapter[Any] = TypeAdapter(Backend, config=ConfigDict(defer_build=True))
 _AUDIT: TypeAdapter[Any] = TypeAdapter(Audit)
 _NOT_A_MAPPING = "expected a mapping with backend, spool, server and measurements"
 Problems = list[tuple[str, str]]

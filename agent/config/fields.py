@@ -158,7 +158,7 @@ def _plain(value: Any) -> Any:
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, defer_build=True)
 
     plain: ClassVar[type | None] = None  # the agent.settings class this section becomes
 

@@ -14,10 +14,6 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Literal
 
-import botocore.session
-from botocore.exceptions import BotoCoreError, UnknownRegionError
-from botocore.parsers import ResponseParserError
-
 from agent.settings import Measurement
 from agent.errors import SamplingError, excerpt
 
@@ -63,8 +59,12 @@ def quantity(raw: Any) -> Decimal:
 @lru_cache(maxsize=None)
 def partition_of(region: str) -> str:
     """The ARN partition of a region (aws, aws-cn, aws-us-gov ...), from botocore's endpoint data."""
+    from botocore.exceptions import UnknownRegionError
+
+    from agent.botocore_data import data_session
+
     try:
-        return botocore.session.get_session().get_partition_for_region(region)
+        return data_session().get_partition_for_region(region)
     except UnknownRegionError:
         return "aws"  # botocore's own default for a region it does not know
 
@@ -73,8 +73,10 @@ def partition_of(region: str) -> str:
 def _paging(service: str, operation: str) -> tuple[str | None, str | None, str | None]:
     """(input token, output token, limit key) of an operation, from botocore's paginator model;
     all None for one that answers in a single page (DescribeAddresses)."""
+    from agent.botocore_data import data_session
+
     try:
-        config = botocore.session.get_session().get_paginator_model(service).get_paginator(operation)
+        config = data_session().get_paginator_model(service).get_paginator(operation)
     except ValueError:
         return None, None, None
     return config["input_token"], config["output_token"], config.get("limit_key")
@@ -153,6 +155,9 @@ class Target:
         return self._send(client, operation, params)
 
     def _send(self, client: Any, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        from botocore.exceptions import BotoCoreError  # here: the registry (and config) imports this module
+        from botocore.parsers import ResponseParserError
+
         client.meta.events.register("before-send", _before_send, unique_id="usage-agent-deadline")
         token = _ATTEMPTS.set((self, [0]))
         try:

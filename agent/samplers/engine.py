@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from string import Formatter
-from typing import Any
-
-from botocore import xform_name
-from botocore.exceptions import ClientError
+from typing import TYPE_CHECKING, Any
 
 from agent.settings import Measurement
 from agent.samplers.base import ClientFor, IdScope, MetricSpec, Sample, SamplerSpec, Skipped, Target
+
+if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
 
 ONE = Decimal(1)
 METRIC_QUERIES = 500  # GetMetricData's limit of queries per call
@@ -65,6 +65,8 @@ def _ec2_tags(target: Target, ec2: Any, ids: list[str]) -> dict[str, Tags]:
 
 
 def _bucket_tags(target: Target, s3: Any, bucket: str) -> Tags:
+    from botocore.exceptions import ClientError  # botocore is imported where sampling is, not with the registry
+
     try:
         return {t["Key"]: t["Value"] for t in target.call(s3, "get_bucket_tagging", Bucket=bucket)["TagSet"]}
     except ClientError as exc:
@@ -119,6 +121,8 @@ def look_up_tags(clients: ClientFor, target: Target, service: str, keys: Sequenc
 
 
 def _read_tags(table: Service, target: Target, client: Any, keys: list[str]) -> dict[str, Tags]:
+    from botocore.exceptions import ClientError
+
     assert table.read_tags is not None
     try:
         return table.read_tags(target, client, keys)
@@ -237,6 +241,8 @@ class Listing:
                     yield resource_id, item, tags
 
     def _listed(self, client: Any, target: Target) -> Iterator[tuple[str, Any]]:
+        from botocore import xform_name
+
         params = dict(self.params)
         if self.server_filters:
             params["Filters"] = self._aws_filters(target.measurement.filters)
@@ -254,6 +260,9 @@ class Listing:
 
     def _describe(self, client: Any, target: Target, name: str) -> Item | None:
         """The item describing a listed name; None when it is gone since it was listed."""
+        from botocore import xform_name
+        from botocore.exceptions import ClientError
+
         assert self.detail is not None
         operation, key = self.detail
         try:

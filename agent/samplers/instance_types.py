@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from agent.errors import excerpt
 from agent.samplers.base import CallError, Target
 
@@ -39,6 +37,8 @@ def _parse(entry: dict[str, Any]) -> InstanceType:
 
 
 def _describe(target: Target, ec2: Any, names: list[str]) -> None:
+    from botocore.exceptions import ClientError  # botocore is imported where sampling is, not with the registry
+
     try:
         pages = target.pages(ec2, "describe_instance_types", "InstanceTypes", InstanceTypes=names)
         found = {e["InstanceType"]: _parse(e) for page in pages for e in page}

@@ -16,8 +16,6 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from agent.samplers.base import ClientFor, MetricSpec, Sample, SamplerSpec, Skipped, Target, quantity
 from agent.samplers.engine import error_code, look_up_tags, metric_data, metric_series
 
@@ -34,6 +32,8 @@ Series = tuple[str, str]  # (bucket, storage type)
 
 def _location(target: Target, s3: Any, bucket: str) -> str | None:
     """The bucket's region, or None when it no longer exists."""
+    from botocore.exceptions import ClientError  # botocore is imported where sampling is, not with the registry
+
     try:
         constraint = target.call(s3, "get_bucket_location", Bucket=bucket).get("LocationConstraint")
     except ClientError as exc:
