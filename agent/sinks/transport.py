@@ -87,6 +87,15 @@ def send(client: httpx.Client, request: httpx.Request, timeout: float, metrics: 
 
 
 def request(method: str, url: httpx.URL | str, headers: dict[str, str], content: bytes) -> httpx.Request:
-    """A request with the agent's default headers; built directly (no client merging), as
-    cheaply as httpx allows, since Paigo takes one per record."""
-    return httpx.Request(method, url, headers={**DEFAULT_HEADERS, **headers}, content=content)
+    """A request with the agent's default headers, as ``httpx.Request(content=...)`` builds it
+    (Host first, Content-Length last) but with its headers normalised once, not three times:
+    Paigo takes one per record."""
+    url = httpx.URL(url)
+    host = [("Host", url.netloc.decode("ascii"))]
+    if not content and method in ("POST", "PUT", "PATCH"):
+        host.append(("Content-Length", "0"))  # where httpx puts it for an empty body
+    length = [("Content-Length", str(len(content)))] if content else []
+    built = httpx.Request(method, url, headers=[*host, *{**DEFAULT_HEADERS, **headers}.items(), *length],
+                          stream=httpx.ByteStream(content))
+    built.read()  # holds the body, as content= does
+    return built
