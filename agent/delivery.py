@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-
 from datetime import datetime
+from queue import SimpleQueue
 
 import httpx
 import structlog
@@ -96,19 +95,44 @@ class Delivery:
             for batch in batches:
                 yield from self._batch(batch, stop)
             return
-        with ThreadPoolExecutor(workers, thread_name_prefix=f"{self.sink.name}-send") as pool:
-            futures: list[Future[list[tuple[UsageRecord, Outcome]]]] = [
-                pool.submit(lambda b: list(self._batch(b, stop)), batch) for batch in batches]
+        # ``workers`` threads each take the next batch until none is left (or stop): one queue put per
+        # batch, not a future, a waiter and a wake-up of each
+        taken = iter(batches)
+        lock = threading.Lock()
+        abandoned = threading.Event()  # the caller stopped reading: no batch is started any more
+        done: SimpleQueue[list[tuple[UsageRecord, Outcome]] | BaseException | None] = SimpleQueue()
+
+        def work() -> None:
             try:
-                for future in as_completed(futures):
-                    if stop.is_set():
-                        for waiting in futures:
-                            waiting.cancel()  # only those not started; running sends finish
-                    if not future.cancelled():
-                        yield from future.result()
+                while not stop.is_set() and not abandoned.is_set():
+                    with lock:
+                        batch = next(taken, None)
+                    if batch is None:
+                        break
+                    done.put(list(self._batch(batch, stop)))
+            except BaseException as exc:  # a bug, not an I/O failure: raised to the caller, as a future's
+                done.put(exc)
             finally:
-                for waiting in futures:
-                    waiting.cancel()
+                done.put(None)
+
+        threads = [threading.Thread(target=work, name=f"{self.sink.name}-send-{i}", daemon=True)
+                   for i in range(workers)]
+        for thread in threads:
+            thread.start()
+        try:
+            running = workers
+            while running:
+                item = done.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield from item
+        finally:
+            abandoned.set()
+            for thread in threads:
+                thread.join()  # sends in flight end within their own deadline
 
     def _batch(self, batch: Sequence[Encoded], stop: threading.Event) -> Iterator[tuple[UsageRecord, Outcome]]:
         """One batch as one request; when the backend rejects it (4xx) and does not say which

@@ -34,7 +34,9 @@ from agent.telemetry import Check
 log = structlog.get_logger("agent.forwarder")
 
 MAX_PAUSE = 60.0  # a paused forwarder (spool or audit copy not writable) tries again at least this often
-SETTLE_ROUNDS = 16  # records leased per request slot when each request carries one
+# records leased per request slot when each request carries one: a lease is a pause with nothing in
+# flight, so it comes once per 64 rounds of requests, not 16
+SETTLE_ROUNDS = 64
 WARNED_MAX = 100_000  # record ids remembered as logged past the dedup window; then forgotten, and logged again
 
 

@@ -17,7 +17,7 @@ import pytest
 from agent.errors import ConfigError
 from agent.metrics import Metrics
 from agent.sinks.base import ANSWER_CAP, transport_failure
-from agent.sinks.transport import http_client, request, send
+from agent.sinks.transport import DEFAULT_HEADERS, http_client, request, send
 from agent.sinks.wire import WireTransport
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{\"message\":\"ok\"}"
@@ -261,3 +261,67 @@ def test_a_proxy_the_transport_cannot_speak_is_refused_by_name(monkeypatch: pyte
     with pytest.raises(ConfigError, match=r"only http:// proxies are supported") as raised:
         http_client(1.0)
     assert proxy.split(":")[0] + "://127.0.0.1:" in str(raised.value) and "pw" not in str(raised.value)
+
+
+def answering(raw: bytes) -> Callable[[socket.socket, Peer], None]:
+    def script(conn: socket.socket, p: Peer) -> None:
+        while p.answer(conn):
+            conn.sendall(raw)
+    return script
+
+
+def test_an_answer_header_that_is_not_ascii_is_read_not_a_crash(peers) -> None:
+    peer = peers(answering(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\nX-Region: z\xfcrich\r\n"
+                           b"Content-Length: 0\r\n\r\n"))
+    answer = post(http_client(10.0, 2), peer.url)
+    assert answer.status == 503 and answer.headers["Retry-After"] == "7"
+    assert answer.headers["X-Region"] == "z\xfcrich"
+
+
+def test_a_head_longer_than_the_cap_is_a_protocol_error_read_no_further(peers) -> None:
+    def endless_head(conn: socket.socket, p: Peer) -> None:
+        p.answer(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(2**30 // 4096):
+            conn.sendall(b"X-Pad: " + b"x" * 4089 + b"\r\n")
+            p.written += 4096
+    peer = peers(endless_head)
+    with pytest.raises(httpx.RemoteProtocolError, match="head longer than"):
+        post(http_client(10.0, 2), peer.url)
+    assert peer.hung_up.wait(5) and peer.written < 64 * 2**20  # of 1 GiB of headers
+
+
+def test_bytes_past_the_end_of_an_answer_leave_the_connection_unused(peers) -> None:
+    peer = peers(answering(OK + b"HTTP/1.1 200 OK\r\n"))  # an answer and the start of one nobody asked for
+    client = http_client(10.0, 2)
+    assert post(client, peer.url).body == b'{"message":"ok"}'
+    assert post(client, peer.url).body == b'{"message":"ok"}'
+    assert peer.accepted == 2  # the second request did not read the first's stray bytes as its answer
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5;ext=1\r\n{\"mes\r\nb\r\nsage\":\"ok\"}\r\n0\r\nX-Trailer: 1\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"message\":\"ok\"}",
+], ids=["continue-then-chunked", "http-1.0-to-the-close"])
+def test_chunked_and_close_delimited_answers_are_read_whole(peers, raw: bytes) -> None:
+    def once(conn: socket.socket, p: Peer) -> None:
+        p.answer(conn)
+        conn.sendall(raw)
+    peer = peers(once)
+    client = http_client(10.0, 2)
+    for _ in range(2):
+        answer = post(client, peer.url)
+        assert answer.complete and answer.body == b'{"message":"ok"}'
+    assert peer.accepted == 2  # neither connection was kept: the peer closed each
+
+
+@pytest.mark.parametrize("content", [b"{}", b""])
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_a_request_carries_the_headers_httpx_would_give_it(method: str, content: bytes) -> None:
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer t"}
+    built = request(method, "http://127.0.0.1:9/usage?x=1", headers, content)
+    reference = httpx.Request(method, "http://127.0.0.1:9/usage?x=1", headers={**DEFAULT_HEADERS, **headers},
+                              content=content)
+    assert built.headers.raw == reference.headers.raw and built.read() == content
+    assert (built.method, built.url) == (reference.method, reference.url)

@@ -1,6 +1,7 @@
-"""An ``httpx.BaseTransport`` on the standard library's ``http.client``: the same requests and
-answers as httpx's own transport for about a third of its CPU, which is what limits delivery
-when every record is a request of its own (Paigo).
+"""An ``httpx.BaseTransport`` on plain sockets: the same requests and answers as httpx's own
+transport for a fraction of its CPU, which is what limits delivery when every record is a
+request of its own (Paigo). ``http.client`` connects (and tunnels through a proxy); the request
+leaves as one write and the answer is parsed here, its head from one buffer.
 
 Every socket operation (connect, TLS handshake, proxy tunnel, each write and each read) waits
 at most until the request's total deadline, so a peer that trickles bytes cannot stretch a
@@ -8,7 +9,7 @@ request past it. Connections are kept alive per origin, at most ``connections`` 
 TLS verifies as httpx does; an ``https`` origin behind a proxy is tunnelled with CONNECT, an
 ``http`` one is asked for by absolute URI. No redirects are followed and nothing is decoded:
 the answer's bytes are streamed as they come, and an answer closed before its end drops its
-connection.
+connection. An answer's head is at most ``HEAD_MAX`` bytes in at most ``HEADERS_MAX`` lines.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import base64
 import http.client
 import io
+import re
 import select
 import socket
 import ssl
@@ -28,8 +30,16 @@ from typing import Any
 import httpx
 
 DEADLINE = "usage_agent.deadline"  # request extension: the time.monotonic() by which the exchange ends
+HEAD_MAX = 64 * 1024  # bytes of an answer's status line and headers
+HEADERS_MAX = 100  # header lines of an answer (http.client's limit)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _CHUNK = 64 * 1024
+# what http.client refuses to send: a header name or value that would split the head, a target with spaces
+_LEGAL_NAME = re.compile(rb"\A[^:\s][^:\r\n]*\Z")
+_ILLEGAL_VALUE = re.compile(rb"\n(?![ \t])|\r(?![ \t\n])")
+_ILLEGAL_TARGET = re.compile("[\x00-\x20\x7f]")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_LINE_END = re.compile(rb"\r?\n")
 
 
 def _left(deadline: float, expired: type[httpx.TimeoutException]) -> float:
@@ -41,12 +51,11 @@ def _left(deadline: float, expired: type[httpx.TimeoutException]) -> float:
 
 class _Socket:
     """A socket whose every operation ends by its connection's deadline; http.client holds it
-    as its ``sock`` and reads through ``makefile``."""
+    as its ``sock`` (and reads a proxy's answer to CONNECT through ``makefile``)."""
 
     def __init__(self, sock: socket.socket, connection: _Connection):
         self.sock = sock
         self._connection = connection
-        self._held: list[bytes] = []
         self._readers = 0
         self._closed = False
 
@@ -54,15 +63,6 @@ class _Socket:
         self.sock.settimeout(_left(self._connection.deadline, expired))
 
     def sendall(self, data: bytes) -> None:
-        self._held.append(data)  # http.client writes head and body apart: they leave together, waking the peer once
-        if len(data) >= _CHUNK:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._held:
-            return
-        data = b"".join(self._held)
-        self._held.clear()
         self.arm(httpx.WriteTimeout)  # sendall's timeout bounds the whole send, not each part of it
         try:
             self.sock.sendall(data)
@@ -70,6 +70,15 @@ class _Socket:
             raise httpx.WriteTimeout(f"writing the request: {exc}") from exc
         except OSError as exc:
             raise httpx.WriteError(f"writing the request: {exc}") from exc
+
+    def recv(self, size: int) -> bytes:
+        self.arm(httpx.ReadTimeout)  # each read gets what is left of the deadline, not a fresh timeout
+        try:
+            return self.sock.recv(size)
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout(f"reading the answer: {exc}") from exc
+        except OSError as exc:
+            raise httpx.ReadError(f"reading the answer: {exc}") from exc
 
     def makefile(self, mode: str) -> io.BufferedReader:
         self._readers += 1
@@ -94,14 +103,9 @@ class _Reader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        self._owner.flush()
-        self._owner.arm(httpx.ReadTimeout)  # each read gets what is left of the deadline, not a fresh timeout
-        try:
-            return self._owner.sock.recv_into(buffer)
-        except TimeoutError as exc:
-            raise httpx.ReadTimeout(f"reading the answer: {exc}") from exc
-        except OSError as exc:
-            raise httpx.ReadError(f"reading the answer: {exc}") from exc
+        data = self._owner.recv(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
     def close(self) -> None:
         if not self.closed:
@@ -152,8 +156,163 @@ def _proxy_authorization(proxy: httpx.URL) -> dict[str, str]:
     return {"Proxy-Authorization": f"Basic {token}"}
 
 
+def _head(method: str, target: str, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The request line and headers as http.client writes them; LocalProtocolError for what it refuses."""
+    try:
+        if _ILLEGAL_TARGET.search(method) or _ILLEGAL_TARGET.search(target):
+            raise ValueError(f"{method!r} {target!r} is not a request line")
+        lines = [f"{method} {target} HTTP/1.1".encode("ascii")]
+        for name, value in headers:
+            if not _LEGAL_NAME.match(name) or _ILLEGAL_VALUE.search(value):
+                raise ValueError(f"header {name!r} cannot carry {value!r}")
+            lines.append(name + b": " + value)
+    except ValueError as exc:  # UnicodeError too
+        raise httpx.LocalProtocolError(f"cannot send the request: {exc}") from exc
+    lines += (b"", b"")
+    return b"\r\n".join(lines)
+
+
+def _protocol_error(what: str) -> httpx.RemoteProtocolError:
+    return httpx.RemoteProtocolError(f"the peer answered no HTTP: {what}")
+
+
+class _Reply(httpx.SyncByteStream):
+    """One answer: its status and headers read at once, its body as it comes (by Content-Length,
+    chunked, or up to the close); closed, its connection goes back to the pool if the body ended."""
+
+    def __init__(self, transport: WireTransport, origin: tuple[str, str, int], connection: _Connection,
+                 method: str):
+        self._transport = transport
+        self._origin = origin
+        self._connection: _Connection | None = connection
+        self._sock: _Socket = connection.sock  # type: ignore[assignment]
+        self._buffer = bytearray()
+        while True:
+            head = self._read_head()
+            self._parse(head)
+            if self.status != 100:  # 100 Continue precedes the answer
+                break
+        if method == "HEAD" or self.status in (204, 304) or self.status < 200:
+            self._left: int | None = 0
+            self._chunked = False
+        self.ended = self._left == 0 and not self._chunked
+
+    def _read_head(self) -> list[bytes]:
+        scanned = 0  # where the search for the empty line goes on: a trickled head is not searched again
+        while (end := _HEAD_END.search(self._buffer, scanned)) is None:
+            if len(self._buffer) > HEAD_MAX:
+                raise _protocol_error(f"a head longer than {HEAD_MAX} bytes")
+            scanned = max(0, len(self._buffer) - 3)
+            if not self._fill():
+                raise _protocol_error("the connection closed before a whole head" if self._buffer
+                                      else "the connection closed without an answer")
+        if end.start() > HEAD_MAX:
+            raise _protocol_error(f"a head longer than {HEAD_MAX} bytes")
+        head = bytes(self._buffer[:end.start()])
+        del self._buffer[:end.end()]
+        return _LINE_END.split(head)
+
+    def _parse(self, lines: list[bytes]) -> None:
+        status_line = lines[0].split(None, 2)
+        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1.") or not status_line[1].isdigit() \
+                or not 100 <= int(status_line[1]) <= 999:
+            raise _protocol_error(f"status line {lines[0][:80]!r}")
+        self.status = int(status_line[1])
+        self.reason = status_line[2].strip() if len(status_line) > 2 else b""
+        if len(lines) > HEADERS_MAX + 1:
+            raise _protocol_error(f"more than {HEADERS_MAX} headers")
+        headers: list[tuple[bytes, bytes]] = []
+        for line in lines[1:]:
+            if line[:1] in (b" ", b"\t") and headers:  # an obsolete folded continuation line
+                name, value = headers.pop()
+                headers.append((name, value + b" " + line.strip()))
+                continue
+            name, colon, value = line.partition(b":")
+            if colon:
+                headers.append((name.strip(), value.strip()))
+        self.headers = headers
+        found = {name.lower(): value for name, value in reversed(headers)}  # the first of each, as http.client
+        connection = found.get(b"connection", b"").lower()
+        if status_line[0] == b"HTTP/1.0":
+            self.will_close = b"keep-alive" not in connection and b"keep-alive" not in found
+        else:
+            self.will_close = b"close" in connection
+        self._chunked = found.get(b"transfer-encoding", b"").lower() == b"chunked"
+        length = found.get(b"content-length", b"")
+        self._left = int(length) if not self._chunked and length.isdigit() else None
+        if self._left is None and not self._chunked:
+            self.will_close = True  # the body ends when the connection does
+
+    def _fill(self) -> bool:
+        data = self._sock.recv(_CHUNK)
+        self._buffer += data
+        return bool(data)
+
+    def _take(self, most: int | None) -> bytes:
+        data = bytes(self._buffer[:most])
+        del self._buffer[:len(data)]
+        return data
+
+    def read1(self) -> bytes:
+        """The next bytes of the body as they come; b"" at its end."""
+        if self.ended:
+            return b""
+        if self._chunked:
+            return self._read_chunk()
+        if not self._buffer and not self._fill():
+            if self._left is not None:
+                raise httpx.RemoteProtocolError(f"the answer's body ended {self._left} bytes early")
+            self.ended = True
+            return b""
+        data = self._take(self._left)
+        if self._left is not None:
+            self._left -= len(data)
+            self.ended = self._left == 0
+        return data
+
+    def _line(self) -> bytes:
+        scanned = 0
+        while (end := self._buffer.find(b"\n", scanned)) < 0:
+            if len(self._buffer) > HEAD_MAX:
+                raise httpx.RemoteProtocolError("the answer's body: a chunk line too long")
+            scanned = len(self._buffer)
+            if not self._fill():
+                raise httpx.RemoteProtocolError("the answer's body ended inside a chunk")
+        return self._take(end + 1).rstrip(b"\r\n")
+
+    def _read_chunk(self) -> bytes:
+        if not self._left:  # at a chunk's size line
+            if self._left == 0:
+                self._line()  # the CRLF after the previous chunk's data
+            size = self._line().split(b";", 1)[0].strip()
+            try:
+                self._left = int(size, 16)
+            except ValueError:
+                raise httpx.RemoteProtocolError(f"the answer's body: a bad chunk size {size[:20]!r}") from None
+            if self._left == 0:
+                while self._line():  # trailers, up to the empty line
+                    pass
+                self.ended = True
+                return b""
+        if not self._buffer and not self._fill():
+            raise httpx.RemoteProtocolError("the answer's body ended inside a chunk")
+        data = self._take(self._left)
+        self._left -= len(data)
+        return data
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.read1():
+            yield chunk
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            # bytes past the answer's end: the peer is out of step, the connection is not reused
+            self._transport.checkin(self._origin, connection, self.ended and not self.will_close and not self._buffer)
+
+
 class WireTransport(httpx.BaseTransport):
-    """Requests over ``http.client`` connections: direct, or through ``proxy`` when given."""
+    """Requests over plain socket connections: direct, or through ``proxy`` when given."""
 
     def __init__(self, connections: int, timeout: float, proxy: str | httpx.URL | None = None,
                  ssl_context: ssl.SSLContext | None = None):
@@ -166,6 +325,12 @@ class WireTransport(httpx.BaseTransport):
         self._lock = threading.Lock()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        reply = self.exchange(request)
+        return httpx.Response(reply.status, headers=reply.headers, stream=reply,
+                              extensions={"http_version": b"HTTP/1.1", "reason_phrase": reply.reason})
+
+    def exchange(self, request: httpx.Request) -> _Reply:
+        """Send ``request``; the answer with its head read, to be closed once its body is read."""
         url = request.url
         if url.scheme not in _DEFAULT_PORTS:
             raise httpx.UnsupportedProtocol(f"{url.scheme!r} is not http or https: {url}")
@@ -176,31 +341,24 @@ class WireTransport(httpx.BaseTransport):
         connection = self._checkout(origin)
         connection.deadline = deadline
         try:
+            head = self._head(request, origin)
             if connection.sock is None:
                 connection.connect()
-            self._write(connection, request, origin)
-            answer = connection.getresponse()
-        except BaseException as exc:
+            connection.sock.sendall(head + request.read())  # type: ignore[union-attr]  # one write: the peer wakes once
+            return _Reply(self, origin, connection, request.method)
+        except BaseException:
             connection.close()
             self._slots.release()
-            if isinstance(exc, (http.client.HTTPException, ConnectionError)):
-                raise httpx.RemoteProtocolError(f"{url.host} answered no HTTP: {exc!r}") from exc
-            if isinstance(exc, ValueError):  # http.client refuses a header it cannot send (a line break)
-                raise httpx.LocalProtocolError(f"cannot send the request: {exc}") from exc
             raise
-        return httpx.Response(answer.status, headers=answer.getheaders(), stream=_Body(self, origin, connection, answer),
-                              extensions={"http_version": b"HTTP/1.1", "reason_phrase": answer.reason.encode("latin-1")})
 
-    def _write(self, connection: _Connection, request: httpx.Request, origin: tuple[str, str, int]) -> None:
+    def _head(self, request: httpx.Request, origin: tuple[str, str, int]) -> bytes:
         absolute = self._proxy is not None and origin[0] == "http"  # a proxy is asked for the whole URL
         target = str(request.url) if absolute else request.url.raw_path.decode("ascii")
-        connection.putrequest(request.method, target, skip_host=True, skip_accept_encoding=True)
-        for name, value in request.headers.raw:
-            connection.putheader(name, value)
+        headers = request.headers.raw
         if absolute:
-            for name, text in _proxy_authorization(self._proxy).items():  # type: ignore[arg-type]
-                connection.putheader(name, text)
-        connection.endheaders(request.read() or None)  # a small body leaves with the head, in one send
+            headers = headers + [(name.encode(), text.encode())
+                                 for name, text in _proxy_authorization(self._proxy).items()]  # type: ignore[arg-type]
+        return _head(request.method, target, headers)
 
     def _checkout(self, origin: tuple[str, str, int]) -> _Connection:
         with self._lock:
@@ -237,31 +395,3 @@ class WireTransport(httpx.BaseTransport):
         for connections in idle.values():
             for connection in connections:
                 connection.close()
-
-
-class _Body(httpx.SyncByteStream):
-    """An answer's bytes as they arrive; closed after its end, the connection goes back to the pool."""
-
-    def __init__(self, transport: WireTransport, origin: tuple[str, str, int], connection: _Connection,
-                 answer: http.client.HTTPResponse):
-        self._transport = transport
-        self._origin = origin
-        self._connection: _Connection | None = connection
-        self._answer = answer
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            while chunk := self._answer.read1(_CHUNK):
-                yield chunk
-        except http.client.HTTPException as exc:  # the peer ended the body early, or sent a bad chunk
-            raise httpx.RemoteProtocolError(f"the answer's body: {exc!r}") from exc
-
-    def close(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is None:
-            return
-        answer = self._answer
-        ended = answer.isclosed() or (answer.length == 0 and not answer.chunked)
-        reusable = ended and not answer.will_close
-        answer.close()
-        self._transport.checkin(self._origin, connection, reusable)
