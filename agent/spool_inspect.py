@@ -81,8 +81,9 @@ class SpoolInspection:
     def rows(self, state: str, limit: int = 100) -> list[dict[str, Any]]:
         with self._lock:
             cursor = self._db.execute(
-                "SELECT id, measurement, tick, attempts, last_status, last_error, CAST(body AS BLOB) AS body "
-                "FROM records WHERE state = ? ORDER BY seq LIMIT ?",  # the view: bodies with their states
+                "SELECT b.id, b.measurement, b.tick, s.attempts, s.last_status, s.last_error, CAST(b.body AS BLOB) "
+                "AS body FROM record_states s JOIN record_bodies b ON b.seq = s.seq WHERE s.state = ? "
+                "ORDER BY s.seq LIMIT ?",
                 (state, limit),
             )
             names = [c[0] for c in cursor.description]
