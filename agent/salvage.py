@@ -17,6 +17,7 @@ from agent.clock import Clock, SystemClock
 from agent.errors import SpoolError
 from agent.salvage_read import SalvageReport, read_damaged
 from agent.spool import Spool, parse_body, spool_lock
+from agent.spool_files import layout
 
 __all__ = ["SalvageReport", "salvage"]
 
@@ -77,7 +78,7 @@ def _salvage(path: Path, clock: Clock) -> SalvageReport:
     source = sqlite3.connect(work)
     try:
         if _sound(source):
-            if source.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone() is None:
+            if layout(source) is None:
                 raise SpoolError(f"{path} is a sound SQLite file but not a spool (it has no records table); "
                                  f"salvage leaves it as it is: check spool.path in the config")
             return _dead_letter_in_place(path, source)
@@ -129,9 +130,9 @@ def _dead_letter_in_place(path: Path, source: sqlite3.Connection) -> SalvageRepo
         spool = Spool(path)
         try:
             with spool._write() as db:
-                db.executemany("UPDATE records SET state = 'dead', lease_until = NULL, last_status = NULL, "
+                db.executemany("UPDATE record_states SET state = 'dead', lease_until = NULL, last_status = NULL, "
                                "last_error = ? WHERE seq = ? AND state IN ('pending', 'leased')", damaged)
-                report.recovered = Counter(dict(db.execute("SELECT state, COUNT(*) FROM records GROUP BY state")))
+                report.recovered = Counter(dict(db.execute("SELECT state, COUNT(*) FROM record_states GROUP BY state")))
         finally:
             spool.close()
         report.damaged_dead_lettered = len(damaged)

@@ -6,7 +6,7 @@ end stops it), so no single read is trusted:
 - the table is walked in ``seq`` order without an upper bound; where it fails or a key is
   out of order, the walk skips ahead (1, 2, 4 … slots) and every slot it skipped is looked
   up by primary key, one at a time;
-- both indexes (by state, by id) are walked the same way, as witnesses of which rows
+- both indexes (by state, by time and id) are walked the same way, as witnesses of which rows
   existed: a row a witness lists that no read returned is lost, and reported with its seq,
   id and state as far as the witnesses know them;
 - where no witness was read completely, a seq counts as possibly lost unless the state index
@@ -16,6 +16,11 @@ end stops it), so no single read is trusted:
 
 Every row copied is validated as the forwarder would lease it (parsed and rendered); a row
 that is not (or no longer) a record is copied dead-lettered with the reason, never pending.
+
+A spool of schema 2 keeps a record's body and its state in two tables: the bodies are walked,
+and each row's state is looked up by seq on its own, so damage to the states costs only the
+states (the state index may still know them). A spool of schema 1 (one records table) is read
+as it is.
 """
 
 from __future__ import annotations
@@ -25,18 +30,14 @@ import json
 import re
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.records import UsageRecord, format_timestamp
+from agent.salvage_walk import layout_of, seq_probes, state_probes, walk
 from agent.spool_files import STATES
 from agent.spool_rows import parse_body
 
-_COLUMNS = (
-    "seq, CAST(id AS BLOB), CAST(measurement AS BLOB), CAST(tick AS BLOB), CAST(body AS BLOB), "
-    "CAST(state AS BLOB), attempts, created_at, updated_at, not_before, last_status, CAST(last_error AS BLOB)"
-)
 _RECORD_ID = re.compile(rb"[0-9a-f]{32}")  # record_id(): 32 hex digits; garbage never looks like one
 _MAX_SEQ = 1 << 62  # an unknown table end: skipping ahead gives up past this
 _LOST_LISTED = 1000  # lost rows named in the report; the count is always exact
@@ -83,90 +84,6 @@ class SalvageReport:
         }
 
 
-# -- walking a b-tree around damage -------------------------------------------------------
-
-
-@dataclass
-class _Walk:
-    trouble: list[tuple[Any, Any]] = field(default_factory=list)  # (last trusted key, resumed at | None)
-
-
-def _walk(db: sqlite3.Connection, sql: str, start: Any, key: Callable[[tuple[Any, ...]], Any],
-          plausible: Callable[[tuple[Any, ...]], bool], probes: Callable[[Any], Iterator[Any]],
-          visit: Callable[[tuple[Any, ...]], None]) -> _Walk:
-    """Read ``sql`` (rows with key > ?, ascending, no upper bound) from ``start`` to its end.
-
-    A read error, an implausible row or a key out of order is damage: the walk resumes at the
-    first probe key past it that reads without an error, and the stretch in between is trouble.
-    """
-    walk = _Walk()
-    after, floor = start, start  # floor: the walk only ever moves forward
-    while True:
-        keys: list[Any] = []  # the keys of this stretch, ascending
-        damaged_from = None
-        try:
-            for row in db.execute(sql, after if isinstance(after, tuple) else (after,)):
-                if not plausible(row):
-                    damaged_from = keys[-1] if keys else after
-                    break
-                k = key(row)
-                if keys and k <= keys[-1]:  # a garbled key: the stretch from the last key below it is suspect
-                    below = keys[: bisect.bisect_left(keys, k)]
-                    damaged_from = below[-1] if below else after
-                    break
-                keys.append(k)
-                visit(row)
-            else:
-                return walk
-        except sqlite3.DatabaseError:
-            damaged_from = keys[-1] if keys else after
-        floor = max([floor, *keys[-1:]])
-        resumed = None
-        for probe in probes(floor):
-            try:
-                first = db.execute(sql, probe if isinstance(probe, tuple) else (probe,)).fetchone()
-            except sqlite3.DatabaseError:
-                continue
-            if first is not None and not plausible(first):
-                continue
-            resumed = probe
-            break
-        walk.trouble.append((damaged_from, resumed))
-        if resumed is None:
-            return walk
-        after = floor = resumed
-
-
-def _seq_probes(limit: int) -> Callable[[int], Iterator[int]]:
-    def probes(last: int) -> Iterator[int]:
-        step = 1
-        while last + step <= limit:
-            yield last + step
-            step *= 2
-    return probes
-
-
-def _state_probes(limit: int) -> Callable[[tuple[str, int]], Iterator[tuple[str, int]]]:
-    order = sorted(STATES)
-
-    def probes(last: tuple[str, int]) -> Iterator[tuple[str, int]]:
-        state, seq = last
-        if state in order:
-            yield from ((state, s) for s in _seq_probes(limit)(seq))
-        for later in order:
-            if later > state:
-                yield from ((later, s) for s in (-1, *_seq_probes(limit)(-1)))
-    return probes
-
-
-def _id_probes(last: str) -> Iterator[str]:
-    value = int(last, 16) if last else -1
-    for bits in range(0, 129):
-        if value + (1 << bits) >= 1 << 128:
-            return
-        yield format(value + (1 << bits), "032x")
-
-
 # -- reading rows --------------------------------------------------------------------------
 
 
@@ -175,6 +92,7 @@ class _Row:
     seq: int
     values: tuple[Any, ...]  # the columns to insert, state resolved
     state: str | None  # None: unreadable; the witnesses may know it
+    at: str  # the record's time, with its id the unique key (the tick where the body is no record)
     damaged: bool = False  # not (or no longer) a record: copied dead-lettered
 
 
@@ -216,18 +134,20 @@ def _row(raw: tuple[Any, ...]) -> _Row | None:
         if known_state in ("delivered", "dead"):  # never sent again: kept as it was
             values = (seq, record_id, _text(measurement) or "?", _text(tick) or "?", _stored(body), known_state,
                       attempts or 0, created or 0.0, updated or 0.0, not_before or 0, status, _text(error))
-            return _Row(seq, values, known_state)
+            return _Row(seq, values, known_state, values[3])
         values = (seq, record_id, _text(measurement) or "?", _text(tick) or "?", _stored(body), "dead",
                   attempts or 0, created or 0.0, updated or 0.0, 0, None, f"damaged in spool: {exc}")
-        return _Row(seq, values, "dead", damaged=True)
-    values = (seq, record_id, record.measurement, _text(tick) or format_timestamp(record.timestamp), _stored(body),
+        return _Row(seq, values, "dead", values[3], damaged=True)
+    at = format_timestamp(record.timestamp)
+    values = (seq, record_id, record.measurement, _text(tick) or at, _stored(body),
               known_state, attempts or 0, created or 0.0, updated or 0.0, not_before or 0, status, _text(error))
-    return _Row(seq, values, known_state if known_state in STATES else None)
+    return _Row(seq, values, known_state if known_state in STATES else None, at)
 
 
 class _Salvager:
     def __init__(self, source: sqlite3.Connection, fresh: sqlite3.Connection, report: SalvageReport):
         self.db = source
+        self.layout = layout_of(source)
         self.fresh = fresh
         self.report = report
         self.recovered: set[int] = set()
@@ -237,7 +157,7 @@ class _Salvager:
         seq = raw[0]
         if not isinstance(seq, int) or seq in self.recovered:
             return
-        row = _row(raw)
+        row = _row(self.layout.complete(self.db, raw))
         if row is None:
             return
         if row.state is None:
@@ -247,14 +167,16 @@ class _Salvager:
         self._insert(row)
 
     def _insert(self, row: _Row) -> None:
+        seq, rid, measurement, tick, body, state, attempts, created, updated, not_before, status, error = row.values
         cursor = self.fresh.execute(
-            "INSERT OR IGNORE INTO records (seq, id, measurement, tick, body, state, attempts, created_at, "
-            "updated_at, not_before, last_status, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            row.values,
-        )
+            "INSERT OR IGNORE INTO record_bodies (seq, id, at, measurement, tick, body, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", (seq, rid, row.at, measurement, tick, body, created))
         self.recovered.add(row.seq)
         if cursor.rowcount:  # ignored: the same id at another seq (a garbled key) is copied already
-            self.report.recovered[row.values[5]] += 1
+            self.fresh.execute(
+                "INSERT INTO record_states (seq, state, attempts, updated_at, not_before, last_status, last_error) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", (seq, state, attempts, updated, not_before, status, error))
+            self.report.recovered[state] += 1
             self.report.damaged_dead_lettered += row.damaged
 
     def look_up(self, seq: int) -> None:
@@ -262,7 +184,7 @@ class _Salvager:
         if seq in self.recovered:
             return
         try:
-            found = self.db.execute(f"SELECT {_COLUMNS} FROM records WHERE seq = ?", (seq,)).fetchone()
+            found = self.db.execute(f"{self.layout.rows} WHERE seq = ?", (seq,)).fetchone()
         except sqlite3.DatabaseError:
             return
         if found is not None:
@@ -280,15 +202,15 @@ def _highest(db: sqlite3.Connection, sql: str, *params: Any) -> int | None:
 def read_damaged(source: sqlite3.Connection, fresh: sqlite3.Connection, report: SalvageReport) -> None:
     """Copy every readable row of ``source`` into ``fresh`` and fill ``report`` with what was lost."""
     salvager = _Salvager(source, fresh, report)
-    table_max = _highest(source, "SELECT max(seq) FROM records")
-    index_max = [_highest(source, "SELECT max(seq) FROM records INDEXED BY records_by_state WHERE state = ?", s)
-                 for s in STATES]
+    where = salvager.layout
+    table_max = _highest(source, f"SELECT max(seq) FROM {where.table}")
+    index_max = [_highest(source, f"SELECT max(seq) FROM {where.states} WHERE state = ?", s) for s in STATES]
     # with the table's end readable, no row lies past it; else skipping ahead may go far
     limit = table_max if table_max is not None else _MAX_SEQ
 
-    table = _walk(source, f"SELECT {_COLUMNS} FROM records WHERE seq > ? ORDER BY seq", 0,
-                  key=lambda row: row[0], plausible=lambda row: isinstance(row[0], int) and 0 < row[0] <= limit,
-                  probes=_seq_probes(limit), visit=salvager.copy)
+    table = walk(source, f"{where.rows} WHERE seq > ? ORDER BY seq", 0,
+                 key=lambda row: row[0], plausible=lambda row: isinstance(row[0], int) and 0 < row[0] <= limit,
+                 probes=seq_probes(limit), visit=salvager.copy)
 
     witnessed: dict[int, dict[str, Any]] = {}
 
@@ -296,18 +218,16 @@ def read_damaged(source: sqlite3.Connection, fresh: sqlite3.Connection, report: 
         if isinstance(seq, int) and seq not in salvager.recovered:
             witnessed.setdefault(seq, {}).update(facts)
 
-    by_state = _walk(source, "SELECT state, seq FROM records INDEXED BY records_by_state "
-                             "WHERE (state, seq) > (?, ?) ORDER BY state, seq", ("", 0),
-                     key=lambda row: (row[0], row[1]),
-                     plausible=lambda row: row[0] in STATES and isinstance(row[1], int) and 0 < row[1] <= limit,
-                     probes=_state_probes(limit), visit=lambda row: witness(row[1], state=row[0]))
-    by_id = _walk(source, "SELECT CAST(id AS BLOB), seq FROM records INDEXED BY sqlite_autoindex_records_1 "
-                          "WHERE id > ? ORDER BY id", "",
-                  key=lambda row: row[0].decode(),
-                  plausible=lambda row: isinstance(row[0], bytes) and _RECORD_ID.fullmatch(row[0]) is not None
-                  and isinstance(row[1], int) and 0 < row[1] <= limit,
-                  probes=_id_probes, visit=lambda row: witness(row[1], id=row[0].decode()))
-    complete = [name for name, walk in (("records_by_state", by_state), ("id", by_id)) if not walk.trouble]
+    by_state = walk(source, f"SELECT state, seq FROM {where.states} "
+                            "WHERE (state, seq) > (?, ?) ORDER BY state, seq", ("", 0),
+                    key=lambda row: (row[0], row[1]),
+                    plausible=lambda row: row[0] in STATES and isinstance(row[1], int) and 0 < row[1] <= limit,
+                    probes=state_probes(limit), visit=lambda row: witness(row[1], state=row[0]))
+    by_id = walk(source, where.by_id, where.by_id_start, key=where.by_id_key,
+                 plausible=lambda row: isinstance(row[0], bytes) and _RECORD_ID.fullmatch(row[0]) is not None
+                 and isinstance(row[1], int) and 0 < row[1] <= limit,
+                 probes=where.by_id_probes, visit=lambda row: witness(row[1], id=row[0].decode()))
+    complete = [name for name, read in (("records_by_state", by_state), ("id", by_id)) if not read.trouble]
     report.complete_witness = complete[0] if complete else None
     last_row = max([*(m for m in index_max if m is not None), *witnessed, *salvager.recovered, 0])
 
@@ -330,7 +250,7 @@ def read_damaged(source: sqlite3.Connection, fresh: sqlite3.Connection, report: 
         salvager.look_up(seq)
 
     for row in salvager.no_state:  # the state column is garbled: the state index may still know it
-        state = witnessed.get(row.seq, {}).get("state") or _state_in_index(source, row.seq)
+        state = witnessed.get(row.seq, {}).get("state") or _state_in_index(source, where.states, row.seq)
         state = "pending" if state == "leased" else state
         if state not in STATES:
             state, row.damaged = "dead", True
@@ -378,11 +298,10 @@ def _uncovered_seqs(trouble: list[tuple[Any, Any]], end: int) -> list[tuple[int,
     return merged
 
 
-def _state_in_index(db: sqlite3.Connection, seq: int) -> str | None:
+def _state_in_index(db: sqlite3.Connection, states: str, seq: int) -> str | None:
     for state in STATES:
         try:
-            if db.execute("SELECT 1 FROM records INDEXED BY records_by_state WHERE state = ? AND seq = ?",
-                          (state, seq)).fetchone():
+            if db.execute(f"SELECT 1 FROM {states} WHERE state = ? AND seq = ?", (state, seq)).fetchone():
                 return state
         except sqlite3.DatabaseError:
             continue

@@ -1,7 +1,7 @@
 """Durable local spool: one SQLite file in WAL mode.
 
-Every record is a row with a unique id and a state: pending -> leased -> delivered | dead
-(or back to pending with a ``not_before`` time when a send must be retried). A tick's
+Every record is a body, written once, with a unique id, and a state: pending -> leased ->
+delivered | dead (or back to pending with a ``not_before`` time when a send must be retried). A tick's
 records and the sampler state that produced them commit in one transaction. A lease has
 an expiry, so records leased by a process that died are sent again. The spool counts into
 the ``Metrics`` it is given and reports facts (``facts()``); readiness is decided elsewhere.
@@ -78,7 +78,7 @@ class Spool(SpoolInspection):
             return
         self._lock_file = acquire_lock(self.path)
         with self._write() as db:
-            db.execute("UPDATE records SET state = 'pending', lease_until = NULL WHERE state = 'leased'")
+            db.execute("UPDATE record_states SET state = 'pending', lease_until = NULL WHERE state = 'leased'")
         self._seq.clear()
         if not self.reserve.restore():
             log.warning("no room for the disk reserve kept for delivery outcomes; new ticks wait until there is",
@@ -151,23 +151,26 @@ class Spool(SpoolInspection):
             self._refuse(disk_low=True)
             raise SpoolDiskLowError(f"spool {self.path}: {low}. Tick {tick_text} of {measurement} is refused; "
                                     f"delivery outcomes keep the room")
-        rows = [(r.record_id, measurement, tick_text, _encode(r.to_json()), now, now) for r in records]
+        rows = [(r.record_id, body["timestamp"], measurement, tick_text, _encode(body), now)
+                for r in records for body in (r.to_json(),)]
         with self._write() as db:
             most_unsent = self._unsent_at_most(db)
             row = db.execute("SELECT last_tick FROM sampler_state WHERE measurement = ?", (measurement,)).fetchone()
             previous = row[0] if row else None
-            before = db.total_changes
-            db.executemany("INSERT OR IGNORE INTO records (id, measurement, tick, body, created_at, updated_at) "
+            before, last = db.total_changes, self._last_seq(db)
+            db.executemany("INSERT OR IGNORE INTO record_bodies (id, at, measurement, tick, body, created_at) "
                            "VALUES (?, ?, ?, ?, ?, ?)", rows)
             inserted = db.total_changes - before
             # ids already spooled (a re-run tick) do not count; the exact count is only needed near the cap
-            unsent = self.unsent() - inserted if most_unsent + inserted > self.max_records else most_unsent
+            unsent = self.unsent() if most_unsent + inserted > self.max_records else most_unsent
             if unsent + inserted > self.max_records:
                 self._refuse(disk_low=False)
                 raise SpoolFullError(
                     f"spool {self.path} holds {unsent} unsent records; adding {inserted} would pass "
                     f"spool.max_records={self.max_records}. Tick {tick_text} of {measurement} is refused."
                 )
+            db.execute("INSERT INTO record_states (seq, updated_at) SELECT seq, ? FROM record_bodies WHERE seq > ?",
+                       (now, last))
             db.execute(
                 "INSERT INTO sampler_state (measurement, last_tick, state) VALUES (?, ?, ?) "
                 "ON CONFLICT (measurement) DO UPDATE SET "
@@ -194,15 +197,19 @@ class Spool(SpoolInspection):
         return None
 
     @staticmethod
-    def _unsent_at_most(db: sqlite3.Connection) -> int:
+    def _last_seq(db: sqlite3.Connection) -> int:
+        return db.execute("SELECT max(seq) FROM record_bodies").fetchone()[0] or 0
+
+    @classmethod
+    def _unsent_at_most(cls, db: sqlite3.Connection) -> int:
         """An upper bound of the unsent records from three index lookups: every one of them lies
         between the oldest unsent row and the newest row. Counting them walks the whole backlog."""
-        oldest = [db.execute("SELECT min(seq) FROM records WHERE state = ?", (state,)).fetchone()[0]
+        oldest = [db.execute("SELECT min(seq) FROM record_states WHERE state = ?", (state,)).fetchone()[0]
                   for state in ("pending", "leased")]
         oldest = [seq for seq in oldest if seq is not None]
         if not oldest:
             return 0
-        return db.execute("SELECT max(seq) FROM records").fetchone()[0] - min(oldest) + 1
+        return cls._last_seq(db) - min(oldest) + 1
 
     def checkpoint(self) -> None:
         """Copy committed transactions from the -wal into the main file (without waiting on readers)."""
@@ -251,12 +258,12 @@ class Spool(SpoolInspection):
         now = self._time()
         with self._write(durable=False) as db:
             db.execute(
-                "UPDATE records SET state = 'pending', lease_until = NULL WHERE state = 'leased' AND lease_until <= ?",
+                "UPDATE record_states SET state = 'pending', lease_until = NULL WHERE state = 'leased' AND lease_until <= ?",
                 (now,),
             )
             rows = db.execute(
-                "SELECT seq, CAST(id AS BLOB), CAST(body AS BLOB), attempts FROM records "
-                "WHERE state = 'pending' AND not_before <= ? ORDER BY seq LIMIT ?",
+                "SELECT s.seq, CAST(b.id AS BLOB), CAST(b.body AS BLOB), s.attempts FROM record_states s "
+                "JOIN record_bodies b ON b.seq = s.seq WHERE s.state = 'pending' AND s.not_before <= ? ORDER BY s.seq LIMIT ?",
                 (now, limit),
             ).fetchall()
             leased: list[Leased] = []
@@ -274,12 +281,12 @@ class Spool(SpoolInspection):
             # a row the disk garbled cannot be sent: dead-letter it with the reason instead of
             # failing every lease after it
             db.executemany(
-                "UPDATE records SET state = 'dead', last_status = NULL, last_error = ?, updated_at = ? WHERE seq = ?",
+                "UPDATE record_states SET state = 'dead', last_status = NULL, last_error = ?, updated_at = ? WHERE seq = ?",
                 [(d.error, now, seq) for seq, d in damaged],
             )
             if leased:  # the rows selected above, in one statement: the damaged ones are dead now
                 db.execute(
-                    "UPDATE records SET state = 'leased', lease_until = ?, updated_at = ? "
+                    "UPDATE record_states SET state = 'leased', lease_until = ?, updated_at = ? "
                     "WHERE state = 'pending' AND not_before <= ? AND seq <= ?",
                     (now + lease_seconds, now, now, max(seqs.values())),
                 )
@@ -319,21 +326,22 @@ class Spool(SpoolInspection):
         with self._write() as db:
             # by seq (a rowid lookup) for the rows this spool leased, with the id checked too
             outcomes = [(self._seq.get(rid) or self._seq_of(db, rid), rid, o) for rid, o in self._held.items()]
-            where = "WHERE seq = ? AND id = ? AND state = 'leased'"
+            where = ("WHERE seq = ?1 AND state = 'leased' "
+                     "AND EXISTS (SELECT 1 FROM record_bodies b WHERE b.seq = ?1 AND b.id = ?2)")
             db.executemany(
-                "UPDATE records SET state = 'delivered', updated_at = ?, lease_until = NULL, "
+                "UPDATE record_states SET state = 'delivered', updated_at = ?3, lease_until = NULL, "
                 f"attempts = attempts + 1, last_status = NULL, last_error = NULL {where}",
-                [(now, seq, rid) for seq, rid, o in outcomes if o is None],
+                [(seq, rid, now) for seq, rid, o in outcomes if o is None],
             )
             db.executemany(
-                "UPDATE records SET state = 'pending', updated_at = ?, lease_until = NULL, attempts = attempts + 1, "
-                f"not_before = ?, last_status = ?, last_error = ? {where}",
-                [(now, r.not_before, r.status, r.error, seq, rid) for seq, rid, r in outcomes if isinstance(r, Retry)],
+                "UPDATE record_states SET state = 'pending', updated_at = ?3, lease_until = NULL, "
+                f"attempts = attempts + 1, not_before = ?4, last_status = ?5, last_error = ?6 {where}",
+                [(seq, rid, now, r.not_before, r.status, r.error) for seq, rid, r in outcomes if isinstance(r, Retry)],
             )
             db.executemany(
-                "UPDATE records SET state = 'dead', updated_at = ?, lease_until = NULL, attempts = attempts + 1, "
-                f"last_status = ?, last_error = ? {where}",
-                [(now, d.status, d.error, seq, rid) for seq, rid, d in outcomes if isinstance(d, Dead)],
+                "UPDATE record_states SET state = 'dead', updated_at = ?3, lease_until = NULL, "
+                f"attempts = attempts + 1, last_status = ?4, last_error = ?5 {where}",
+                [(seq, rid, now, d.status, d.error) for seq, rid, d in outcomes if isinstance(d, Dead)],
             )
         for rid in self._held:
             self._seq.pop(rid, None)
@@ -341,11 +349,13 @@ class Spool(SpoolInspection):
 
     @staticmethod
     def _seq_of(db: sqlite3.Connection, record_id: str) -> int | None:
-        row = db.execute("SELECT seq FROM records WHERE id = ?", (record_id,)).fetchone()
+        """The seq of a leased record by its id (outcomes apply to leased rows only): the leases, not the table, are searched."""
+        row = db.execute("SELECT s.seq FROM record_states s JOIN record_bodies b ON b.seq = s.seq "
+                         "WHERE s.state = 'leased' AND b.id = ?", (record_id,)).fetchone()
         return row[0] if row else None
 
     def next_due(self) -> float | None:
         """When the earliest unsent record may be sent (a leased one: when its lease ends); None if none is unsent."""
         with self._lock:
             return self._db.execute("SELECT min(CASE state WHEN 'pending' THEN not_before ELSE lease_until END) "
-                                    "FROM records WHERE state IN ('pending', 'leased')").fetchone()[0]
+                                    "FROM record_states WHERE state IN ('pending', 'leased')").fetchone()[0]

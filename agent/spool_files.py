@@ -17,34 +17,59 @@ from agent.errors import SpoolError
 MIN_FREE_BYTES = 64 * 2**20  # below this much free disk, new ticks are refused: outcomes keep the room
 RESERVE_BYTES = 8 * 2**20  # the ballast beside the spool that only delivery outcomes may use
 FULL_BELOW = 2**20  # free bytes under which an I/O error at open is taken for a full volume
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATES = ("pending", "leased", "delivered", "dead")
-CACHE_KIB = 64 * 1024  # page cache: the id index of a large backlog stays in memory (SQLite's default is 2 MiB)
+CACHE_KIB = 64 * 1024  # page cache: a large backlog's indexes stay in memory (SQLite's default is 2 MiB)
 
+# A record's body is written once (record_bodies); its state changes rewrite only its narrow
+# record_states row. Ids are unique per record timestamp (``at``): an id is a hash of that
+# time (records.record_id), and the index stays in time order, so a tick's ids go in
+# side by side instead of touching a page of a random-ordered index per record.
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
+CREATE TABLE IF NOT EXISTS record_bodies (
     seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
+    id TEXT NOT NULL,
+    at TEXT NOT NULL,
     measurement TEXT NOT NULL,
     tick TEXT NOT NULL,
     body TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS record_states (
+    seq INTEGER PRIMARY KEY,
     state TEXT NOT NULL DEFAULT 'pending'
         CHECK (state IN ('pending', 'leased', 'delivered', 'dead')),
     attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     not_before REAL NOT NULL DEFAULT 0,
     lease_until REAL,
     last_status INTEGER,
     last_error TEXT
 );
-CREATE INDEX IF NOT EXISTS records_by_state ON records (state, seq);
 CREATE TABLE IF NOT EXISTS sampler_state (
     measurement TEXT PRIMARY KEY,
     last_tick TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT '{}'
 );
 """
+INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS record_bodies_by_id ON record_bodies (at, id);
+CREATE INDEX IF NOT EXISTS record_states_by_state ON record_states (state, seq);
+CREATE VIEW IF NOT EXISTS records AS
+    SELECT b.seq, b.id, b.measurement, b.tick, b.body, s.state, s.attempts, b.created_at, s.updated_at,
+           s.not_before, s.lease_until, s.last_status, s.last_error
+    FROM record_bodies b JOIN record_states s ON s.seq = b.seq;
+"""
+# schema 1: one records table (a UNIQUE id column, an index by state); each row's body and
+# state copied over as they are; ``at`` read from the body (the tick where the body is no JSON)
+MIGRATE_1 = (
+    "INSERT INTO record_bodies (seq, id, at, measurement, tick, body, created_at) "
+    "SELECT seq, id, CASE WHEN json_valid(body) THEN coalesce(json_extract(body, '$.timestamp'), tick) ELSE tick END, "
+    "measurement, tick, body, created_at FROM records",
+    "INSERT INTO record_states (seq, state, attempts, updated_at, not_before, lease_until, last_status, last_error) "
+    "SELECT seq, state, attempts, updated_at, not_before, lease_until, last_status, last_error FROM records",
+    "DROP TABLE records",
+)
 
 
 def acquire_lock(path: Path) -> Any:
@@ -202,15 +227,37 @@ def open_database(path: Path, create: bool, free_space: Callable[[], int]) -> sq
         problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
         if problems != ["ok"]:
             raise SpoolError(damaged_message(path, "; ".join(problems)))
-        if not create and db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone() is None:
+        if not create and layout(db) is None:
             raise SpoolError(f"{path} is not a usage-agent spool (it holds no records table): "
                              f"check spool.path in the config")
-        db.executescript(SCHEMA)
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        _set_up(db)
     except BaseException as exc:
         db.close()
         if isinstance(exc, sqlite3.Error):
             raise SpoolError(open_failure(path, exc, free_space)) from exc
         raise
     return db
+
+
+def layout(db: sqlite3.Connection) -> int | None:
+    """Which schema the file's tables are in: 2, 1 (one records table) or None (no spool tables)."""
+    kinds = dict(db.execute("SELECT name, type FROM sqlite_master WHERE name IN ('records', 'record_bodies')"))
+    if "record_bodies" in kinds:
+        return 2
+    return 1 if kinds.get("records") == "table" else None
+
+
+def _set_up(db: sqlite3.Connection) -> None:
+    """Create the tables, or migrate a schema-1 spool, in one transaction (a crash leaves schema 1)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        old = layout(db) == 1  # read in the transaction: another process may have migrated it just now
+        for statement in (*SCHEMA.split(";"), *(MIGRATE_1 if old else ()), *INDEXES.split(";")):
+            if statement.strip():
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise

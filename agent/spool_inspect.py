@@ -1,5 +1,5 @@
 """The spool's inspection and repair (``usage-agent spool stats|list|replay|purge``, readiness facts):
-queries over the records table that the queue itself does not need."""
+queries over the records' states and bodies that the queue itself does not need."""
 
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ class SpoolInspection:
     def unsent(self) -> int:
         """Pending plus leased records (index range counts, not a table scan)."""
         with self._lock:
-            return sum(self._db.execute("SELECT COUNT(*) FROM records WHERE state = ?", (state,)).fetchone()[0]
+            return sum(self._db.execute("SELECT COUNT(*) FROM record_states WHERE state = ?", (state,)).fetchone()[0]
                        for state in ("pending", "leased"))
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM records GROUP BY state").fetchall()
+            rows = self._db.execute("SELECT state, COUNT(*) FROM record_states GROUP BY state").fetchall()
         return {state: 0 for state in STATES} | dict(rows)
 
     def stats(self) -> dict[str, Any]:
@@ -50,17 +50,19 @@ class SpoolInspection:
         """Seconds since the oldest pending or leased record was spooled (index lookups only)."""
         with self._lock:
             created = [row[0] for state in ("pending", "leased") for row in self._db.execute(
-                "SELECT created_at FROM records WHERE state = ? ORDER BY seq LIMIT 1", (state,))]
+                "SELECT b.created_at FROM record_states s JOIN record_bodies b ON b.seq = s.seq "
+                "WHERE s.state = ? ORDER BY s.seq LIMIT 1", (state,))]
         return self._time() - min(created) if created else None
 
     # -- repair ------------------------------------------------------------------------
 
     def replay(self, ids: Sequence[str] = (), status: int | None = None) -> int:
         """Dead-lettered records back to pending (all, or those with the given ids / last status)."""
-        query = "UPDATE records SET state = 'pending', not_before = 0, updated_at = ? WHERE state = 'dead'"
+        query = "UPDATE record_states SET state = 'pending', not_before = 0, updated_at = ? WHERE state = 'dead'"
         params: list[Any] = [self._time()]
-        if ids:
-            query += f" AND id IN ({','.join('?' * len(ids))})"
+        if ids:  # the dead rows' ids, not the whole table's
+            query += (" AND seq IN (SELECT s.seq FROM record_states s JOIN record_bodies b ON b.seq = s.seq "
+                      f"WHERE s.state = 'dead' AND b.id IN ({','.join('?' * len(ids))}))")
             params += list(ids)
         if status is not None:
             query += " AND last_status = ?"
@@ -71,13 +73,17 @@ class SpoolInspection:
     def purge_delivered(self, before: float) -> int:
         """Delete delivered records whose delivery was recorded before ``before`` (epoch seconds)."""
         with self._write() as db:
-            return db.execute("DELETE FROM records WHERE state = 'delivered' AND updated_at < ?", (before,)).rowcount
+            db.execute("DELETE FROM record_bodies WHERE seq IN "
+                       "(SELECT seq FROM record_states WHERE state = 'delivered' AND updated_at < ?)", (before,))
+            return db.execute("DELETE FROM record_states WHERE state = 'delivered' AND updated_at < ?",
+                              (before,)).rowcount
 
     def rows(self, state: str, limit: int = 100) -> list[dict[str, Any]]:
         with self._lock:
             cursor = self._db.execute(
-                "SELECT id, measurement, tick, attempts, last_status, last_error, CAST(body AS BLOB) AS body "
-                "FROM records WHERE state = ? ORDER BY seq LIMIT ?",
+                "SELECT b.id, b.measurement, b.tick, s.attempts, s.last_status, s.last_error, CAST(b.body AS BLOB) "
+                "AS body FROM record_states s JOIN record_bodies b ON b.seq = s.seq WHERE s.state = ? "
+                "ORDER BY s.seq LIMIT ?",
                 (state, limit),
             )
             names = [c[0] for c in cursor.description]

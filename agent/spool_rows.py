@@ -4,12 +4,15 @@ outcomes, tick commits and the facts the spool reports about itself."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.records import UsageRecord, format_decimal
+
+_PLAIN = re.compile(r"-?[0-9]{1,60}(?:\.[0-9]{1,60})?")  # as format_decimal writes it: finite, and it renders
 
 
 def parse_body(record_id: str, body: bytes | str) -> UsageRecord:
@@ -20,16 +23,19 @@ def parse_body(record_id: str, body: bytes | str) -> UsageRecord:
     """
     try:
         text = body.decode("utf-8") if isinstance(body, bytes) else body
-        record = UsageRecord.from_json(json.loads(text))
+        data = json.loads(text)
+        record = UsageRecord.from_json(data)
     except (UnicodeDecodeError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise ValueError(f"{type(exc).__name__}: {exc}") from None
-    if not record.value.is_finite():
-        raise ValueError(f"value {record.value} is not a finite number")
-    try:
-        format_decimal(record.value)
-    except ArithmeticError as exc:
-        raise ValueError(f"value {str(record.value)[:40]} cannot be rendered as a plain decimal "
-                         f"({type(exc).__name__})") from None
+    value = data["value"]
+    if not (isinstance(value, str) and _PLAIN.fullmatch(value)):  # the usual body skips the checks below
+        if not record.value.is_finite():
+            raise ValueError(f"value {record.value} is not a finite number")
+        try:
+            format_decimal(record.value)
+        except ArithmeticError as exc:
+            raise ValueError(f"value {str(record.value)[:40]} cannot be rendered as a plain decimal "
+                             f"({type(exc).__name__})") from None
     if record.record_id != record_id:
         raise ValueError(f"body holds id {record.record_id!r}, row is {record_id!r}")
     return record

@@ -189,7 +189,7 @@ def test_facts_and_metrics_go_where_the_spool_is_told(tmp_path, clock):
 def test_a_lease_returns_the_rows_it_dead_lettered_as_damaged(spool):
     records = [make_record(c) for c in ("acme", "globex", "initech")]
     spool.commit_tick("ebs-storage", T1, records)
-    spool._db.execute("UPDATE records SET body = '{\"id\": 1}' WHERE id = ?", (records[1].record_id,))
+    spool._db.execute("UPDATE record_bodies SET body = '{\"id\": 1}' WHERE id = ?", (records[1].record_id,))
     lease = spool.lease_batch(10, 60)
     assert [item.record for item in lease] == [records[0], records[2]]
     assert lease.damaged == (Dead(records[1].record_id, None, "damaged in spool: KeyError: 'measurement'"),)

@@ -366,7 +366,7 @@ class SpoolMachine(RuleBasedStateMachine):
             "missing fields": (json.dumps({"id": rid}).encode(), {"id": rid}),
             "not utf-8": (b'{"id":"\xff\xfe', '{"id":"\ufffd\ufffd'),
         }[kind]
-        self.spool._db.execute("UPDATE records SET body = ? WHERE id = ?", (raw, rid))
+        self.spool._db.execute("UPDATE record_bodies SET body = ? WHERE id = ?", (raw, rid))
         self.records[rid].garbled = (raw, shown)
 
     @precondition(lambda self: [r for r in self.records.values() if r.garbled is None])

@@ -1,0 +1,135 @@
+"""A spool written by an agent of schema 1 (one records table) opens, migrated in one transaction:
+every record keeps its seq, id, body and state, and the sampler state and kept values stay."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from agent.salvage import salvage
+from agent.spool import Dead, Spool
+from tests.support import FakeClock, make_record
+
+UTC = timezone.utc
+T0 = datetime(2024, 3, 1, 10, 0, tzinfo=UTC)
+START = 1_700_000_000.0
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+# what agent/spool_files.py created at schema version 1
+SCHEMA_1 = """
+CREATE TABLE records (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    measurement TEXT NOT NULL,
+    tick TEXT NOT NULL,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending'
+        CHECK (state IN ('pending', 'leased', 'delivered', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    not_before REAL NOT NULL DEFAULT 0,
+    lease_until REAL,
+    last_status INTEGER,
+    last_error TEXT
+);
+CREATE INDEX records_by_state ON records (state, seq);
+CREATE TABLE sampler_state (
+    measurement TEXT PRIMARY KEY,
+    last_tick TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT '{}'
+);
+PRAGMA user_version=1;
+"""
+COLUMNS = ("seq, id, measurement, tick, body, state, attempts, created_at, updated_at, not_before, lease_until, "
+           "last_status, last_error")
+RECORDS = [make_record(f"cust-{n}", T0 + timedelta(minutes=15 * (n // 3))) for n in range(9)]
+# (state, attempts, not_before, lease_until, last_status, last_error) per record, as schema 1 held them
+STATES = [
+    ("delivered", 1, 0, None, None, None),
+    ("delivered", 2, 0, None, None, None),
+    ("dead", 1, 0, None, 400, "rejected: unknown customer"),
+    ("pending", 3, START + 600, None, 503, "backend answered 503"),  # waiting for its retry
+    ("leased", 0, 0, START + 60, None, None),  # by an agent that died
+    ("pending", 0, 0, None, None, None),
+    ("pending", 0, 0, None, None, None),
+    ("dead", 0, 0, None, None, "damaged in spool: JSONDecodeError"),
+    ("pending", 0, 0, None, None, None),
+]
+
+
+def old_spool(path: Path) -> list[tuple[object, ...]]:
+    """A schema-1 spool with a record in every state, one body that is no JSON, and sampler state."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(SCHEMA_1)
+    for n, (record, (state, attempts, not_before, lease_until, status, error)) in enumerate(zip(RECORDS, STATES)):
+        body = f'{{"id":"{record.record_id}","value":' if n == 7 else _encode(record.to_json())  # cut short
+        db.execute(f"INSERT INTO records ({COLUMNS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (record.record_id, record.measurement, record.to_json()["timestamp"], body, state, attempts,
+                    START - 900 + n, START + n, not_before, lease_until, status, error))
+    db.execute("INSERT INTO sampler_state VALUES ('ebs-storage', '2024-03-01T10:30:00Z', '{\"volumes\": 9}')")
+    db.execute("INSERT INTO sampler_state VALUES ('kept:paigo-dimensions', '', '[\"dim-storage\"]')")
+    rows = db.execute(f"SELECT {COLUMNS} FROM records ORDER BY seq").fetchall()
+    db.close()
+    return rows
+
+
+def test_a_schema_1_spool_keeps_every_record_and_state_and_works_as_before(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    before = old_spool(path)
+    clock = FakeClock(START)
+    spool = Spool(path, clock=clock)
+    try:
+        assert spool._db.execute("PRAGMA user_version").fetchone()[0] == 2
+        tables = dict(spool._db.execute("SELECT name, type FROM sqlite_master WHERE name LIKE 'record%'"))
+        assert tables["records"] == "view" and tables["record_bodies"] == tables["record_states"] == "table"
+        assert spool._db.execute(f"SELECT {COLUMNS} FROM records ORDER BY seq").fetchall() == before
+        assert spool.counts() == {"pending": 4, "leased": 1, "delivered": 2, "dead": 2}
+        assert spool.sampler_state("ebs-storage") == {"volumes": 9}
+        assert spool.kept("paigo-dimensions") == '["dim-storage"]'
+        assert [(r["id"], r["last_status"], r["last_error"]) for r in spool.rows("dead")] == [
+            (RECORDS[2].record_id, 400, "rejected: unknown customer"),
+            (RECORDS[7].record_id, None, "damaged in spool: JSONDecodeError")]
+
+        spool.claim()  # the dead agent's lease is released
+        # every id is spooled already, in every state, and most under another tick than this one
+        again = spool.commit_tick("ebs-storage", T0, RECORDS)
+        assert again.inserted == 0
+        new = make_record("cust-new", T0)
+        assert spool.commit_tick("ebs-storage", T0, [new]).inserted == 1
+        leased = [item.record.record_id for item in spool.lease_batch(100, 3600)]
+        assert leased == [RECORDS[n].record_id for n in (4, 5, 6, 8)] + [new.record_id]  # oldest first
+        spool.settle(delivered=leased[:2], dead=[Dead(leased[2], 422, "rejected")])
+        clock.advance_to(START + 600)  # the retry is due
+        assert [item.record.record_id for item in spool.lease_batch(100, 60)] == [RECORDS[3].record_id]
+        assert spool.counts() == {"pending": 0, "leased": 3, "delivered": 4, "dead": 3}
+    finally:
+        spool.close()
+
+
+def test_a_schema_1_spool_is_read_by_salvage_as_it_is(tmp_path: Path) -> None:
+    """A damaged spool of schema 1 is salvaged from its own layout into a fresh spool of schema 2."""
+    path = tmp_path / "spool.db"
+    before = old_spool(path)
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    (page,) = db.execute("SELECT pageno FROM dbstat WHERE name = 'records_by_state'").fetchone()
+    db.close()
+    data = bytearray(path.read_bytes())
+    data[(page - 1) * 4096:page * 4096] = bytes(4096)  # the state index is gone: integrity_check fails
+    path.write_bytes(bytes(data))
+    report = salvage(path).as_dict()
+    assert report["quarantined"] is not None and report["lost_at_most"] == 0
+    spool = Spool(path, clock=FakeClock(START))
+    try:
+        after = spool._db.execute("SELECT seq, id, body FROM records ORDER BY seq").fetchall()
+        counts = spool.counts()
+        version = spool._db.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        spool.close()
+    assert version == 2  # the fresh spool is of this agent's schema
+    assert after == [row[:2] + row[4:5] for row in before]
+    assert counts == {"pending": 5, "leased": 0, "delivered": 2, "dead": 2}  # leased: pending again
