@@ -1,9 +1,19 @@
-"""What tests share besides fixtures: a fake clock, a record factory, a deadline-bound wait."""
+"""What tests share besides fixtures: a fake clock, a record factory, a deadline-bound wait, the CLI run in-process."""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Mapping
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -94,3 +104,63 @@ def drain_on(forwarder: Any, spool: Any, clock: FakeClock, rounds: int) -> None:
             return
         clock.advance_to(due)
     raise AssertionError(f"not drained: {spool.counts()}")
+
+
+def cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`usage-agent *args` as ``agent.cli.main`` runs it in this process, ``env`` (if given) its whole
+    environment: the exit code, stdout and stderr a process would have had, without an interpreter's
+    start. Anything escaping main is printed as the interpreter prints it, "Traceback ..." and exit 1.
+    Not for what needs a process of its own: signals, kills, closed stdio (those run the console script)."""
+    import structlog
+
+    from agent.cli import main
+
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))  # .buffer too
+    saved_env, root = dict(os.environ), logging.getLogger()
+    handlers, level, logs = root.handlers[:], root.level, structlog.get_config()
+    signals = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's exit; a text one is printed and exits 1, as by the interpreter
+                code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+                if not isinstance(exc.code, (int, type(None))):
+                    print(exc.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+    finally:  # main configured logging and (for run) signal handlers for a process of its own
+        os.environ.clear()
+        os.environ.update(saved_env)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        structlog.configure(**logs)
+        for signum, handler in signals.items():
+            signal.signal(signum, handler)
+    text = [stream.buffer.getvalue().decode() for stream in (out, err)]  # type: ignore[attr-defined]
+    return subprocess.CompletedProcess(["usage-agent", *args], code, *text)
+
+
+_BATCH = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from tests.support import cli
+print(json.dumps([(done.returncode, done.stdout, done.stderr) for done in map(lambda a: cli(*a), json.load(sys.stdin))]))
+"""
+
+
+def cli_batch(*commands: Sequence[str], env: Mapping[str, str] | None = None,
+              timeout: float = 120) -> list[subprocess.CompletedProcess[str]]:
+    """Each of ``commands`` run by ``cli`` in one fresh interpreter of its own (one start for all of
+    them, and none of this process's state): for what must show a new process's behaviour, such as
+    that no traceback reaches the user. The child itself must exit 0 with nothing on its stderr."""
+    child = subprocess.run([sys.executable, "-c", _BATCH, str(Path(__file__).resolve().parent.parent)],
+                           input=json.dumps([list(c) for c in commands]), capture_output=True, text=True,
+                           timeout=timeout, env=dict(os.environ if env is None else env))
+    assert child.returncode == 0 and child.stderr == "", child.stderr[-4000:]
+    return [subprocess.CompletedProcess(["usage-agent", *c], code, out, err)
+            for c, (code, out, err) in zip(commands, json.loads(child.stdout), strict=True)]

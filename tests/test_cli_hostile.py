@@ -11,7 +11,7 @@ import pytest
 
 from agent.spool import Spool
 from tests.conftest import Aws, agent_command, backend_config, measurement, write_yaml
-from tests.test_cli import usage_agent
+from tests.support import cli, cli_batch
 
 
 def file_config(tmp_path: Path, **top: object) -> Path:
@@ -22,7 +22,7 @@ def file_config(tmp_path: Path, **top: object) -> Path:
 def test_validate_refuses_a_spool_shared_with_the_backend_file(tmp_path: Path) -> None:
     config = write_yaml(tmp_path / "agent.yaml", backend_config(
         {"type": "file", "path": "./x/../spool.db"}, tmp_path, measurement()))
-    done = usage_agent("validate", "-c", str(config))
+    done = cli("validate", "-c", str(config))
     assert done.returncode == 2, done.stdout
     assert f"backend.path: is the same file as spool.path ({tmp_path / 'spool.db'})" in done.stderr
 
@@ -40,7 +40,7 @@ def test_once_refuses_a_tick_that_has_not_begun_and_samples_the_one_in_progress(
     config = file_config(tmp_path)  # interval 1h: the next hour's tick begins after now
     for at, flags in (("9999-12-31T23:59:59Z", []), (_iso(now + timedelta(hours=1)), []),
                       (_iso(now + timedelta(hours=1)), ["--dry-run"])):
-        done = usage_agent("once", "-c", str(config), "--at", at, *flags)
+        done = cli("once", "-c", str(config), "--at", at, *flags)
         assert done.returncode == 2, done.stderr
         assert f"usage-agent once: --at {at}: tick " in done.stderr
         assert "of measurement ebs-storage is due at" in done.stderr and "Traceback" not in done.stderr
@@ -48,14 +48,14 @@ def test_once_refuses_a_tick_that_has_not_begun_and_samples_the_one_in_progress(
     assert not (tmp_path / "spool.db").exists() and not (tmp_path / "usage.jsonl").exists()
 
     # the tick in progress began at the hour: sampled, as the daemon samples it
-    done = usage_agent("once", "-c", str(config), "--at", _iso(now), "--dry-run")
+    done = cli("once", "-c", str(config), "--at", _iso(now), "--dry-run")
     assert done.returncode == 0, done.stderr
     assert '"value":"10"' in done.stdout.replace(" ", "")
 
 
 @pytest.mark.parametrize("at", ["0001-01-01T00:00:00Z", "1969-12-31T23:59:59Z", "9999-12-31T23:59:59-05:00"])
 def test_once_refuses_a_time_out_of_range(tmp_path: Path, at: str) -> None:
-    done = usage_agent("once", "-c", str(file_config(tmp_path)), "--at", at)
+    done = cli("once", "-c", str(file_config(tmp_path)), "--at", at)
     assert done.returncode == 2
     assert "argument --at: expected a time from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z" in done.stderr
     assert "Traceback" not in done.stderr
@@ -71,8 +71,7 @@ def test_spool_commands_need_only_the_spool_section(tmp_path: Path) -> None:
     Spool(tmp_path / "spool.db").close()
     env = {k: v for k, v in os.environ.items() if k != "PAIGO_CLIENT_ID"}
     for command in (["stats"], ["list"], ["replay"], ["purge", "--delivered-before", "2026-01-01T00:00:00Z"]):
-        done = subprocess.run([*agent_command(), "spool", *command, "-c", str(config)],
-                              capture_output=True, text=True, timeout=60, env=env)
+        done = cli("spool", *command, "-c", str(config), env=env)
         assert done.returncode == 0, (command, done.stderr)
     assert '"replayed": 0' in done.stdout or '"purged": 0' in done.stdout
 
@@ -82,7 +81,7 @@ def test_spool_commands_need_only_the_spool_section(tmp_path: Path) -> None:
 def test_spool_commands_refuse_a_spool_that_does_not_exist(tmp_path: Path, command: list[str]) -> None:
     config = write_yaml(tmp_path / "agent.yaml", backend_config(
         {"type": "file", "path": "usage.jsonl"}, tmp_path, spool={"path": "spoool.db"}))
-    done = usage_agent("spool", *command, "-c", str(config))
+    done = cli("spool", *command, "-c", str(config))
     assert done.returncode == 2, done.stdout
     assert done.stderr.splitlines() == [
         f"{config}: 1 error(s)", f"  spool.path: no spool at {tmp_path / 'spoool.db'}; spool commands never create one"]
@@ -123,20 +122,23 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 
 @pytest.mark.parametrize("command", [["validate"], ["validate", "--no-env"], ["spool", "stats"], ["iam-policy"]])
 def test_unusable_config_files_exit_2_without_a_traceback(tmp_path: Path, command: list[str]) -> None:
-    for name, (path, message) in _bad_inputs(tmp_path).items():
-        done = usage_agent(*command, "-c", str(path))
+    inputs = _bad_inputs(tmp_path)
+    runs = cli_batch(*([*command, "-c", str(path)] for path, _ in inputs.values()))  # a fresh process, started once
+    for (name, (path, message)), done in zip(inputs.items(), runs, strict=True):
         assert done.returncode == 2, (name, done.stderr)
         assert done.stderr.startswith(f"{path}: 1 error(s)\n  <root>: {message}"), (name, done.stderr)
         assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("flags", [["list", "--limit", "99999999999999999999999"], ["list", "--limit", "-1"],
-                                   ["replay", "--status", "99999999999999999999999"]])
-def test_spool_command_numbers_are_bounded(tmp_path: Path, flags: list[str]) -> None:
+def test_spool_command_numbers_are_bounded(tmp_path: Path) -> None:
     Spool(tmp_path / "spool.db").close()
-    done = usage_agent("spool", flags[0], "-c", str(file_config(tmp_path)), *flags[1:])
-    assert done.returncode == 2  # -1 was SQLite's "no limit"; 10**23 an OverflowError traceback
-    assert f"argument {flags[1]}: expected a whole number from" in done.stderr and "Traceback" not in done.stderr
+    cases = [["list", "--limit", "99999999999999999999999"], ["list", "--limit", "-1"],
+             ["replay", "--status", "99999999999999999999999"]]
+    config = str(file_config(tmp_path))
+    for flags, done in zip(cases, cli_batch(*(["spool", flags[0], "-c", config, *flags[1:]] for flags in cases)), strict=True):
+        assert done.returncode == 2, (flags, done.stderr)  # -1 was SQLite's "no limit"; 10**23 an OverflowError traceback
+        assert f"argument {flags[1]}: expected a whole number from" in done.stderr, (flags, done.stderr)
+        assert "Traceback" not in done.stderr, (flags, done.stderr)
 
 
 def test_an_invalid_config_exits_2_when_stderr_is_closed_early(tmp_path: Path) -> None:
@@ -159,7 +161,7 @@ def test_spool_commands_refuse_a_spool_path_that_is_the_config_file(tmp_path: Pa
     config = tmp_path / "agent.yaml"
     config.write_text("spool: {path: agent.yaml}\nbackend: {type: paigo, client_id: '${UNSET}'}\n")
     before = config.read_bytes()
-    done = usage_agent("spool", command, "-c", str(config))
+    done = cli("spool", command, "-c", str(config))
     assert done.returncode == 2, done.stdout
     assert done.stderr.splitlines() == [
         f"{config}: 1 error(s)", f"  spool.path: is the same file as the config file ({config}); give each its own file"]
