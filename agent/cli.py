@@ -346,10 +346,11 @@ def main(argv: list[str] | None = None, process: Process | None = None) -> int:
     if args.command == "run":
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: STOP_REQUESTED.set())
-    from agent.telemetry import configure_logging
+    if args.command != "validate":  # which logs nothing, so loads no structlog (tests/test_architecture.py)
+        from agent.telemetry import configure_logging
 
-    # the demo prints a report; its logs only say what went wrong unless asked for more
-    configure_logging(os.environ.get("LOG_LEVEL", "warning") if args.command == "demo" else None)
+        # the demo prints a report; its logs only say what went wrong unless asked for more
+        configure_logging(os.environ.get("LOG_LEVEL", "warning") if args.command == "demo" else None)
     process = process or Process()
     try:
         code = COMMANDS[args.command](args, process)

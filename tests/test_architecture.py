@@ -1,9 +1,15 @@
-"""The shape the package keeps: no import cycle among agent/ modules, no module over 400 lines."""
+"""The shape the package keeps: no import cycle among agent/ modules, no module over 400 lines,
+and commands that load only what they use (each CLI call pays for its imports)."""
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
+
+import yaml
 
 AGENT = Path(__file__).resolve().parents[1] / "agent"
 MAX_LINES = 400
@@ -72,3 +78,40 @@ def test_a_cycle_is_found() -> None:
 def test_no_module_over_400_lines() -> None:
     sizes = {str(p.relative_to(AGENT.parent)): len(p.read_text().splitlines()) for p in AGENT.rglob("*.py")}
     assert {path: n for path, n in sizes.items() if n > MAX_LINES} == {}
+
+
+# what sampling, metrics and the daemon's endpoints load: not for a command that reads config or the spool
+HEAVY = ("botocore", "boto3", "prometheus_client", "http.server", "lightkube", "httpx")
+
+
+def _loaded_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code``."""
+    probe = f"{code}\nimport sys, json\nprint(json.dumps(sorted(sys.modules)), file=sys.stderr)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                          cwd=AGENT.parent)
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stderr.splitlines()[-1]))
+
+
+def test_the_config_package_loads_no_aws_metrics_or_http() -> None:
+    assert {m for m in HEAVY if m in _loaded_after("import agent.config")} == set()
+
+
+def test_validate_loads_no_aws_metrics_or_http() -> None:
+    example = AGENT.parent / "config" / "paigo-ebs.yaml"
+    loaded = _loaded_after(f"from agent.cli import main\nassert main(['validate', '-c', {str(example)!r}, '--no-env']) == 0")
+    assert {m for m in (*HEAVY, "structlog") if m in loaded} == set()  # nor logging: validate logs nothing
+    assert "agent.samplers" in loaded  # the schema is generated from the registry: the probe did validate
+
+
+def test_spool_commands_load_only_the_spool_section_schema(tmp_path: Path) -> None:
+    from agent.spool import Spool
+
+    Spool(tmp_path / "spool.db").close()
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({"backend": {"type": "paigo"}, "spool": {"path": str(tmp_path / "spool.db")}}))
+    loaded = _loaded_after(f"from agent.cli import main\nassert main(['spool', 'stats', '-c', {str(config)!r}]) == 0")
+    assert "agent.spool" in loaded  # the probe did read the spool
+    unused = ("botocore", "boto3", "lightkube", "httpx",  # not prometheus_client: the spool counts into a Metrics
+              "agent.samplers", "agent.config.schema", "agent.config.backends", "agent.salvage")
+    assert {m for m in unused if m in loaded} == set()

@@ -10,19 +10,18 @@ YAML path (``measurements[1].interval``) into one ``ConfigError``.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from agent import settings
-from agent.config.backends import BACKEND_TYPES, SOURCE_PATTERN, Audit, Backend
-from agent.config.checks import measurement_problems, sync_problems, type_problems
 from agent.config.errors import path_order, pydantic_problems, under
 from agent.config.fields import parse_duration
 from agent.config.paths import overlaps
 from agent.config.reading import MAX_ALIAS_NODES, MAX_CONFIG_BYTES, UNSET_PLACEHOLDER, expand_env, read_yaml
-from agent.config.schema import AgentConfig, Measurement, SpoolSection
+from agent.config.spool import SpoolSection
 from agent.errors import ConfigError
 
 __all__ = [
@@ -30,9 +29,26 @@ __all__ = [
     "load_spool_config", "parse_audit", "parse_backend", "parse_config", "parse_duration", "parse_measurement",
 ]
 
-_MEASUREMENT: TypeAdapter[Any] = TypeAdapter(Measurement, config=ConfigDict(defer_build=True))
-_BACKEND: TypeAdapter[Any] = TypeAdapter(Backend, config=ConfigDict(defer_build=True))
-_AUDIT: TypeAdapter[Any] = TypeAdapter(Audit)
+# The schema of every section but the spool's (with the sampler registry it is generated from) is
+# imported when first used: the spool commands read only their section.
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("BACKEND_TYPES", "SOURCE_PATTERN"):
+        from agent.config import backends
+
+        return getattr(backends, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@cache
+def _adapter(section: str) -> TypeAdapter[Any]:
+    from agent.config.backends import Audit, Backend
+    from agent.config.schema import Measurement
+
+    return TypeAdapter({"measurement": Measurement, "backend": Backend, "audit": Audit}[section])
+
+
 _NOT_A_MAPPING = "expected a mapping with backend, spool, server and measurements"
 Problems = list[tuple[str, str]]
 
@@ -61,6 +77,9 @@ def _validate(
     """The config and the expanded document; ConfigError with every problem. ``no_env``: an
     unset ``${VAR}`` and what is built from it are not checked, ``*_file`` secrets are not read,
     and the config is None when a value from an unset variable kept it from being built."""
+    from agent.config.checks import measurement_problems, sync_problems, type_problems
+    from agent.config.schema import AgentConfig
+
     if not isinstance(raw, dict):
         raise ConfigError(source, [("", _NOT_A_MAPPING)])
     expanded, problems, skip = _expanded(raw, env, no_env)
@@ -90,7 +109,7 @@ def _valid_measurements(cfg: settings.AgentConfig | None, raw: Any,
     valid = []
     for i, item in enumerate(raw if isinstance(raw, list) else ()):
         try:
-            valid.append((i, _MEASUREMENT.validate_python(item, context=context).to_settings()))
+            valid.append((i, _adapter("measurement").validate_python(item, context=context).to_settings()))
         except ValidationError:
             continue  # its errors are reported with the document's
     return valid
@@ -98,9 +117,11 @@ def _valid_measurements(cfg: settings.AgentConfig | None, raw: Any,
 
 def parse_measurement(raw: dict[str, Any], source: str = "<measurement>") -> settings.Measurement:
     """One YAML measurement (no ``${VAR}``s) checked as ``measurements[0]`` of a config would be."""
+    from agent.config.checks import measurement_problems, type_problems
+
     m, problems = None, measurement_problems([raw])
     try:
-        m = _MEASUREMENT.validate_python(raw).to_settings()
+        m = _adapter("measurement").validate_python(raw).to_settings()
     except ValidationError as exc:
         problems += pydantic_problems(exc, ("measurements", 0))
     problems += type_problems([(0, m)] if m else [])
@@ -111,17 +132,17 @@ def parse_measurement(raw: dict[str, Any], source: str = "<measurement>") -> set
 
 def parse_backend(raw: dict[str, Any], source: str = "<backend>") -> settings.Backend:
     """One YAML ``backend`` section (no ``${VAR}``s, ``*_file`` paths as given)."""
-    return _section(_BACKEND, "backend", raw, source)  # type: ignore[no-any-return]
+    return _section("backend", raw, source)  # type: ignore[no-any-return]
 
 
 def parse_audit(raw: dict[str, Any], source: str = "<audit>") -> settings.Audit:
     """One YAML ``audit`` section."""
-    return _section(_AUDIT, "audit", raw, source)  # type: ignore[no-any-return]
+    return _section("audit", raw, source)  # type: ignore[no-any-return]
 
 
-def _section(adapter: TypeAdapter[Any], key: str, raw: dict[str, Any], source: str) -> Any:
+def _section(key: str, raw: dict[str, Any], source: str) -> Any:
     try:
-        return adapter.validate_python(raw).to_settings()
+        return _adapter(key).validate_python(raw).to_settings()
     except ValidationError as exc:
         raise ConfigError(source, sorted(pydantic_problems(exc, (key,)), key=path_order)) from None
 

@@ -7,7 +7,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.config.backends import BACKEND_TYPES
 from agent.config.reading import key_path
 
 _MESSAGES = {
@@ -28,6 +27,8 @@ def under(where: str, paths: set[str]) -> bool:
 
 def pydantic_problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
     """pydantic's errors at their YAML paths; ``prefix``: where the validated value sits in the document."""
+    from agent.config.backends import BACKEND_TYPES  # here: the spool commands' config needs no backend schema
+
     problems = []
     for err in exc.errors(include_url=False):
         where = _format_loc((*prefix, *err["loc"]))
@@ -41,6 +42,8 @@ def pydantic_problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) 
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
+    from agent.config.backends import BACKEND_TYPES
+
     out = ""
     for i, part in enumerate(loc):
         if isinstance(part, int):

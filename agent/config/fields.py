@@ -158,6 +158,7 @@ def _plain(value: Any) -> Any:
 
 
 class Model(BaseModel):
+    # validators are built on first use: a command builds the one schema it validates with, once
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, defer_build=True)
 
     plain: ClassVar[type | None] = None  # the agent.settings class this section becomes

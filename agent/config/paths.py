@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.config.schema import Spool
+from agent.config.spool import Spool
 
 _SPOOL_COMPANIONS = ("-wal", "-shm", "-journal", ".lock")  # SQLite's files beside the spool, and its lock
 _SALVAGE_COPY = re.compile(r"\.(corrupt|salvage|reading)-")  # what `spool salvage` writes beside it

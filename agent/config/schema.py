@@ -26,6 +26,7 @@ from agent.config.backends import Audit, Backend
 from agent.config.kube import Kubernetes
 from agent.config.fields import Duration, ExternalId, MetadataValue, Model, RoleArn, Text, check_role_arn, listed_once
 from agent.samplers import REGISTRY, SamplerSpec
+from agent.config.spool import Spool
 from agent.settings import ALL_REGIONS
 
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+$")
@@ -257,15 +258,6 @@ class Sampling(Model):
     per_account_region: int = Field(default=2, ge=1, le=32)  # stays inside EC2's Describe throttling bucket
 
 
-class Spool(Model):
-    plain = settings.Spool
-
-    path: str = "/var/lib/usage-agent/spool.db"
-    max_records: int = Field(default=1_000_000, ge=1, le=10**12)
-    retention: Duration = timedelta(days=7)  # delivered records are kept this long, then deleted
-    alert_after: Duration = timedelta(hours=1)  # an error is logged while a record waits longer
-
-
 class Server(Model):
     plain = settings.Server
 
@@ -306,11 +298,3 @@ class AgentConfig(Model):
     audit: Audit | None = None
     measurements: list[Measurement] = Field(default_factory=list)  # at least one without paigo_sync (checks.py)
     paigo_sync: PaigoSync | None = None
-
-
-class SpoolSection(Model):
-    """Only what the ``spool`` commands read: the rest of the file is not looked at."""
-
-    spool: Spool = Field(default_factory=Spool)
-
-
