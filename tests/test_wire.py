@@ -300,7 +300,7 @@ def test_bytes_past_the_end_of_an_answer_leave_the_connection_unused(peers) -> N
 
 
 @pytest.mark.parametrize("raw", [
-    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
     b"5;ext=1\r\n{\"mes\r\nb\r\nsage\":\"ok\"}\r\n0\r\nX-Trailer: 1\r\n\r\n",
     b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"message\":\"ok\"}",
 ], ids=["continue-then-chunked", "http-1.0-to-the-close"])
@@ -313,7 +313,7 @@ def test_chunked_and_close_delimited_answers_are_read_whole(peers, raw: bytes) -
     for _ in range(2):
         answer = post(client, peer.url)
         assert answer.complete and answer.body == b'{"message":"ok"}'
-    assert peer.accepted == 2  # neither connection was kept: the peer closed each
+    assert peer.accepted == 2  # neither connection was kept: the peer said it closes each
 
 
 @pytest.mark.parametrize("content", [b"{}", b""])
