@@ -316,6 +316,16 @@ def test_chunked_and_close_delimited_answers_are_read_whole(peers, raw: bytes) -
     assert peer.accepted == 2  # neither connection was kept: the peer said it closes each
 
 
+@pytest.mark.parametrize("chunks", [
+    b"-3\r\nhello world\r\n0\r\n\r\n", b"0x5\r\nhello\r\n0\r\n\r\n", b"1_0\r\n0123456789abcdef\r\n0\r\n\r\n",
+    b"3\r\nhello\r\n0\r\n\r\n",
+], ids=["negative", "0x-prefix", "underscore", "data-past-the-size"])
+def test_a_malformed_chunk_is_a_protocol_error(peers, chunks: bytes) -> None:
+    peer = peers(answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks))
+    with pytest.raises(httpx.RemoteProtocolError, match="chunk"):
+        post(http_client(10.0, 2), peer.url, timeout=0.5)
+
+
 @pytest.mark.parametrize("content", [b"{}", b""])
 @pytest.mark.parametrize("method", ["POST", "GET"])
 def test_a_request_carries_the_headers_httpx_would_give_it(method: str, content: bytes) -> None:

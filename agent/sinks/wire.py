@@ -40,6 +40,7 @@ _ILLEGAL_VALUE = re.compile(rb"\n(?![ \t])|\r(?![ \t\n])")
 _ILLEGAL_TARGET = re.compile("[\x00-\x20\x7f]")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _LINE_END = re.compile(rb"\r?\n")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 def _left(deadline: float, expired: type[httpx.TimeoutException]) -> float:
@@ -282,13 +283,12 @@ class _Reply(httpx.SyncByteStream):
 
     def _read_chunk(self) -> bytes:
         if not self._left:  # at a chunk's size line
-            if self._left == 0:
-                self._line()  # the CRLF after the previous chunk's data
+            if self._left == 0 and self._line():  # the CRLF after the previous chunk's data, and nothing more
+                raise httpx.RemoteProtocolError("the answer's body: a chunk longer than its size")
             size = self._line().split(b";", 1)[0].strip()
-            try:
-                self._left = int(size, 16)
-            except ValueError:
-                raise httpx.RemoteProtocolError(f"the answer's body: a bad chunk size {size[:20]!r}") from None
+            if not _CHUNK_SIZE.fullmatch(size):
+                raise httpx.RemoteProtocolError(f"the answer's body: a bad chunk size {size[:20]!r}")
+            self._left = int(size, 16)
             if self._left == 0:
                 while self._line():  # trailers, up to the empty line
                     pass
