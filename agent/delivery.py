@@ -117,22 +117,26 @@ class Delivery:
 
         threads = [threading.Thread(target=work, name=f"{self.sink.name}-send-{i}", daemon=True)
                    for i in range(workers)]
-        for thread in threads:
-            thread.start()
+        failure: BaseException | None = None
         try:
+            for thread in threads:
+                thread.start()
             running = workers
             while running:
                 item = done.get()
                 if item is None:
                     running -= 1
                 elif isinstance(item, BaseException):
-                    raise item
+                    failure = failure or item  # raised once the other workers' outcomes are yielded
                 else:
                     yield from item
+            if failure is not None:
+                raise failure
         finally:
             abandoned.set()
             for thread in threads:
-                thread.join()  # sends in flight end within their own deadline
+                if thread.ident is not None:  # started
+                    thread.join()  # sends in flight end within their own deadline
 
     def _batch(self, batch: Sequence[Encoded], stop: threading.Event) -> Iterator[tuple[UsageRecord, Outcome]]:
         """One batch as one request; when the backend rejects it (4xx) and does not say which

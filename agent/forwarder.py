@@ -128,13 +128,16 @@ class Forwarder:
         self._attempts.update({item.record.record_id: item.attempts for item in leased})
         self._warn_past_dedup_window([item.record for item in leased])
         settled: list[tuple[UsageRecord, Outcome]] = []
-        for record, outcome in self._delivery.deliver([item.record for item in leased], self.stopping):
-            self._watch(outcome)
-            settled.append((record, outcome))
-            if len(settled) >= self._settle_every:
+        try:
+            for record, outcome in self._delivery.deliver([item.record for item in leased], self.stopping):
+                self._watch(outcome)
+                settled.append((record, outcome))
+                if len(settled) >= self._settle_every:
+                    group, settled = settled, []
+                    self._settle(group, result)
+        finally:  # whatever interrupted delivery, the outcomes known are written: those records are not sent again
+            if settled:
                 self._settle(settled, result)
-                settled = []
-        self._settle(settled, result)
         return result
 
     def _warn_past_dedup_window(self, records: list[UsageRecord]) -> None:

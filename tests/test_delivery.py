@@ -234,3 +234,32 @@ def test_backoff_is_exponential_capped_and_jittered(tmp_path: Path, paigo: Paigo
         assert all(ceiling / 2 <= w <= ceiling for w in waits)
         assert len(set(waits)) > 1  # jittered
     p.close()
+
+
+class RenderFails(PaigoSink):
+    """Paigo, with a bug (not an I/O failure) in building one record's request."""
+
+    poison = ""
+
+    def render(self, elements: Any) -> httpx.Request:
+        if self.poison.encode() in elements[0]:
+            raise RuntimeError("a bug rendering one request")
+        return super().render(elements)
+
+
+def test_a_bug_in_one_send_loses_no_outcome_of_the_others(paigo: PaigoContractServer, tmp_path: Path) -> None:
+    cfg = backend(paigo, max_in_flight=4)
+    clock, metrics = FakeClock(), Metrics()
+    client = client_for(cfg.timeout.total_seconds())
+    sink = RenderFails(cfg, client, metrics, clock)
+    p = Pipeline.over(sink, tmp_path / "spool.db", clock, client=client, metrics=metrics)
+    records = make_records(8)
+    sink.poison = records[0].record_id
+    paigo.script("/usage", *[Fault(delay=0.1) for _ in range(7)])  # the others still in flight when the bug raises
+    p.enqueue(records)
+    with pytest.raises(RuntimeError, match="a bug rendering"):
+        p.forwarder.pump()
+    assert p.spool.counts() == {"pending": 0, "leased": 1, "delivered": 7, "dead": 0}
+    assert p.forwarder.pump().leased == 0  # the 7 the backend took are not sent again
+    assert paigo.accepted_ids() == {r.record_id for r in records[1:]} and paigo.usage_requests == 7
+    p.close()

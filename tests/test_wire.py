@@ -300,7 +300,7 @@ def test_bytes_past_the_end_of_an_answer_leave_the_connection_unused(peers) -> N
 
 
 @pytest.mark.parametrize("raw", [
-    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
     b"5;ext=1\r\n{\"mes\r\nb\r\nsage\":\"ok\"}\r\n0\r\nX-Trailer: 1\r\n\r\n",
     b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"message\":\"ok\"}",
 ], ids=["continue-then-chunked", "http-1.0-to-the-close"])
@@ -313,7 +313,59 @@ def test_chunked_and_close_delimited_answers_are_read_whole(peers, raw: bytes) -
     for _ in range(2):
         answer = post(client, peer.url)
         assert answer.complete and answer.body == b'{"message":"ok"}'
-    assert peer.accepted == 2  # neither connection was kept: the peer closed each
+    assert peer.accepted == 2  # neither connection was kept: the peer said it closes each
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 " + b"2" * 5000 + b" OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: " + b"1" * 5000 + b"\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nhello",
+    b"HTTP/1.2 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1x 200 OK\r\nContent-Length: 0\r\n\r\n",
+], ids=["status-of-5000-digits", "length-of-5000-digits", "two-lengths", "negative-length", "http-1.2", "http-1.1x"])
+def test_a_malformed_head_is_a_protocol_error(peers, raw: bytes) -> None:
+    peer = peers(answering(raw))
+    with pytest.raises(httpx.RemoteProtocolError, match="no HTTP"):
+        post(http_client(10.0, 2), peer.url, timeout=0.5)
+
+
+@pytest.mark.parametrize("chunks", [
+    b"-3\r\nhello world\r\n0\r\n\r\n", b"0x5\r\nhello\r\n0\r\n\r\n", b"1_0\r\n0123456789abcdef\r\n0\r\n\r\n",
+    b"3\r\nhello\r\n0\r\n\r\n",
+], ids=["negative", "0x-prefix", "underscore", "data-past-the-size"])
+def test_a_malformed_chunk_is_a_protocol_error(peers, chunks: bytes) -> None:
+    peer = peers(answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks))
+    with pytest.raises(httpx.RemoteProtocolError, match="chunk"):
+        post(http_client(10.0, 2), peer.url, timeout=0.5)
+
+
+@pytest.mark.parametrize("interim", [b"HTTP/1.1 102 Processing\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"],
+                         ids=["102", "103"])
+def test_interim_answers_precede_the_answer(peers, interim: bytes) -> None:
+    peer = peers(answering(interim + OK))
+    answer = post(http_client(10.0, 2), peer.url)
+    assert answer.status == 200 and answer.body == b'{"message":"ok"}'
+
+
+def test_answers_without_a_body_or_a_length_keep_the_connection(peers) -> None:
+    peer = peers(answering(b"HTTP/1.1 204 No Content\r\nDate: Tue, 01 Dec 2026 10:00:00 GMT\r\n\r\n"))  # as Go sends it
+    client = http_client(10.0, 2)
+    for _ in range(5):
+        assert post(client, peer.url).status == 204
+    assert peer.accepted == 1
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+], ids=["length-and-chunked", "switching-protocols"])
+def test_an_answer_framed_two_ways_or_switching_protocols_drops_the_connection(peers, raw: bytes) -> None:
+    peer = peers(answering(raw))
+    client = http_client(10.0, 2)
+    for _ in range(2):
+        post(client, peer.url)
+    assert peer.accepted == 2
 
 
 @pytest.mark.parametrize("content", [b"{}", b""])

@@ -40,6 +40,9 @@ _ILLEGAL_VALUE = re.compile(rb"\n(?![ \t])|\r(?![ \t\n])")
 _ILLEGAL_TARGET = re.compile("[\x00-\x20\x7f]")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _LINE_END = re.compile(rb"\r?\n")
+_STATUS_LINE = re.compile(rb"(HTTP/1\.[01])[ \t]+([1-9][0-9]{2})(?:[ \t](.*))?")
+_LENGTH = re.compile(rb"[0-9]{1,19}")  # bounded, as _CHUNK_SIZE: int() of 5,000 digits raises ValueError
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 def _left(deadline: float, expired: type[httpx.TimeoutException]) -> float:
@@ -188,13 +191,9 @@ class _Reply(httpx.SyncByteStream):
         self._sock: _Socket = connection.sock  # type: ignore[assignment]
         self._buffer = bytearray()
         while True:
-            head = self._read_head()
-            self._parse(head)
-            if self.status != 100:  # 100 Continue precedes the answer
+            self._parse(self._read_head(), method)
+            if not 100 <= self.status < 200 or self.status == 101:  # 100, 102, 103 … precede the answer
                 break
-        if method == "HEAD" or self.status in (204, 304) or self.status < 200:
-            self._left: int | None = 0
-            self._chunked = False
         self.ended = self._left == 0 and not self._chunked
 
     def _read_head(self) -> list[bytes]:
@@ -212,13 +211,11 @@ class _Reply(httpx.SyncByteStream):
         del self._buffer[:end.end()]
         return _LINE_END.split(head)
 
-    def _parse(self, lines: list[bytes]) -> None:
-        status_line = lines[0].split(None, 2)
-        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1.") or not status_line[1].isdigit() \
-                or not 100 <= int(status_line[1]) <= 999:
+    def _parse(self, lines: list[bytes], method: str) -> None:
+        if (status_line := _STATUS_LINE.fullmatch(lines[0])) is None:
             raise _protocol_error(f"status line {lines[0][:80]!r}")
-        self.status = int(status_line[1])
-        self.reason = status_line[2].strip() if len(status_line) > 2 else b""
+        self.status = int(status_line[2])
+        self.reason = (status_line[3] or b"").strip()
         if len(lines) > HEADERS_MAX + 1:
             raise _protocol_error(f"more than {HEADERS_MAX} headers")
         headers: list[tuple[bytes, bytes]] = []
@@ -233,15 +230,19 @@ class _Reply(httpx.SyncByteStream):
         self.headers = headers
         found = {name.lower(): value for name, value in reversed(headers)}  # the first of each, as http.client
         connection = found.get(b"connection", b"").lower()
-        if status_line[0] == b"HTTP/1.0":
-            self.will_close = b"keep-alive" not in connection and b"keep-alive" not in found
-        else:
-            self.will_close = b"close" in connection
-        self._chunked = found.get(b"transfer-encoding", b"").lower() == b"chunked"
-        length = found.get(b"content-length", b"")
-        self._left = int(length) if not self._chunked and length.isdigit() else None
-        if self._left is None and not self._chunked:
-            self.will_close = True  # the body ends when the connection does
+        kept = b"keep-alive" in connection or b"keep-alive" in found
+        self.will_close = not kept if status_line[1] == b"HTTP/1.0" else b"close" in connection
+        lengths = {part.strip() for name, value in headers if name.lower() == b"content-length"
+                   for part in value.split(b",")}  # "5, 5" is one length; two different ones are none
+        if len(lengths) > 1 or not all(_LENGTH.fullmatch(length) for length in lengths):
+            raise _protocol_error(f"Content-Length {b', '.join(sorted(lengths))[:80]!r}")
+        encoding = found.get(b"transfer-encoding")
+        no_body = method == "HEAD" or self.status in (204, 304) or self.status < 200  # whatever the headers say
+        self._chunked = not no_body and encoding is not None and encoding.lower() == b"chunked"
+        self._left: int | None = 0 if no_body else None if self._chunked or not lengths else int(min(lengths))
+        # not reused: framed two ways, a body up to the close, or another protocol from here on (101)
+        self.will_close |= (bool(lengths) and encoding is not None) or (self._left is None and not self._chunked) \
+            or self.status == 101
 
     def _fill(self) -> bool:
         data = self._sock.recv(_CHUNK)
@@ -282,13 +283,12 @@ class _Reply(httpx.SyncByteStream):
 
     def _read_chunk(self) -> bytes:
         if not self._left:  # at a chunk's size line
-            if self._left == 0:
-                self._line()  # the CRLF after the previous chunk's data
+            if self._left == 0 and self._line():  # the CRLF after the previous chunk's data, and nothing more
+                raise httpx.RemoteProtocolError("the answer's body: a chunk longer than its size")
             size = self._line().split(b";", 1)[0].strip()
-            try:
-                self._left = int(size, 16)
-            except ValueError:
-                raise httpx.RemoteProtocolError(f"the answer's body: a bad chunk size {size[:20]!r}") from None
+            if not _CHUNK_SIZE.fullmatch(size):
+                raise httpx.RemoteProtocolError(f"the answer's body: a bad chunk size {size[:20]!r}")
+            self._left = int(size, 16)
             if self._left == 0:
                 while self._line():  # trailers, up to the empty line
                     pass
@@ -346,9 +346,11 @@ class WireTransport(httpx.BaseTransport):
                 connection.connect()
             connection.sock.sendall(head + request.read())  # type: ignore[union-attr]  # one write: the peer wakes once
             return _Reply(self, origin, connection, request.method)
-        except BaseException:
+        except BaseException as exc:
             connection.close()
             self._slots.release()
+            if isinstance(exc, ValueError):  # a parse gone wrong on what the peer sent: its fault, an httpx error
+                raise _protocol_error(str(exc)[:200]) from exc
             raise
 
     def _head(self, request: httpx.Request, origin: tuple[str, str, int]) -> bytes:
