@@ -15,8 +15,8 @@ from agent.forwarder import Forwarder
 from agent.records import UsageRecord
 from agent.sinks import build_backend
 from agent.spool import Spool
-from tests.conftest import Aws, agent_command, backend_config, measurement
-from tests.support import FakeClock
+from tests.conftest import Aws, backend_config, measurement
+from tests.support import FakeClock, cli
 from tests.test_runtime import new_agent
 
 AT = datetime(2026, 11, 21, 10, 7, 30, tzinfo=timezone.utc)  # inside the 15-minute tick 10:00
@@ -65,8 +65,8 @@ def sample_and_forward(backend: dict[str, Any], tmp_path: Path, spool_name: str 
 
 
 def usage_agent(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*agent_command(), *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    """`usage-agent *args` in-process, with ``env`` added to this process's environment."""
+    return cli(*args, env={**os.environ, **(env or {})})
 
 
 def spool_text(path: Path) -> str:

@@ -1,4 +1,5 @@
-"""The CLI as a user runs it: real `usage-agent` processes, moto server, Paigo-contract server."""
+"""The CLI as a user runs it: its commands in-process (tests.support.cli), the daemon a real `usage-agent`
+process; moto server, Paigo-contract server."""
 
 from __future__ import annotations
 
@@ -13,13 +14,9 @@ import jsonschema
 from agent.spool import Spool
 from agent.testing.paigo_server import Fault, PaigoContractServer, usage_record_schema
 from tests.conftest import DIMENSION, Aws, agent_command, measurement, write_config
-from tests.support import wait_for
+from tests.support import cli, wait_for
 
 AT = "2026-11-21T10:07:30Z"  # inside the 15-minute tick 10:00-10:15, so T = 10:00
-
-
-def usage_agent(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*agent_command(), *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
 
 
 def seed(aws: Aws) -> None:
@@ -37,7 +34,7 @@ def test_once_delivers_hand_computed_records(aws: Aws, paigo: PaigoContractServe
         measurement(name="ebs-gib-hours", mode="time_weighted", per="hour", dimension_id="dim-hours",
                     regions=["us-east-1", "eu-west-1"]),
     )
-    done = usage_agent("once", "-c", str(config), "--at", AT)
+    done = cli("once", "-c", str(config), "--at", AT)
     assert done.returncode == 0, done.stderr
 
     got = {(b["dimensionId"], b["customerId"]): b for b in paigo.accepted}
@@ -56,9 +53,9 @@ def test_once_delivers_hand_computed_records(aws: Aws, paigo: PaigoContractServe
 def test_rerunning_the_same_tick_sends_nothing_new(aws: Aws, paigo: PaigoContractServer, tmp_path: Path) -> None:
     seed(aws)
     config = write_config(paigo, tmp_path, measurement(regions=["us-east-1", "eu-west-1"]))
-    assert usage_agent("once", "-c", str(config), "--at", AT).returncode == 0
+    assert cli("once", "-c", str(config), "--at", AT).returncode == 0
     first = paigo.usage_requests
-    again = usage_agent("once", "-c", str(config), "--at", "2026-11-21T10:14:59Z")
+    again = cli("once", "-c", str(config), "--at", "2026-11-21T10:14:59Z")
     assert again.returncode == 0, again.stderr
     assert paigo.usage_requests == first == 2
     spool = Spool(tmp_path / "spool.db")
@@ -71,7 +68,7 @@ def test_dry_run_prints_valid_bodies_and_writes_and_sends_nothing(
 ) -> None:
     seed(aws)
     config = write_config(paigo, tmp_path, measurement(regions=["us-east-1", "eu-west-1"], group_by="resource"))
-    done = usage_agent("once", "-c", str(config), "--at", AT, "--dry-run")
+    done = cli("once", "-c", str(config), "--at", AT, "--dry-run")
     assert done.returncode == 0, done.stderr
 
     bodies = [json.loads(line) for line in done.stdout.splitlines()]
@@ -87,7 +84,7 @@ def test_once_exits_1_when_a_record_is_rejected(aws: Aws, paigo: PaigoContractSe
     seed(aws)
     paigo.reject = lambda body: body["customerId"] == "globex"
     config = write_config(paigo, tmp_path, measurement(regions=["us-east-1", "eu-west-1"]))
-    done = usage_agent("once", "-c", str(config), "--at", AT)
+    done = cli("once", "-c", str(config), "--at", AT)
     assert done.returncode == 1
     assert {b["customerId"] for b in paigo.accepted} == {"acme"}
     assert "record dead-lettered" in done.stderr
@@ -97,7 +94,10 @@ def test_once_exits_1_when_the_backend_stays_down(aws: Aws, paigo: PaigoContract
     seed(aws)
     paigo.script("/usage", *[Fault(status=503, retry_after="0") for _ in range(10_000)])  # outlasts --timeout
     config = write_config(paigo, tmp_path, measurement(regions=["us-east-1"]))
-    done = usage_agent("once", "-c", str(config), "--at", AT, "--timeout", "1s")
+    # a process of its own: a deadline landing between a lease and its send leaves the record leased (the
+    # next run's claim releases it), which the backend's threads sharing the agent's GIL make likelier
+    done = subprocess.run([*agent_command(), "once", "-c", str(config), "--at", AT, "--timeout", "1s"],
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert done.returncode == 1
     spool = Spool(tmp_path / "spool.db")
     assert spool.counts()["pending"] == 1  # kept for the next run, not dropped
@@ -108,7 +108,7 @@ def test_invalid_config_exits_2_for_every_command(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("backend: {type: paigo}\nmeasurements: []\n")
     for command in (["validate"], ["once"], ["once", "--dry-run"], ["run"], ["iam-policy"]):
-        done = usage_agent(*command, "-c", str(config))
+        done = cli(*command, "-c", str(config))
         assert done.returncode == 2, command
         assert "backend.client_id: required key is missing" in done.stderr
 

@@ -4,8 +4,6 @@ server across two accounts and two regions, each record compared with a hand-com
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -15,7 +13,8 @@ import boto3
 import yaml
 
 from agent.testing.paigo_server import PaigoContractServer
-from tests.conftest import ACCOUNT, ROLE_ARN, Aws, agent_command, backend_config, config_dict, measurement, write_yaml
+from tests.conftest import ACCOUNT, ROLE_ARN, Aws, backend_config, config_dict, measurement, write_yaml
+from tests.support import cli
 
 T = datetime(2026, 11, 21, 10, 0, tzinfo=timezone.utc)
 OTHER = "222222222222"
@@ -130,8 +129,7 @@ def test_every_resource_type(aws: Aws, paigo: PaigoContractServer, tmp_path: Pat
     ]
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump(config_dict(paigo, tmp_path, *measurements)))
-    out = subprocess.run([*agent_command(), "once", "-c", str(path), "--at", "2026-11-21T10:00:00Z", "--dry-run"],
-                         capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    out = cli("once", "-c", str(path), "--at", "2026-11-21T10:00:00Z", "--dry-run")
     assert out.returncode == 0, out.stderr
     bodies = [json.loads(line) for line in out.stdout.splitlines()]
     got = {(b["metadata"]["measurement"], b["customerId"]): Decimal(b["recordValue"]) for b in bodies}
@@ -266,8 +264,7 @@ def _once(tmp_path: Path, measurements: list[dict[str, Any]]) -> list[dict[str, 
     """The records ``once --dry-run`` would write to a file backend (the agent's own record shape)."""
     path = write_yaml(tmp_path / "agent.yaml", backend_config({"type": "file", "path": str(tmp_path / "usage.jsonl")},
                                                               tmp_path, *measurements))
-    out = subprocess.run([*agent_command(), "once", "-c", str(path), "--at", "2026-11-21T10:00:00Z", "--dry-run"],
-                         capture_output=True, text=True, timeout=180, env=dict(os.environ))
+    out = cli("once", "-c", str(path), "--at", "2026-11-21T10:00:00Z", "--dry-run")
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines()]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from agent.iam import plan, principal_of, render_terraform
 from agent.metrics import Metrics
 from agent.spool import Spool
 from agent.testing.paigo_server import PaigoContractServer
-from tests.conftest import ACCOUNT, EXTERNAL_ID, ROLE_ARN, Aws, agent_command, make_config, measurement, write_config
+from tests.conftest import ACCOUNT, EXTERNAL_ID, ROLE_ARN, Aws, make_config, measurement, write_config
+from tests.support import cli
 from tests.test_runtime import new_agent
 
 AT = datetime(2026, 11, 21, 10, 7, tzinfo=timezone.utc)
@@ -31,8 +31,7 @@ ROOT = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}  # m
 
 
 def iam_policy(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*agent_command(), "iam-policy", "-c", str(config), *args], capture_output=True,
-                          text=True, timeout=60, env=dict(os.environ))
+    return cli("iam-policy", "-c", str(config), *args)  # in-process: output and exit code only
 
 
 @dataclass

@@ -4,7 +4,6 @@ contract server and moto, through an assumed role with an external id."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,9 +31,9 @@ from agent.spool import Spool
 from agent.testing.paigo_server import Fault, PaigoContractServer, example_dimension
 from agent.testing.server import Answer
 from agent.ticks import Agent
-from tests.conftest import (CLIENT_ID, CLIENT_SECRET, EXTERNAL_ID, ROLE_ARN, Aws, agent_command, measurement,
+from tests.conftest import (CLIENT_ID, CLIENT_SECRET, EXTERNAL_ID, ROLE_ARN, Aws, measurement,
                             write_yaml)
-from tests.support import FakeClock, drain_on
+from tests.support import FakeClock, cli, drain_on
 
 EAST, WEST = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
 AGENT_BASED, AZURE = "33333333-3333-4333-8333-333333333333", "44444444-4444-4444-8444-444444444444"
@@ -72,7 +71,7 @@ def document(paigo: PaigoContractServer, tmp_path: Path, *measurements: dict[str
 
 
 def usage_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*agent_command(), *args], capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    return cli(*args)  # in-process: these commands need no process of their own
 
 
 def delivered(paigo: PaigoContractServer) -> dict[tuple[str, str, str], str]:
