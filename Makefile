@@ -22,9 +22,12 @@ $(BENCH_STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/usage-agent demo
 
-# one worker per core (pytest-xdist); worksteal keeps both busy when a long crash test comes last
+# one worker per core (pytest-xdist); worksteal keeps both busy when a long crash test comes last.
+# Bytecode is cached under .venv even where PYTHONDONTWRITEBYTECODE is set: the suite starts the
+# CLI as a process over a hundred times, and each would compile every module it imports again.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --numprocesses=auto --dist=worksteal
+	env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX=$(CURDIR)/$(VENV)/pycache \
+		$(BIN)/python -m pytest -q --numprocesses=auto --dist=worksteal
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
