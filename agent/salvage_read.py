@@ -35,7 +35,7 @@ from typing import Any
 
 from agent.records import UsageRecord, format_timestamp, parse_timestamp
 from agent.salvage_walk import layout_of, seq_probes, state_probes, walk
-from agent.spool_files import STATES, UNTIMED
+from agent.spool_files import STATES, UNTIMED, UNTIMED_IDS
 from agent.spool_rows import parse_body
 
 _RECORD_ID = re.compile(rb"[0-9a-f]{32}")  # record_id(): 32 hex digits; garbage never looks like one
@@ -190,7 +190,7 @@ class _Salvager:
         seq, rid, measurement, tick, body, state, attempts, created, updated, not_before, status, error = row.values
         if row.at is None:  # a damaged row: its time from the index, else its tick, else none (the id is guarded)
             row.at = self.index_at.get(seq) or _time(tick) or UNTIMED
-            if row.at == UNTIMED and not self.fresh.execute(
+            if row.at == UNTIMED and not self.fresh.execute(UNTIMED_IDS).execute(
                     "INSERT OR IGNORE INTO untimed_ids (id) VALUES (?)", (rid,)).rowcount:
                 return  # the same id at another seq (a garbled key) is copied already
         cursor = self.fresh.execute(

@@ -24,8 +24,8 @@ from agent.clock import Clock, SystemClock
 from agent.records import UsageRecord, format_timestamp
 from agent.errors import SpoolDiskLowError, SpoolError, SpoolFullError
 from agent.metrics import Metrics
-from agent.spool_files import (MIN_FREE_BYTES, STATES, Reserve, acquire_lock, free_bytes, open_database,
-                               open_failure, spool_lock)
+from agent.spool_files import (MIN_FREE_BYTES, STATES, Reserve, acquire_lock, free_bytes, has_untimed_ids,
+                               open_database, open_failure, spool_lock)
 from agent.spool_inspect import SpoolInspection
 from agent.spool_rows import Dead, Lease, Leased, Retry, SpoolFacts, TickCommit, parse_body
 
@@ -165,7 +165,7 @@ class Spool(SpoolInspection):
             before, last = db.total_changes, self._last_seq(db)
             # ids whose time the upgrade or salvage could not read are spooled already (almost never any)
             values = ("SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS (SELECT 1 FROM untimed_ids WHERE id = ?1)"
-                      if self._untimed(db) else "VALUES (?, ?, ?, ?, ?, ?)")
+                      if has_untimed_ids(db) else "VALUES (?, ?, ?, ?, ?, ?)")
             db.executemany(f"INSERT OR IGNORE INTO record_bodies (id, at, measurement, tick, body, created_at) {values}",
                            rows)
             inserted = db.total_changes - before
@@ -203,10 +203,6 @@ class Spool(SpoolInspection):
             return (f"the {self.reserve.size}-byte disk reserve for delivery outcomes ({self.reserve.path}) "
                     f"was used and there is no room to put it back")
         return None
-
-    @staticmethod
-    def _untimed(db: sqlite3.Connection) -> bool:
-        return db.execute("SELECT 1 FROM untimed_ids LIMIT 1").fetchone() is not None
 
     @staticmethod
     def _last_seq(db: sqlite3.Connection) -> int:

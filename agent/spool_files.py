@@ -28,6 +28,7 @@ CACHE_KIB = 64 * 1024  # page cache: a large backlog's indexes stay in memory (S
 # time could not be read (the upgrade, salvage) is stored at UNTIMED, its id in untimed_ids: a
 # tick never spools that id again.
 UNTIMED = "?"
+UNTIMED_IDS = "CREATE TABLE IF NOT EXISTS untimed_ids (id TEXT PRIMARY KEY) WITHOUT ROWID"  # made when needed
 _TIME = "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z'"  # format_timestamp's shape
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS record_bodies (
@@ -50,7 +51,6 @@ CREATE TABLE IF NOT EXISTS record_states (
     last_status INTEGER,
     last_error TEXT
 );
-CREATE TABLE IF NOT EXISTS untimed_ids (id TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sampler_state (
     measurement TEXT PRIMARY KEY,
     last_tick TEXT NOT NULL,
@@ -72,6 +72,7 @@ MIGRATE_1 = (
     f"SELECT seq, id, CASE WHEN json_valid(body) AND json_extract(body, '$.timestamp') GLOB {_TIME} "
     f"THEN json_extract(body, '$.timestamp') WHEN tick GLOB {_TIME} THEN tick ELSE '{UNTIMED}' END, "
     "measurement, tick, body, created_at FROM records",
+    UNTIMED_IDS,
     f"INSERT INTO untimed_ids SELECT id FROM record_bodies WHERE at = '{UNTIMED}'",
     "INSERT INTO record_states (seq, state, attempts, updated_at, not_before, lease_until, last_status, last_error) "
     "SELECT seq, state, attempts, updated_at, not_before, lease_until, last_status, last_error FROM records",
@@ -279,6 +280,13 @@ def upgrade_lock(path: Path) -> Any:
                          f"{SCHEMA_VERSION} only while no other process uses it. Stop the usage-agent that has it "
                          f"(an older version still running?), then start this one again; the spool is left "
                          f"as it is.") from None
+
+
+def has_untimed_ids(db: sqlite3.Connection) -> bool:
+    """Whether any id is kept in untimed_ids (a table only the upgrade and salvage make)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'untimed_ids'").fetchone() is None:
+        return False
+    return db.execute("SELECT 1 FROM untimed_ids LIMIT 1").fetchone() is not None
 
 
 def layout(db: sqlite3.Connection) -> int | None:

@@ -206,6 +206,8 @@ def test_an_upgraded_row_whose_time_is_unreadable_keeps_its_id_unique(tmp_path: 
         assert spool._db.execute("SELECT state FROM records WHERE id = ?",
                                  (RECORDS[0].record_id,)).fetchall() == [("delivered",)]
         assert spool.commit_tick("ebs-storage", T0, [make_record("cust-new", T0)]).inserted == 1
+        assert spool.purge_delivered(START + 10**6) == 2  # its row gone, its id is free again, as any purged id
+        assert spool._db.execute("SELECT count(*) FROM untimed_ids").fetchone()[0] == 0
     finally:
         spool.close()
 
@@ -237,5 +239,29 @@ def test_a_salvaged_row_whose_tick_is_garbled_takes_its_time_from_the_index(tmp_
                                  (target.record_id,)).fetchall() == [("delivered", "2024-03-01T10:00:00Z")]
         assert spool.commit_tick("ebs-storage", T0, records).inserted == 0
         assert spool._db.execute("SELECT count(*) FROM records WHERE id = ?", (target.record_id,)).fetchone()[0] == 1
+    finally:
+        spool.close()
+
+
+def test_a_salvaged_row_whose_time_nothing_tells_keeps_its_id_unique(tmp_path: Path) -> None:
+    """Schema 1 has no (at, id) index: a delivered row with its tick and body garbled is copied at no
+    time, and its id is guarded instead."""
+    path = tmp_path / "spool.db"
+    old_spool(path)
+    _garble(path, RECORDS[0], f'{{"id":"{RECORDS[0].record_id}","val\x00', state="records")
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    (page,) = db.execute("SELECT pageno FROM dbstat WHERE name = 'records_by_state'").fetchone()
+    db.close()
+    data = bytearray(path.read_bytes())
+    data[(page - 1) * 4096:page * 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+    assert salvage(path).as_dict()["quarantined"] is not None
+    spool = Spool(path, clock=FakeClock(START))
+    try:
+        assert spool._db.execute("SELECT state, at FROM records JOIN record_bodies USING (seq) WHERE records.id = ?",
+                                 (RECORDS[0].record_id,)).fetchall() == [("delivered", "?")]
+        assert spool.commit_tick("ebs-storage", T0, RECORDS[:3]).inserted == 0
+        assert spool._db.execute("SELECT count(*) FROM records WHERE id = ?", (RECORDS[0].record_id,)).fetchone()[0] == 1
     finally:
         spool.close()
