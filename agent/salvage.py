@@ -127,7 +127,7 @@ def _dead_letter_in_place(path: Path, source: sqlite3.Connection) -> SalvageRepo
     report.recovered.update(dict(source.execute("SELECT state, COUNT(*) FROM records GROUP BY state").fetchall()))
     report.sampler_states = source.execute("SELECT COUNT(*) FROM sampler_state").fetchone()[0]
     if damaged:
-        spool = Spool(path)
+        spool = Spool(path, lock_held=True)  # salvage holds the lock
         try:
             with spool._write() as db:
                 db.executemany("UPDATE record_states SET state = 'dead', lease_until = NULL, last_status = NULL, "

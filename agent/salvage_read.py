@@ -33,9 +33,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.records import UsageRecord, format_timestamp
+from agent.records import UsageRecord, format_timestamp, parse_timestamp
 from agent.salvage_walk import layout_of, seq_probes, state_probes, walk
-from agent.spool_files import STATES
+from agent.spool_files import STATES, UNTIMED, UNTIMED_IDS
 from agent.spool_rows import parse_body
 
 _RECORD_ID = re.compile(rb"[0-9a-f]{32}")  # record_id(): 32 hex digits; garbage never looks like one
@@ -92,8 +92,16 @@ class _Row:
     seq: int
     values: tuple[Any, ...]  # the columns to insert, state resolved
     state: str | None  # None: unreadable; the witnesses may know it
-    at: str  # the record's time, with its id the unique key (the tick where the body is no record)
+    at: str | None  # the record's time, with its id the unique key; None: the body is no record
     damaged: bool = False  # not (or no longer) a record: copied dead-lettered
+
+
+def _time(text: str | None) -> str | None:
+    """``text`` if it is a record time as format_timestamp writes it, else None."""
+    try:
+        return text if text is not None and format_timestamp(parse_timestamp(text)) == text else None
+    except ValueError:
+        return None
 
 
 def _text(raw: Any) -> str | None:
@@ -134,10 +142,10 @@ def _row(raw: tuple[Any, ...]) -> _Row | None:
         if known_state in ("delivered", "dead"):  # never sent again: kept as it was
             values = (seq, record_id, _text(measurement) or "?", _text(tick) or "?", _stored(body), known_state,
                       attempts or 0, created or 0.0, updated or 0.0, not_before or 0, status, _text(error))
-            return _Row(seq, values, known_state, values[3])
+            return _Row(seq, values, known_state, None)
         values = (seq, record_id, _text(measurement) or "?", _text(tick) or "?", _stored(body), "dead",
                   attempts or 0, created or 0.0, updated or 0.0, 0, None, f"damaged in spool: {exc}")
-        return _Row(seq, values, "dead", values[3], damaged=True)
+        return _Row(seq, values, "dead", None, damaged=True)
     at = format_timestamp(record.timestamp)
     values = (seq, record_id, record.measurement, _text(tick) or at, _stored(body),
               known_state, attempts or 0, created or 0.0, updated or 0.0, not_before or 0, status, _text(error))
@@ -152,6 +160,8 @@ class _Salvager:
         self.report = report
         self.recovered: set[int] = set()
         self.no_state: list[_Row] = []  # copied once the witnesses are read
+        self.untimed: dict[int, _Row] = {}  # damaged rows, copied once the (at, id) index gave their time
+        self.index_at: dict[int, str] = {}  # seq -> the well-formed time the (at, id) index lists it at
 
     def copy(self, raw: tuple[Any, ...]) -> None:
         seq = raw[0]
@@ -160,14 +170,29 @@ class _Salvager:
         row = _row(self.layout.complete(self.db, raw))
         if row is None:
             return
-        if row.state is None:
-            self.no_state.append(row)
+        if row.state is None or row.at is None:
+            if row.state is None:
+                self.no_state.append(row)
+            if row.at is None:
+                self.untimed[seq] = row
             self.recovered.add(seq)
             return
         self._insert(row)
 
+    def index_entry(self, row: tuple[Any, ...]) -> None:
+        """An (at, id) index entry of a damaged row: the time it was stored at, if well-formed."""
+        at = _time(_text(row[2])) if len(row) > 2 else None
+        found = self.untimed.get(row[1])
+        if at is not None and found is not None and found.values[1] == row[0].decode():
+            self.index_at[row[1]] = at
+
     def _insert(self, row: _Row) -> None:
         seq, rid, measurement, tick, body, state, attempts, created, updated, not_before, status, error = row.values
+        if row.at is None:  # a damaged row: its time from the index, else its tick, else none (the id is guarded)
+            row.at = self.index_at.get(seq) or _time(tick) or UNTIMED
+            if row.at == UNTIMED and not self.fresh.execute(UNTIMED_IDS).execute(
+                    "INSERT OR IGNORE INTO untimed_ids (id) VALUES (?)", (rid,)).rowcount:
+                return  # the same id at another seq (a garbled key) is copied already
         cursor = self.fresh.execute(
             "INSERT OR IGNORE INTO record_bodies (seq, id, at, measurement, tick, body, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)", (seq, rid, row.at, measurement, tick, body, created))
@@ -226,7 +251,8 @@ def read_damaged(source: sqlite3.Connection, fresh: sqlite3.Connection, report: 
     by_id = walk(source, where.by_id, where.by_id_start, key=where.by_id_key,
                  plausible=lambda row: isinstance(row[0], bytes) and _RECORD_ID.fullmatch(row[0]) is not None
                  and isinstance(row[1], int) and 0 < row[1] <= limit,
-                 probes=where.by_id_probes, visit=lambda row: witness(row[1], id=row[0].decode()))
+                 probes=where.by_id_probes,
+                 visit=lambda row: (witness(row[1], id=row[0].decode()), salvager.index_entry(row)))
     complete = [name for name, read in (("records_by_state", by_state), ("id", by_id)) if not read.trouble]
     report.complete_witness = complete[0] if complete else None
     last_row = max([*(m for m in index_max if m is not None), *witnessed, *salvager.recovered, 0])
@@ -249,6 +275,9 @@ def read_damaged(source: sqlite3.Connection, fresh: sqlite3.Connection, report: 
     for seq in [*slots, *sorted(witnessed)]:
         salvager.look_up(seq)
 
+    for row in [row for row in salvager.untimed.values() if row.state is not None]:
+        salvager.recovered.discard(row.seq)
+        salvager._insert(row)
     for row in salvager.no_state:  # the state column is garbled: the state index may still know it
         state = witnessed.get(row.seq, {}).get("state") or _state_in_index(source, where.states, row.seq)
         state = "pending" if state == "leased" else state

@@ -24,8 +24,8 @@ from agent.clock import Clock, SystemClock
 from agent.records import UsageRecord, format_timestamp
 from agent.errors import SpoolDiskLowError, SpoolError, SpoolFullError
 from agent.metrics import Metrics
-from agent.spool_files import (MIN_FREE_BYTES, STATES, Reserve, acquire_lock, free_bytes, open_database,
-                               open_failure, spool_lock)
+from agent.spool_files import (MIN_FREE_BYTES, STATES, Reserve, acquire_lock, free_bytes, has_untimed_ids,
+                               open_database, open_failure, spool_lock)
 from agent.spool_inspect import SpoolInspection
 from agent.spool_rows import Dead, Lease, Leased, Retry, SpoolFacts, TickCommit, parse_body
 
@@ -39,13 +39,15 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode  # built once: json.dum
 class Spool(SpoolInspection):
     def __init__(self, path: str | Path, max_records: int = 1_000_000, clock: Clock | None = None,
                  create: bool = True, min_free_bytes: int = MIN_FREE_BYTES, reserve: Reserve | None = None,
-                 free_space: Callable[[], int] | None = None, metrics: Metrics | None = None):
+                 free_space: Callable[[], int] | None = None, metrics: Metrics | None = None,
+                 lock_held: bool = False):
         self.path = Path(path)
         self.max_records = max_records
         self._time = (clock or SystemClock()).time
         self._metrics = metrics or Metrics()
         self._lock = threading.RLock()
-        self._lock_file: Any = None
+        self._lock_file: Any = None  # the single-writer lock, once upgrading the file or claim() took it
+        self._claimed = False
         self._refusing = False  # a tick was refused; cleared by a committed tick, or a settle below the cap
         self._disk_low = False  # the last tick was refused for disk space
         self._write_error: str | None = None
@@ -55,7 +57,7 @@ class Spool(SpoolInspection):
         # outcomes a write could not record: record id -> None (delivered) | Retry | Dead
         self._held: dict[str, Retry | Dead | None] = {}
         self._seq: dict[str, int] = {}  # record id -> seq of rows this spool leased: outcomes update by seq
-        self._db = open_database(self.path, create, self._free_space)
+        self._db, self._lock_file = open_database(self.path, create, self._free_space, lock_held)
 
     @classmethod
     def open_existing(cls, path: str | Path, max_records: int = 1_000_000,
@@ -74,9 +76,11 @@ class Spool(SpoolInspection):
 
     def claim(self) -> None:
         """Take the single-writer lock and release leases left by a previous process."""
-        if self._lock_file is not None:
+        if self._claimed:
             return
-        self._lock_file = acquire_lock(self.path)
+        if self._lock_file is None:
+            self._lock_file = acquire_lock(self.path)
+        self._claimed = True
         with self._write() as db:
             db.execute("UPDATE record_states SET state = 'pending', lease_until = NULL WHERE state = 'leased'")
         self._seq.clear()
@@ -100,6 +104,7 @@ class Spool(SpoolInspection):
             if self._lock_file is not None:
                 self._lock_file.close()
                 self._lock_file = None
+                self._claimed = False
 
     @contextmanager
     def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
@@ -158,8 +163,11 @@ class Spool(SpoolInspection):
             row = db.execute("SELECT last_tick FROM sampler_state WHERE measurement = ?", (measurement,)).fetchone()
             previous = row[0] if row else None
             before, last = db.total_changes, self._last_seq(db)
-            db.executemany("INSERT OR IGNORE INTO record_bodies (id, at, measurement, tick, body, created_at) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            # ids whose time the upgrade or salvage could not read are spooled already (almost never any)
+            values = ("SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS (SELECT 1 FROM untimed_ids WHERE id = ?1)"
+                      if has_untimed_ids(db) else "VALUES (?, ?, ?, ?, ?, ?)")
+            db.executemany(f"INSERT OR IGNORE INTO record_bodies (id, at, measurement, tick, body, created_at) {values}",
+                           rows)
             inserted = db.total_changes - before
             # ids already spooled (a re-run tick) do not count; the exact count is only needed near the cap
             unsent = self.unsent() if most_unsent + inserted > self.max_records else most_unsent
@@ -191,7 +199,7 @@ class Spool(SpoolInspection):
             return f"the free space of {self.path.parent} cannot be read ({exc.strerror or exc})"
         if free < self.min_free_bytes:
             return f"{free} bytes free on its disk, below the {self.min_free_bytes} kept for delivery outcomes"
-        if self._lock_file is not None and not self.reserve.restore():
+        if self._claimed and not self.reserve.restore():
             return (f"the {self.reserve.size}-byte disk reserve for delivery outcomes ({self.reserve.path}) "
                     f"was used and there is no room to put it back")
         return None
@@ -315,7 +323,7 @@ class Spool(SpoolInspection):
         try:
             self._write_outcomes()
         except SpoolError:
-            if self._lock_file is None or not self.reserve.release():
+            if not self._claimed or not self.reserve.release():
                 raise
             log.error("spool write failed; the disk reserve is released so delivery outcomes can be written",
                       reserve=str(self.reserve.path), reserve_bytes=self.reserve.size, outcomes=len(self._held))

@@ -24,7 +24,12 @@ CACHE_KIB = 64 * 1024  # page cache: a large backlog's indexes stay in memory (S
 # A record's body is written once (record_bodies); its state changes rewrite only its narrow
 # record_states row. Ids are unique per record timestamp (``at``): an id is a hash of that
 # time (records.record_id), and the index stays in time order, so a tick's ids go in
-# side by side instead of touching a page of a random-ordered index per record.
+# side by side instead of touching a page of a random-ordered index per record. A row whose
+# time could not be read (the upgrade, salvage) is stored at UNTIMED, its id in untimed_ids: a
+# tick never spools that id again.
+UNTIMED = "?"
+UNTIMED_IDS = "CREATE TABLE IF NOT EXISTS untimed_ids (id TEXT PRIMARY KEY) WITHOUT ROWID"  # made when needed
+_TIME = "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z'"  # format_timestamp's shape
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS record_bodies (
     seq INTEGER PRIMARY KEY,
@@ -61,11 +66,14 @@ CREATE VIEW IF NOT EXISTS records AS
     FROM record_bodies b JOIN record_states s ON s.seq = b.seq;
 """
 # schema 1: one records table (a UNIQUE id column, an index by state); each row's body and
-# state copied over as they are; ``at`` read from the body (the tick where the body is no JSON)
+# state copied over as they are; ``at`` read from the body, else the tick, else UNTIMED
 MIGRATE_1 = (
     "INSERT INTO record_bodies (seq, id, at, measurement, tick, body, created_at) "
-    "SELECT seq, id, CASE WHEN json_valid(body) THEN coalesce(json_extract(body, '$.timestamp'), tick) ELSE tick END, "
+    f"SELECT seq, id, CASE WHEN json_valid(body) AND json_extract(body, '$.timestamp') GLOB {_TIME} "
+    f"THEN json_extract(body, '$.timestamp') WHEN tick GLOB {_TIME} THEN tick ELSE '{UNTIMED}' END, "
     "measurement, tick, body, created_at FROM records",
+    UNTIMED_IDS,
+    f"INSERT INTO untimed_ids SELECT id FROM record_bodies WHERE at = '{UNTIMED}'",
     "INSERT INTO record_states (seq, state, attempts, updated_at, not_before, lease_until, last_status, last_error) "
     "SELECT seq, state, attempts, updated_at, not_before, lease_until, last_status, last_error FROM records",
     "DROP TABLE records",
@@ -125,8 +133,10 @@ def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 
 
-def open_failure(path: Path, exc: sqlite3.Error, free_space: Callable[[], int] | None = None) -> str:
-    """Why a spool cannot be opened, and what to do about it: salvage only for a damaged file."""
+def open_failure(path: Path, exc: sqlite3.Error, free_space: Callable[[], int] | None = None,
+                 upgrade: bool = False) -> str:
+    """Why a spool cannot be opened (``upgrade``: migrated from schema 1), and what to do about it:
+    salvage only for a damaged file."""
     code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
     cause = str(exc)
     if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
@@ -138,6 +148,12 @@ def open_failure(path: Path, exc: sqlite3.Error, free_space: Callable[[], int] |
     # SQLite reports a volume too full for its -wal or -shm as an I/O error
     if code == sqlite3.SQLITE_FULL or (code == sqlite3.SQLITE_IOERR and free is not None and free < FULL_BELOW):
         room = f"{path.parent} cannot be examined" if free is None else f"{free} bytes free on {path.parent}"
+        if upgrade:
+            return (f"spool {path} cannot be upgraded from schema 1 to schema {SCHEMA_VERSION}: the disk is full "
+                    f"({room}; {cause}). The upgrade writes every record once more before it drops the old "
+                    f"copy, so it needs about another copy of the records' size free (the spool file is "
+                    f"{_size(path)} bytes). Free space on that volume or grow it, then start again. The spool "
+                    f"is left as it was (schema 1) and is not damaged; salvage cannot help.")
         return (f"spool {path} cannot be written: the disk is full ({room}; {cause}). Free space on that volume or "
                 f"grow it, then start again. The spool is not damaged; salvage cannot help.")
     if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH):
@@ -150,6 +166,13 @@ def open_failure(path: Path, exc: sqlite3.Error, free_space: Callable[[], int] |
                 f"(kernel log); if they are sound and the error stays, stop the agent and run "
                 f"`usage-agent spool salvage -c CONFIG`.")
     return f"spool {path} cannot be opened: {cause}"
+
+
+def _size(path: Path) -> int | str:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return "an unknown number of"
 
 
 def damaged_message(path: Path, cause: str) -> str:
@@ -201,8 +224,12 @@ class Reserve:
         return True
 
 
-def open_database(path: Path, create: bool, free_space: Callable[[], int]) -> sqlite3.Connection:
-    """The spool's connection (WAL, synchronous=FULL), checked before anything is written to it."""
+def open_database(path: Path, create: bool, free_space: Callable[[], int],
+                  lock_held: bool = False) -> tuple[sqlite3.Connection, Any]:
+    """The spool's connection (WAL, synchronous=FULL), checked before anything is written to it,
+    and the single-writer lock if upgrading the file took it (None otherwise; ``lock_held``: the
+    caller has it already)."""
+    lock: Any = None
     if path.is_dir():
         raise SpoolError(f"spool {path} is a directory, not a spool file: spool.path must name the file "
                          f"(for example {path / 'spool.db'})")
@@ -227,16 +254,39 @@ def open_database(path: Path, create: bool, free_space: Callable[[], int]) -> sq
         problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
         if problems != ["ok"]:
             raise SpoolError(damaged_message(path, "; ".join(problems)))
-        if not create and layout(db) is None:
+        found = layout(db)
+        if not create and found is None:
             raise SpoolError(f"{path} is not a usage-agent spool (it holds no records table): "
                              f"check spool.path in the config")
-        _set_up(db)
+        if found == 1 and not lock_held:  # an agent of schema 1 may be writing it: upgrade only under its lock
+            lock = upgrade_lock(path)
+        set_up(db, path, free_space)
     except BaseException as exc:
         db.close()
+        if lock is not None:
+            lock.close()
         if isinstance(exc, sqlite3.Error):
             raise SpoolError(open_failure(path, exc, free_space)) from exc
         raise
-    return db
+    return db, lock
+
+
+def upgrade_lock(path: Path) -> Any:
+    """The single-writer lock, taken to upgrade a spool of schema 1: refused while another process has it."""
+    try:
+        return acquire_lock(path)
+    except SpoolError as exc:
+        raise SpoolError(f"{exc}: it is a spool of schema 1, and this version upgrades it to schema "
+                         f"{SCHEMA_VERSION} only while no other process uses it. Stop the usage-agent that has it "
+                         f"(an older version still running?), then start this one again; the spool is left "
+                         f"as it is.") from None
+
+
+def has_untimed_ids(db: sqlite3.Connection) -> bool:
+    """Whether any id is kept in untimed_ids (a table only the upgrade and salvage make)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'untimed_ids'").fetchone() is None:
+        return False
+    return db.execute("SELECT 1 FROM untimed_ids LIMIT 1").fetchone() is not None
 
 
 def layout(db: sqlite3.Connection) -> int | None:
@@ -247,9 +297,10 @@ def layout(db: sqlite3.Connection) -> int | None:
     return 1 if kinds.get("records") == "table" else None
 
 
-def _set_up(db: sqlite3.Connection) -> None:
+def set_up(db: sqlite3.Connection, path: Path, free_space: Callable[[], int]) -> None:
     """Create the tables, or migrate a schema-1 spool, in one transaction (a crash leaves schema 1)."""
     db.execute("BEGIN IMMEDIATE")
+    old = False
     try:
         old = layout(db) == 1  # read in the transaction: another process may have migrated it just now
         for statement in (*SCHEMA.split(";"), *(MIGRATE_1 if old else ()), *INDEXES.split(";")):
@@ -257,7 +308,9 @@ def _set_up(db: sqlite3.Connection) -> None:
                 db.execute(statement)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         db.execute("COMMIT")
-    except BaseException:
+    except BaseException as exc:
         if db.in_transaction:
             db.execute("ROLLBACK")
+        if old and isinstance(exc, sqlite3.Error):
+            raise SpoolError(open_failure(path, exc, free_space, upgrade=True)) from exc
         raise

@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from agent.spool_files import STATES
+from agent.spool_files import STATES, UNTIMED, has_untimed_ids
 from agent.spool_rows import readable_body
 
 
@@ -75,8 +75,12 @@ class SpoolInspection:
         with self._write() as db:
             db.execute("DELETE FROM record_bodies WHERE seq IN "
                        "(SELECT seq FROM record_states WHERE state = 'delivered' AND updated_at < ?)", (before,))
-            return db.execute("DELETE FROM record_states WHERE state = 'delivered' AND updated_at < ?",
-                              (before,)).rowcount
+            purged = db.execute("DELETE FROM record_states WHERE state = 'delivered' AND updated_at < ?",
+                                (before,)).rowcount
+            # an untimed id whose row is gone may be spooled again, as any purged id may
+            if has_untimed_ids(db):
+                db.execute(f"DELETE FROM untimed_ids WHERE id NOT IN (SELECT id FROM record_bodies WHERE at = '{UNTIMED}')")
+            return purged
 
     def rows(self, state: str, limit: int = 100) -> list[dict[str, Any]]:
         with self._lock:

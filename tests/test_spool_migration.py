@@ -8,8 +8,12 @@ import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
+
+from agent.errors import SpoolError
 from agent.salvage import salvage
 from agent.spool import Dead, Spool
+from agent.spool_files import acquire_lock, set_up
 from tests.support import FakeClock, make_record
 
 UTC = timezone.utc
@@ -133,3 +137,131 @@ def test_a_schema_1_spool_is_read_by_salvage_as_it_is(tmp_path: Path) -> None:
     assert version == 2  # the fresh spool is of this agent's schema
     assert after == [row[:2] + row[4:5] for row in before]
     assert counts == {"pending": 5, "leased": 0, "delivered": 2, "dead": 2}  # leased: pending again
+
+
+def test_a_schema_1_spool_another_process_has_locked_is_left_as_it_is(tmp_path: Path) -> None:
+    """An older agent still running holds the lock: upgrading under it would break its writes."""
+    path = tmp_path / "spool.db"
+    before = old_spool(path)
+    holder = acquire_lock(path)  # another open file description: flock treats it as another process
+    try:
+        with pytest.raises(SpoolError, match=r"in use by another usage-agent process .*spool.db.lock is locked.*"
+                                             r"schema 1.*Stop the usage-agent"):
+            Spool.open_existing(path)
+        with pytest.raises(SpoolError, match="in use by another usage-agent process"):
+            Spool(path)
+    finally:
+        holder.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute(f"SELECT {COLUMNS} FROM records ORDER BY seq").fetchall() == before
+    db.close()
+    spool = Spool.open_existing(path)  # nobody holds it now: upgraded, and the lock kept for claim
+    try:
+        assert spool._db.execute("PRAGMA user_version").fetchone()[0] == 2
+        with pytest.raises(SpoolError, match="in use by another usage-agent process"):
+            acquire_lock(path)
+        spool.claim()
+        assert spool.counts()["leased"] == 0 and spool.reserve.held
+    finally:
+        spool.close()
+    acquire_lock(path).close()  # released at close
+
+
+def test_a_full_disk_during_the_upgrade_names_it_and_the_room_it_needs(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    before = old_spool(path)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute(f"PRAGMA max_page_count={db.execute('PRAGMA page_count').fetchone()[0]}")  # SQLite's own SQLITE_FULL
+    with pytest.raises(SpoolError) as caught:
+        set_up(db, path, lambda: 4096)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute(f"SELECT {COLUMNS} FROM records ORDER BY seq").fetchall() == before
+    db.close()
+    message = str(caught.value)
+    assert message.startswith(f"spool {path} cannot be upgraded from schema 1 to schema 2: the disk is full "
+                              f"(4096 bytes free on {tmp_path}; ")
+    assert f"another copy of the records' size free (the spool file is {path.stat().st_size} bytes)" in message
+    assert "left as it was (schema 1)" in message
+
+
+def _garble(path: Path, record: object, body: str, state: str) -> None:
+    db = sqlite3.connect(path)
+    db.execute(f"UPDATE {'records' if state else 'record_bodies'} SET tick = ?, body = ? WHERE id = ?",
+               (b"\xff\xfe", body, getattr(record, "record_id")))
+    db.commit()
+    db.close()
+
+
+def test_an_upgraded_row_whose_time_is_unreadable_keeps_its_id_unique(tmp_path: Path) -> None:
+    """A delivered row of schema 1 with its tick and body garbled: a re-run tick must not spool it again."""
+    path = tmp_path / "spool.db"
+    old_spool(path)
+    _garble(path, RECORDS[0], f'{{"id":"{RECORDS[0].record_id}","val\x00', state="records")
+    spool = Spool(path, clock=FakeClock(START))
+    try:
+        assert spool._db.execute("SELECT at FROM record_bodies WHERE id = ?", (RECORDS[0].record_id,)).fetchall() == [
+            ("?",)]
+        assert spool.commit_tick("ebs-storage", T0, RECORDS[:3]).inserted == 0
+        assert spool._db.execute("SELECT state FROM records WHERE id = ?",
+                                 (RECORDS[0].record_id,)).fetchall() == [("delivered",)]
+        assert spool.commit_tick("ebs-storage", T0, [make_record("cust-new", T0)]).inserted == 1
+        assert spool.purge_delivered(START + 10**6) == 2  # its row gone, its id is free again, as any purged id
+        assert spool._db.execute("SELECT count(*) FROM untimed_ids").fetchone()[0] == 0
+    finally:
+        spool.close()
+
+
+def test_a_salvaged_row_whose_tick_is_garbled_takes_its_time_from_the_index(tmp_path: Path) -> None:
+    """A delivered row with its tick and the tail of its body garbled, salvaged: a re-run tick must not
+    spool a second, pending copy of it (an overcharge)."""
+    path = tmp_path / "spool.db"
+    spool = Spool(path, clock=FakeClock(START))
+    spool.claim()
+    records = [make_record(f"cust-{n}", T0) for n in range(30)]
+    spool.commit_tick("ebs-storage", T0, records)
+    spool.settle(delivered=[item.record.record_id for item in spool.lease_batch(100, 60)])
+    spool.close()
+    target = records[0]
+    _garble(path, target, f'{{"id":"{target.record_id}","measurement":"ebs\x00garbage', state="")
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    (page,) = db.execute("SELECT pageno FROM dbstat WHERE name = 'record_states_by_state'").fetchone()
+    db.close()
+    data = bytearray(path.read_bytes())
+    data[(page - 1) * 4096:page * 4096] = bytes(4096)  # damage elsewhere: salvage rebuilds the file
+    path.write_bytes(bytes(data))
+    assert salvage(path).as_dict()["quarantined"] is not None
+    spool = Spool(path, clock=FakeClock(START))
+    try:
+        spool.claim()
+        assert spool._db.execute("SELECT state, at FROM records JOIN record_bodies USING (seq) WHERE records.id = ?",
+                                 (target.record_id,)).fetchall() == [("delivered", "2024-03-01T10:00:00Z")]
+        assert spool.commit_tick("ebs-storage", T0, records).inserted == 0
+        assert spool._db.execute("SELECT count(*) FROM records WHERE id = ?", (target.record_id,)).fetchone()[0] == 1
+    finally:
+        spool.close()
+
+
+def test_a_salvaged_row_whose_time_nothing_tells_keeps_its_id_unique(tmp_path: Path) -> None:
+    """Schema 1 has no (at, id) index: a delivered row with its tick and body garbled is copied at no
+    time, and its id is guarded instead."""
+    path = tmp_path / "spool.db"
+    old_spool(path)
+    _garble(path, RECORDS[0], f'{{"id":"{RECORDS[0].record_id}","val\x00', state="records")
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    (page,) = db.execute("SELECT pageno FROM dbstat WHERE name = 'records_by_state'").fetchone()
+    db.close()
+    data = bytearray(path.read_bytes())
+    data[(page - 1) * 4096:page * 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+    assert salvage(path).as_dict()["quarantined"] is not None
+    spool = Spool(path, clock=FakeClock(START))
+    try:
+        assert spool._db.execute("SELECT state, at FROM records JOIN record_bodies USING (seq) WHERE records.id = ?",
+                                 (RECORDS[0].record_id,)).fetchall() == [("delivered", "?")]
+        assert spool.commit_tick("ebs-storage", T0, RECORDS[:3]).inserted == 0
+        assert spool._db.execute("SELECT count(*) FROM records WHERE id = ?", (RECORDS[0].record_id,)).fetchone()[0] == 1
+    finally:
+        spool.close()
