@@ -81,12 +81,15 @@ class Spool(SpoolInspection):
         if self._lock_file is None:
             self._lock_file = acquire_lock(self.path)
         self._claimed = True
-        with self._write() as db:
-            db.execute("UPDATE record_states SET state = 'pending', lease_until = NULL WHERE state = 'leased'")
-        self._seq.clear()
+        self._release_leases()
         if not self.reserve.restore():
             log.warning("no room for the disk reserve kept for delivery outcomes; new ticks wait until there is",
                         reserve=str(self.reserve.path), reserve_bytes=self.reserve.size)
+
+    def _release_leases(self) -> None:
+        with self._write(durable=False) as db:  # not durable: a crash leaves leases the next claim releases
+            db.execute("UPDATE record_states SET state = 'pending', lease_until = NULL WHERE state = 'leased'")
+        self._seq.clear()
 
     def close(self) -> None:
         """Write the delivery outcomes still held (with the disk reserve, if need be), then close."""
@@ -100,6 +103,11 @@ class Spool(SpoolInspection):
                               outcomes=held, error=str(exc))
                 else:
                     log.warning("held delivery outcomes written at exit", outcomes=held)
+            if self._claimed:  # nothing is in flight any more: what is still leased was not sent (a deadline)
+                try:
+                    self._release_leases()
+                except SpoolError as exc:
+                    log.warning("leases could not be released at exit; the next start releases them", error=str(exc))
             self._db.close()
             if self._lock_file is not None:
                 self._lock_file.close()

@@ -94,10 +94,7 @@ def test_once_exits_1_when_the_backend_stays_down(aws: Aws, paigo: PaigoContract
     seed(aws)
     paigo.script("/usage", *[Fault(status=503, retry_after="0") for _ in range(10_000)])  # outlasts --timeout
     config = write_config(paigo, tmp_path, measurement(regions=["us-east-1"]))
-    # a process of its own: a deadline landing between a lease and its send leaves the record leased (the
-    # next run's claim releases it), which the backend's threads sharing the agent's GIL make likelier
-    done = subprocess.run([*agent_command(), "once", "-c", str(config), "--at", AT, "--timeout", "1s"],
-                          capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    done = cli("once", "-c", str(config), "--at", AT, "--timeout", "1s")
     assert done.returncode == 1
     spool = Spool(tmp_path / "spool.db")
     assert spool.counts()["pending"] == 1  # kept for the next run, not dropped

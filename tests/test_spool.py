@@ -287,17 +287,33 @@ def test_only_one_spool_can_claim_a_file(open_spool, tmp_path):
     second.claim()  # the lock went with the first process
 
 
-def test_claim_releases_leases_left_by_a_previous_process(open_spool, clock):
+def test_claim_releases_leases_left_by_a_previous_process(open_spool, clock, tmp_path):
     crashed = open_spool()
     crashed.claim()
     crashed.commit_tick("ebs-storage", T1, [make_record("acme"), make_record("globex")])
     assert len(crashed.lease_batch(10, lease_seconds=600)) == 2
-    crashed.close()  # without settling
+    # the file as a process killed now leaves it: leases held, never closed
+    with sqlite3.connect(tmp_path / "spool.db") as live, sqlite3.connect(tmp_path / "killed.db") as copy:
+        live.backup(copy)
 
-    restarted = open_spool()
+    restarted = open_spool(path=tmp_path / "killed.db")
+    assert restarted.counts()["leased"] == 2
     restarted.claim()
     assert restarted.counts() == {"pending": 2, "leased": 0, "delivered": 0, "dead": 0}
     assert len(restarted.lease_batch(10, 600)) == 2  # long before the old leases would expire
+
+
+def test_close_gives_back_the_leases_nothing_sent(open_spool):
+    # a deadline (once --timeout) ends delivery between a lease and its sends: those records are pending again
+    spool = open_spool()
+    spool.claim()
+    spool.commit_tick("ebs-storage", T1, [make_record("acme"), make_record("globex")])
+    leased = spool.lease_batch(10, lease_seconds=600)
+    spool.settle(delivered=[leased[0].record.record_id])
+    spool.close()
+
+    reopened = open_spool()  # not claimed: it reads the file as the last process left it
+    assert reopened.counts() == {"pending": 1, "leased": 0, "delivered": 1, "dead": 0}
 
 
 # -- inspection ---------------------------------------------------------------------------
