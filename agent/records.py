@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from functools import lru_cache
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -18,11 +19,13 @@ _TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
 _TIMESTAMP_SHAPE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 
+@lru_cache(maxsize=1024)  # a tick's records share their time: strftime once per tick, not per record
 def format_timestamp(at: datetime) -> str:
     """RFC 3339, UTC, ``Z`` suffix, whole seconds."""
     return at.astimezone(timezone.utc).strftime(_TIMESTAMP)
 
 
+@lru_cache(maxsize=1024)
 def parse_timestamp(text: str) -> datetime:
     """The inverse of ``format_timestamp``. Every leased record passes here: the shape is checked
     first, then fromisoformat parses it (strptime took a sixth of the spool's CPU)."""
@@ -75,15 +78,10 @@ class UsageRecord:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> UsageRecord:
-        return cls(
-            record_id=data["id"],
-            measurement=data["measurement"],
-            event_type=data["event_type"],
-            dimension_id=data["dimension_id"],
-            customer_id=data["customer_id"],
-            timestamp=parse_timestamp(data["timestamp"]),
-            value=Decimal(data["value"]),
-            unit=data["unit"],
-            resource=data["resource"],
-            metadata=dict(data["metadata"]),
-        )
+        """The inverse of ``to_json``, from what a JSON parser made: the tags' dict becomes the record's."""
+        record = cls(data["id"], data["measurement"], data["event_type"], data["dimension_id"], data["customer_id"],
+                     parse_timestamp(data["timestamp"]), Decimal(data["value"]), data["unit"], data["resource"],
+                     data["metadata"])
+        if not isinstance(record.metadata, dict):
+            raise TypeError(f"metadata is {type(record.metadata).__name__}, not an object")
+        return record

@@ -27,13 +27,17 @@ from agent.metrics import Metrics
 from agent.spool_files import (MIN_FREE_BYTES, STATES, Reserve, acquire_lock, free_bytes, has_untimed_ids,
                                open_database, open_failure, spool_lock)
 from agent.spool_inspect import SpoolInspection
-from agent.spool_rows import Dead, Lease, Leased, Retry, SpoolFacts, TickCommit, parse_body
+from agent.spool_rows import Dead, Lease, Leased, Retry, SpoolFacts, TickCommit, dump_json, parse_body
 
 __all__ = ["STATES", "Dead", "Lease", "Leased", "Reserve", "Retry", "Spool", "SpoolFacts", "TickCommit",
            "open_failure", "parse_body", "spool_lock"]
 
 log = structlog.get_logger("agent.spool")
-_encode = json.JSONEncoder(separators=(",", ":")).encode  # built once: json.dumps builds one per call
+
+# Outcomes apply to rows this process leased, by seq: the id was read with the seq, and while a row
+# is leased nothing else changes it (one writer holds the spool; purge deletes delivered rows only)
+_DELIVERED = ("UPDATE record_states SET state = 'delivered', updated_at = ?, lease_until = NULL, attempts = attempts + 1, "
+              "last_status = NULL, last_error = NULL WHERE state = 'leased' AND seq IN (SELECT value FROM json_each(?))")
 
 
 class Spool(SpoolInspection):
@@ -164,7 +168,7 @@ class Spool(SpoolInspection):
             self._refuse(disk_low=True)
             raise SpoolDiskLowError(f"spool {self.path}: {low}. Tick {tick_text} of {measurement} is refused; "
                                     f"delivery outcomes keep the room")
-        rows = [(r.record_id, body["timestamp"], measurement, tick_text, _encode(body), now)
+        rows = [(r.record_id, body["timestamp"], measurement, tick_text, dump_json(body), now)
                 for r in records for body in (r.to_json(),)]
         with self._write() as db:
             most_unsent = self._unsent_at_most(db)
@@ -318,9 +322,13 @@ class Spool(SpoolInspection):
         the write tried again. Outcomes that still cannot be written are held, and written before
         any later ones (or by ``close``), so a record the backend accepted is not sent again.
         """
-        for rid, outcome in [*((rid, None) for rid in delivered), *((r.record_id, r) for r in retries),
-                             *((d.record_id, d) for d in dead)]:
-            self._held.setdefault(rid, outcome)  # an id in several lists: the first one wins
+        held = self._held  # an id in several lists: the first one wins
+        for rid in delivered:
+            held.setdefault(rid, None)
+        for retry in retries:
+            held.setdefault(retry.record_id, retry)
+        for gone in dead:
+            held.setdefault(gone.record_id, gone)
         with self._lock:
             self._write_held()
         if self._refusing and not self._disk_low and self.unsent() < self.max_records:  # room: take the next tick
@@ -340,25 +348,25 @@ class Spool(SpoolInspection):
     def _write_outcomes(self) -> None:
         now = self._time()
         with self._write() as db:
-            # by seq (a rowid lookup) for the rows this spool leased, with the id checked too
-            outcomes = [(self._seq.get(rid) or self._seq_of(db, rid), rid, o) for rid, o in self._held.items()]
-            where = ("WHERE seq = ?1 AND state = 'leased' "
-                     "AND EXISTS (SELECT 1 FROM record_bodies b WHERE b.seq = ?1 AND b.id = ?2)")
+            delivered: list[int | None] = []
+            retried: list[tuple[float, float, int | None, str, int | None]] = []
+            dead: list[tuple[float, int | None, str, int | None]] = []
+            for rid, outcome in self._held.items():
+                seq = self._seq.get(rid) or self._seq_of(db, rid)
+                if outcome is None:
+                    delivered.append(seq)
+                elif isinstance(outcome, Retry):
+                    retried.append((now, outcome.not_before, outcome.status, outcome.error, seq))
+                else:
+                    dead.append((now, outcome.status, outcome.error, seq))
+            if delivered:  # the usual outcome, in one statement: a statement per row costs twice as much
+                db.execute(_DELIVERED, (now, dump_json(delivered)))
             db.executemany(
-                "UPDATE record_states SET state = 'delivered', updated_at = ?3, lease_until = NULL, "
-                f"attempts = attempts + 1, last_status = NULL, last_error = NULL {where}",
-                [(seq, rid, now) for seq, rid, o in outcomes if o is None],
-            )
+                "UPDATE record_states SET state = 'pending', updated_at = ?, lease_until = NULL, attempts = attempts + 1, "
+                "not_before = ?, last_status = ?, last_error = ? WHERE seq = ? AND state = 'leased'", retried)
             db.executemany(
-                "UPDATE record_states SET state = 'pending', updated_at = ?3, lease_until = NULL, "
-                f"attempts = attempts + 1, not_before = ?4, last_status = ?5, last_error = ?6 {where}",
-                [(seq, rid, now, r.not_before, r.status, r.error) for seq, rid, r in outcomes if isinstance(r, Retry)],
-            )
-            db.executemany(
-                "UPDATE record_states SET state = 'dead', updated_at = ?3, lease_until = NULL, "
-                f"attempts = attempts + 1, last_status = ?4, last_error = ?5 {where}",
-                [(seq, rid, now, d.status, d.error) for seq, rid, d in outcomes if isinstance(d, Dead)],
-            )
+                "UPDATE record_states SET state = 'dead', updated_at = ?, lease_until = NULL, attempts = attempts + 1, "
+                "last_status = ?, last_error = ? WHERE seq = ? AND state = 'leased'", dead)
         for rid in self._held:
             self._seq.pop(rid, None)
         self._held.clear()

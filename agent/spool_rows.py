@@ -10,9 +10,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from agent.records import UsageRecord, format_decimal
 
+_STDLIB_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 _PLAIN = re.compile(r"-?[0-9]{1,60}(?:\.[0-9]{1,60})?")  # as format_decimal writes it: finite, and it renders
+
+
+def dump_json(data: Any) -> str:
+    """Compact JSON (a record's body, a statement's parameters). orjson writes it about nine times
+    faster than the json module; what orjson refuses (a lone surrogate from a peer's ``\\ud800``) json escapes."""
+    try:
+        return orjson.dumps(data).decode("utf-8")
+    except TypeError:  # orjson.JSONEncodeError
+        return _STDLIB_ENCODE(data)
+
+
+def load_json(body: bytes | str) -> Any:
+    """JSON as the json module reads it; orjson first (four times faster), json where orjson refuses
+    what json accepts (escaped lone surrogates, NaN, integers past 64 bits)."""
+    try:
+        return orjson.loads(body)
+    except ValueError:  # orjson.JSONDecodeError
+        return json.loads(body.decode("utf-8") if isinstance(body, bytes) else body)
 
 
 def parse_body(record_id: str, body: bytes | str) -> UsageRecord:
@@ -22,8 +43,7 @@ def parse_body(record_id: str, body: bytes | str) -> UsageRecord:
     (``1e99999999950``) would otherwise fail every send of every batch it is leased in.
     """
     try:
-        text = body.decode("utf-8") if isinstance(body, bytes) else body
-        data = json.loads(text)
+        data = load_json(body)
         record = UsageRecord.from_json(data)
     except (UnicodeDecodeError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise ValueError(f"{type(exc).__name__}: {exc}") from None

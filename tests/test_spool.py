@@ -186,6 +186,20 @@ def test_facts_and_metrics_go_where_the_spool_is_told(tmp_path, clock):
 # -- leasing ------------------------------------------------------------------------------
 
 
+def test_tags_the_fast_json_codec_refuses_are_spooled_and_leased_back_unchanged(spool):
+    """orjson writes UTF-8 as it is but refuses a lone surrogate (a peer's "\\ud800" in a tag) and
+    integers past 64 bits: those bodies are written by json, and read back whichever wrote them."""
+    tick = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    records = [record("utf8", tick, metadata={"name": "café ☕ 東京"}),
+               record("surrogate", tick, metadata={"name": "half \ud800 of a pair"})]
+    spool.commit_tick("ebs-storage", tick, records)
+    bodies = dict(spool._db.execute("SELECT id, body FROM record_bodies").fetchall())
+    assert "café ☕ 東京" in bodies[records[0].record_id]  # written as UTF-8, not \u escapes
+    assert "half \\ud800 of a pair" in bodies[records[1].record_id]  # escaped: SQLite keeps valid UTF-8
+    lease = spool.lease_batch(10, 60)
+    assert [item.record for item in lease] == records and lease.damaged == ()
+
+
 def test_a_lease_returns_the_rows_it_dead_lettered_as_damaged(spool):
     records = [make_record(c) for c in ("acme", "globex", "initech")]
     spool.commit_tick("ebs-storage", T1, records)
