@@ -187,8 +187,8 @@ def test_facts_and_metrics_go_where_the_spool_is_told(tmp_path, clock):
 
 
 def test_tags_the_fast_json_codec_refuses_are_spooled_and_leased_back_unchanged(spool):
-    """orjson writes UTF-8 as it is but refuses a lone surrogate (a peer's "\\ud800" in a tag) and
-    integers past 64 bits: those bodies are written by json, and read back whichever wrote them."""
+    """msgspec writes UTF-8 as it is but refuses a lone surrogate (a peer's "\\ud800" in a tag):
+    such a body is written by json, and read back whichever wrote it."""
     tick = datetime(2024, 1, 1, tzinfo=timezone.utc)
     records = [record("utf8", tick, metadata={"name": "café ☕ 東京"}),
                record("surrogate", tick, metadata={"name": "half \ud800 of a pair"})]
