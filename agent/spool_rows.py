@@ -63,7 +63,7 @@ def parse_body(record_id: str, body: bytes | str) -> UsageRecord:
     return record
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Leased:
     record: UsageRecord
     attempts: int  # sends already tried before this lease
@@ -78,13 +78,13 @@ class Lease(list[Leased]):
         self.damaged: tuple[Dead, ...] = tuple(damaged)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TickCommit:
     inserted: int  # new ids; ids already spooled (a re-run tick) are ignored
     previous_tick: str | None  # the measurement's last committed tick before this one
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Retry:
     record_id: str
     not_before: float
@@ -92,14 +92,14 @@ class Retry:
     error: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Dead:
     record_id: str
     status: int | None
     error: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SpoolFacts:
     """What the spool knows of itself now, for whoever decides readiness and exports gauges."""
 
