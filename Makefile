@@ -22,7 +22,8 @@ $(BENCH_STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/usage-agent demo
 
-# one worker per core (pytest-xdist); worksteal keeps both busy when a long crash test comes last.
+# two workers per core (pytest-xdist, tests/conftest.py): many tests wait on processes and sockets;
+# worksteal keeps every worker busy when a long crash test comes last.
 # Bytecode is cached under .venv even where PYTHONDONTWRITEBYTECODE is set: the suite starts the
 # CLI as a process over a hundred times, and each would compile every module it imports again.
 test: $(STAMP)

@@ -38,6 +38,11 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("MOTO_AMIS_PATH", str(Path(__file__).with_name("moto-amis.json")))
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`--numprocesses=auto`: two workers per usable core, since many tests wait on processes and sockets."""
+    return 2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def only(client: Any) -> Any:
     """A sampler's ``clients`` argument that always hands out this one (stubbed) client."""
     return lambda service: client

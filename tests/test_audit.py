@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +16,8 @@ from agent.sinks.file import AuditLog, read_jsonl
 from agent.sinks.openmeter import OpenMeterSink
 from tests.openmeter_server import OpenMeterContractServer
 from agent.testing.server import Fault
-from tests.conftest import Aws, agent_command, backend_config, measurement, write_yaml
-from tests.support import make_records
+from tests.conftest import Aws, backend_config, measurement, write_yaml
+from tests.support import cli, make_records
 from tests.test_delivery import TICK, Pipeline
 
 TOKEN = "om-audit"
@@ -138,8 +137,7 @@ def test_once_with_the_file_backend_and_an_audit_copy(aws: Aws, tmp_path: Path) 
         {"type": "file", "path": "usage.jsonl"}, tmp_path, measurement(), audit={"path": "audit.jsonl"}))
 
     def once(*extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*agent_command(), "once", "-c", str(config), "--at", "2026-11-21T10:07:30Z", *extra],
-                              capture_output=True, text=True, timeout=60, env=dict(os.environ))
+        return cli("once", "-c", str(config), "--at", "2026-11-21T10:07:30Z", *extra)
 
     dry = once("--dry-run")
     assert dry.returncode == 0, dry.stderr

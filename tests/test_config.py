@@ -19,6 +19,7 @@ from agent.config import check_structure, load_config, parse_backend, parse_dura
 from agent.errors import ConfigError
 from agent.samplers import REGISTRY
 from agent.settings import FileBackend, HttpBackend, OpenMeterBackend, PaigoBackend
+from tests.support import cli
 
 CONFIG_DIR = Path(__file__).parent.parent / "config"
 SECRET = "s3cr3t-Value-9f2c"
@@ -180,12 +181,7 @@ def test_all_problems_are_reported_together_in_path_order(tmp_path: Path) -> Non
 
 
 def _validate(config: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).parent / "usage-agent"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
-    return subprocess.run(
-        [*command, "validate", *flags, "-c", str(config)],
-        capture_output=True, text=True, timeout=120, env={**(os.environ if env is None else env), "LOG_LEVEL": "warning"},
-    )
+    return cli("validate", *flags, "-c", str(config), env={**(os.environ if env is None else env), "LOG_LEVEL": "warning"})
 
 
 def test_cli_validate_bad_config_exits_2_and_lists_every_problem(tmp_path: Path) -> None:

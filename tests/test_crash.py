@@ -9,6 +9,7 @@ import random
 import signal
 import sqlite3
 import subprocess
+import threading
 from pathlib import Path
 
 from agent.spool import Spool
@@ -63,14 +64,15 @@ def test_sigkill_at_random_points_loses_nothing(aws: Aws, paigo: PaigoContractSe
     for _ in range(10):
         spooled = spooled_count(tmp_path / "spool.db") + 3
         paigo.clear_faults()
+        release = threading.Event()
         agent = start(config, log)
         try:
             wait_for(lambda: spooled_count(tmp_path / "spool.db") >= spooled, timeout=60, what=f"{spooled} records spooled")
-            # the random point: the k-th request from now, held for a second after the backend committed
-            # it; on the way some answers are lost after the commit too
+            # the random point: the k-th request from now, held after the backend committed it until the
+            # agent is dead; on the way some answers are lost after the commit too
             k = rng.randint(1, 12)
             paigo.script("/usage", *[Fault(after_commit=True, delay=0.05, drop=(n % 7 == 3)) for n in range(k - 1)],
-                         Fault(after_commit=True, delay=1.0))
+                         Fault(after_commit=True, hold=release))
             target = paigo.usage_requests + k
             wait_for(lambda: paigo.usage_requests >= target and paigo.in_flight > 0, timeout=60,
                      what=f"request {target} in flight")
@@ -78,6 +80,7 @@ def test_sigkill_at_random_points_loses_nothing(aws: Aws, paigo: PaigoContractSe
             agent.send_signal(signal.SIGKILL)
             in_flight_at_kill.append(paigo.in_flight)  # the backend was still answering the agent it lost
             agent.wait(timeout=10)
+            release.set()
         wait_for(lambda: paigo.in_flight == 0, what="the dead agent's requests to end")
 
     # what the backend saw: every kill cut a send short, and committed-but-unacked records were sent again

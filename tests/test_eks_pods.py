@@ -30,8 +30,9 @@ from agent.metrics import Metrics
 from agent.testing.eks_token import verify_eks_token
 from agent.testing.kube_server import KubeApiServer, container, pod
 from agent.ticks import Agent
-from tests.conftest import ACCOUNT, EXTERNAL_ID, ROLE_ARN, Aws, agent_command
+from tests.conftest import ACCOUNT, EXTERNAL_ID, ROLE_ARN, Aws
 from tests.eks_cluster import CLUSTER, REGION, ca_certificate, create_cluster, moto_secret, seed_cluster
+from tests.support import cli
 
 T = datetime(2026, 11, 21, 10, 0, tzinfo=timezone.utc)  # the window is (09:00, 10:00]
 
@@ -93,8 +94,7 @@ def write_config(tmp_path: Path, *measurements: dict[str, Any]) -> Path:
 
 
 def once(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*agent_command(), "once", "-c", str(config), "--at", T.isoformat()],
-                          capture_output=True, text=True, timeout=120)
+    return cli("once", "-c", str(config), "--at", T.isoformat())
 
 
 def test_once_meters_an_eks_clusters_pods_through_the_role(aws: Aws, servers: Any, tmp_path: Path) -> None:
@@ -143,7 +143,7 @@ def test_iam_policy_lets_the_role_describe_eks_clusters(aws: Aws, tmp_path: Path
     for key in ("iam_role_arn", "external_id", "regions"):
         del in_cluster[key]
     config = write_config(tmp_path, eks_measurement(), ebs, in_cluster)
-    done = subprocess.run([*agent_command(), "iam-policy", "-c", str(config)], capture_output=True, text=True, timeout=60)
+    done = cli("iam-policy", "-c", str(config))
     assert done.returncode == 0, done.stderr
     (role,) = json.loads(done.stdout)["roles"]
     assert role["measurements"] == ["pod-vcpu-hours", "ebs"]

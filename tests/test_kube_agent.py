@@ -19,8 +19,7 @@ from agent.metrics import Metrics
 from agent.spool import Spool
 from agent.testing.kube_server import KubeApiServer, container, pod
 from agent.ticks import Agent
-from tests.conftest import agent_command
-from tests.support import FakeClock, wait_for
+from tests.support import FakeClock, cli, wait_for
 from tests.test_kubernetes_pod_sampler import DIM, T, kubeconfig, seed
 
 
@@ -35,7 +34,7 @@ def document(tmp_path: Path, kube: KubeApiServer, **kubernetes: Any) -> dict[str
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*agent_command(), *args], capture_output=True, text=True, timeout=120)
+    return cli(*args)
 
 
 def test_validate_and_once_at_t_write_exact_records_and_a_rerun_writes_nothing_new(tmp_path: Path) -> None:

@@ -26,9 +26,9 @@ from agent.sinks.metronome import MetronomeSink
 from agent.sinks.transport import http_client
 from agent.spool import Spool
 from agent.testing.server import Fault
-from tests.conftest import ACCOUNT, DIMENSION, Aws, agent_command, backend_config, write_yaml
+from tests.conftest import ACCOUNT, DIMENSION, Aws, backend_config, write_yaml
 from tests.metronome_server import API_KEY, INGEST_PATH, MetronomeContractServer
-from tests.support import FakeClock, make_records
+from tests.support import FakeClock, cli, make_records
 from tests.test_delivery import Pipeline
 from tests.test_openmeter import MEASUREMENTS, seed
 from tests.test_sink_seam import Peer
@@ -162,8 +162,7 @@ TICK = tick_floor(AT, 900)
 
 
 def usage_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*agent_command(), *args], capture_output=True, text=True, timeout=90,
-                          env={**os.environ, "METRONOME_API_KEY": API_KEY})
+    return cli(*args, env={**os.environ, "METRONOME_API_KEY": API_KEY})
 
 
 def metronome_config(server: MetronomeContractServer, tmp_path: Path, spool: str = "spool.db") -> Path:

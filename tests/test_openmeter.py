@@ -26,8 +26,8 @@ from agent.sinks.openmeter import OpenMeterSink
 from agent.spool import Spool
 from tests.openmeter_server import OpenMeterContractServer, event_validator
 from agent.testing.server import Fault
-from tests.conftest import ACCOUNT, DIMENSION, Aws, agent_command, backend_config, measurement, write_yaml
-from tests.support import FakeClock, make_records
+from tests.conftest import ACCOUNT, DIMENSION, Aws, backend_config, measurement, write_yaml
+from tests.support import FakeClock, cli, make_records
 from tests.test_delivery import TICK, Pipeline
 from tests.test_runtime import new_agent
 
@@ -253,7 +253,7 @@ def test_batch_size_bounds_each_request(openmeter: OpenMeterContractServer, tmp_
 
 
 def usage_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*agent_command(), *args], capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    return cli(*args)
 
 
 def test_once_and_dry_run_through_the_cli(aws: Aws, openmeter: OpenMeterContractServer, tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ from agent.settings import AgentConfig
 from agent.shard import Shard
 from agent.spool import Spool
 from agent.testing.paigo_server import PaigoContractServer
-from tests.conftest import Aws, agent_command, measurement, write_config
+from tests.conftest import Aws, measurement, write_config
+from tests.support import cli
 from tests.test_runtime import new_agent
 
 REGIONS = ["us-east-1", "eu-west-1", "ap-northeast-1"]
@@ -135,15 +136,13 @@ def test_the_cli_takes_a_shard_and_rejects_a_bad_one(aws: Aws, paigo: PaigoContr
     config_path = write_config(paigo, tmp_path, measurement(regions=REGIONS, group_by="resource"))
     lines: list[str] = []
     for i in range(3):
-        done = subprocess.run([*agent_command(), "once", "-c", str(config_path), "--dry-run", "--at", "2026-11-21T10:07:00Z",
-                               "--shard", f"{i}/3"], capture_output=True, text=True, timeout=60, env=dict(os.environ))
+        done = cli("once", "-c", str(config_path), "--dry-run", "--at", "2026-11-21T10:07:00Z", "--shard", f"{i}/3")
         assert done.returncode == 0, done.stderr
         lines.append(done.stdout)
     regions = [sorted(json.loads(line)["metadata"]["region"] for line in out.splitlines()) for out in lines]
     assert regions == [["eu-west-1"] * 2, ["ap-northeast-1"] * 2, ["us-east-1"] * 2]
 
-    bad = subprocess.run([*agent_command(), "run", "-c", str(config_path), "--shard", "2/2"],
-                         capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    bad = cli("run", "-c", str(config_path), "--shard", "2/2")
     assert bad.returncode == 2
     assert "argument --shard: shard 2/2: expected i/n with n >= 1 and 0 <= i < n, e.g. 0/3" in bad.stderr
 

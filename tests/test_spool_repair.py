@@ -22,7 +22,7 @@ from agent.records import UsageRecord
 from agent.spool import Dead, Spool
 from agent.testing.paigo_server import PaigoContractServer
 from tests.conftest import agent_command, write_config
-from tests.support import FakeClock
+from tests.support import FakeClock, cli
 from tests.support import make_record as record
 
 UTC = timezone.utc
@@ -73,6 +73,7 @@ def ids_in(rows: dict[str, tuple[int, str, str]], *states: str) -> set[str]:
 
 
 def usage_agent(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a process of its own: for what another process (this one) must not be."""
     return subprocess.run([*agent_command(), *args], capture_output=True, text=True, timeout=120, env=dict(os.environ))
 
 
@@ -82,7 +83,7 @@ class Setup:
     config: Path
 
     def spool(self, *command: str) -> subprocess.CompletedProcess[str]:
-        return usage_agent("spool", *command, "-c", str(self.config))
+        return cli("spool", *command, "-c", str(self.config))
 
 
 @pytest.fixture
@@ -356,7 +357,7 @@ def test_salvage_refuses_while_another_process_holds_the_spool(setup: Setup) -> 
     holder.claim()  # releases the build's leases
     truth = snapshot(setup.db)
     try:
-        done = setup.spool("salvage")
+        done = usage_agent("spool", "salvage", "-c", str(setup.config))
     finally:
         holder.close()
     assert done.returncode == 1, done.stdout

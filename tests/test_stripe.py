@@ -26,9 +26,9 @@ from agent.sinks.base import Delivered, Rejected, RetryLater
 from agent.sinks.stripe import STRIPE_VERSION, StripeSink
 from agent.spool import Spool
 from agent.testing.server import Fault
-from tests.conftest import ACCOUNT, DIMENSION, Aws, agent_command, backend_config, write_yaml
+from tests.conftest import ACCOUNT, DIMENSION, Aws, backend_config, write_yaml
 from tests.stripe_server import API_KEY, EVENTS_PATH, StripeContractServer
-from tests.support import FakeClock, make_record, make_records
+from tests.support import FakeClock, cli, make_record, make_records
 from tests.test_delivery import Pipeline
 from tests.test_openmeter import MEASUREMENTS, seed
 from agent.delivery import Delivery
@@ -227,8 +227,7 @@ TICK = tick_floor(AT, 900)
 
 
 def usage_agent(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*agent_command(), *args], capture_output=True, text=True, timeout=90,
-                          env={**os.environ, **env})
+    return cli(*args, env={**os.environ, **env})
 
 
 def stripe_config(server: StripeContractServer, tmp_path: Path, spool: str = "spool.db") -> Path:

@@ -50,7 +50,8 @@ class Fault:
     retry_after: str | None = None
     delay: float = 0.0  # sleep before answering
     drop: bool = False  # close the connection without an answer
-    after_commit: bool = False  # apply the delay/drop after the request was accepted
+    after_commit: bool = False  # apply the delay/hold/drop after the request was accepted
+    hold: threading.Event | None = None  # answer only once the test sets this (at most a minute)
     answer: Answer | None = None  # answer this, unprocessed: a redirect, a captive portal's page
     trickle: float = 0.0  # send the status line and headers one byte at a time, this many seconds apart
     padding: int = 0  # bytes of whitespace streamed after the body (a huge answer; JSON stays JSON)
@@ -197,9 +198,11 @@ class LoopbackServer(Loopback, ABC):
                     padding -= len(filler)
 
             def _disrupt(self, fault: Fault) -> bool:
-                """Sleep and/or hang up as scripted; True when the connection is gone."""
+                """Sleep, wait for the test and/or hang up as scripted; True when the connection is gone."""
                 if fault.delay:
                     time.sleep(fault.delay)
+                if fault.hold is not None:
+                    fault.hold.wait(timeout=60)
                 if fault.drop:
                     self.close_connection = True
                     self.connection.close()
