@@ -19,10 +19,15 @@ _TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
 _TIMESTAMP_SHAPE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 
-@lru_cache(maxsize=1024)  # a tick's records share their time: strftime once per tick, not per record
 def format_timestamp(at: datetime) -> str:
     """RFC 3339, UTC, ``Z`` suffix, whole seconds."""
-    return at.astimezone(timezone.utc).strftime(_TIMESTAMP)
+    return _format_utc(at.astimezone(timezone.utc).replace(microsecond=0))
+
+
+@lru_cache(maxsize=1024)  # a tick's records share their time: strftime once per tick, not per record
+def _format_utc(at: datetime) -> str:
+    """Keyed by the UTC instant only: equal datetimes of other zones or folds never share an entry."""
+    return at.strftime(_TIMESTAMP)
 
 
 @lru_cache(maxsize=1024)

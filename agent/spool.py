@@ -37,7 +37,8 @@ log = structlog.get_logger("agent.spool")
 # Outcomes apply to rows this process leased, by seq: the id was read with the seq, and while a row
 # is leased nothing else changes it (one writer holds the spool; purge deletes delivered rows only)
 _DELIVERED = ("UPDATE record_states SET state = 'delivered', updated_at = ?, lease_until = NULL, attempts = attempts + 1, "
-              "last_status = NULL, last_error = NULL WHERE state = 'leased' AND seq IN (SELECT value FROM json_each(?))")
+              "last_status = NULL, last_error = NULL WHERE state = 'leased' AND seq IN ({})")
+_IN_CHUNK = 512  # seqs bound per statement: under the 999 variables older SQLite builds allow
 
 
 class Spool(SpoolInspection):
@@ -360,7 +361,9 @@ class Spool(SpoolInspection):
                 else:
                     dead.append((now, outcome.status, outcome.error, seq))
             if delivered:  # the usual outcome, in one statement: a statement per row costs twice as much
-                db.execute(_DELIVERED, (now, dump_json(delivered)))
+                for start in range(0, len(delivered), _IN_CHUNK):
+                    chunk = delivered[start:start + _IN_CHUNK]
+                    db.execute(_DELIVERED.format(",".join("?" * len(chunk))), (now, *chunk))
             db.executemany(
                 "UPDATE record_states SET state = 'pending', updated_at = ?, lease_until = NULL, attempts = attempts + 1, "
                 "not_before = ?, last_status = ?, last_error = ? WHERE seq = ? AND state = 'leased'", retried)

@@ -47,7 +47,7 @@ def parse_body(record_id: str, body: bytes | str) -> UsageRecord:
     try:
         data = load_json(body)
         record = UsageRecord.from_json(data)
-    except (UnicodeDecodeError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
+    except (UnicodeDecodeError, KeyError, TypeError, ValueError, ArithmeticError, RecursionError) as exc:
         raise ValueError(f"{type(exc).__name__}: {exc}") from None
     value = data["value"]
     if not (isinstance(value, str) and _PLAIN.fullmatch(value)):  # the usual body skips the checks below

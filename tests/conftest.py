@@ -38,6 +38,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("MOTO_AMIS_PATH", str(Path(__file__).with_name("moto-amis.json")))
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: pytest -p no:xdist still runs
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`--numprocesses=auto`: two workers per usable core, since many tests wait on processes and sockets."""
     return 2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

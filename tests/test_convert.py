@@ -422,3 +422,14 @@ def test_records_load_without_the_configuration():
              "print(sorted(m for m in sys.modules if m.startswith('agent.')))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "['agent.records']"
+
+
+def test_equal_local_times_of_different_instants_format_apart():
+    """Cached per UTC instant: 01:30 before and after a DST fall-back compare equal but are an hour apart."""
+    from zoneinfo import ZoneInfo
+
+    first = datetime(2026, 11, 1, 1, 30, tzinfo=ZoneInfo("America/New_York"))
+    second = first.replace(fold=1)
+    assert first == second
+    assert (format_timestamp(first), format_timestamp(second)) == ("2026-11-01T05:30:00Z", "2026-11-01T06:30:00Z")
+    assert record_id("m", "d", "c", "r", first) != record_id("m", "d", "c", "r", second)

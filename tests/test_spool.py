@@ -211,6 +211,24 @@ def test_a_lease_returns_the_rows_it_dead_lettered_as_damaged(spool):
     assert spool.lease_batch(10, 60).damaged == ()  # dead-lettered once, not at every lease
 
 
+def test_a_body_nested_too_deep_to_parse_is_dead_lettered_not_a_lease_that_fails_forever(spool):
+    records = [make_record(c) for c in ("acme", "globex")]
+    spool.commit_tick("ebs-storage", T1, records)
+    spool._db.execute("UPDATE record_bodies SET body = ? WHERE id = ?", ("[" * 100_000 + "]" * 100_000, records[0].record_id))
+    lease = spool.lease_batch(10, 60)
+    assert [item.record for item in lease] == [records[1]]
+    assert [d.record_id for d in lease.damaged] == [records[0].record_id]
+    assert "RecursionError" in lease.damaged[0].error
+
+
+def test_outcomes_for_more_records_than_one_statement_binds_all_settle(spool):
+    records = [make_record(f"c{n}") for n in range(1300)]
+    spool.commit_tick("ebs-storage", T1, records)
+    leased = spool.lease_batch(2000, 60)
+    spool.settle(delivered=ids(leased)[:1100], dead=[Dead(rid, 400, "bad") for rid in ids(leased)[1100:]])
+    assert spool.counts() == {"pending": 0, "leased": 0, "delivered": 1100, "dead": 200}
+
+
 def test_lease_batch_is_oldest_first_and_respects_the_limit(spool, clock):
     first = [make_record(c, T1) for c in ("acme", "globex", "initech")]
     second = [make_record(c, T2) for c in ("acme", "globex")]
