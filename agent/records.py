@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from functools import lru_cache
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import ROUND_HALF_EVEN, Context, Decimal
+from functools import lru_cache
 from typing import Any
 
 WIDE = Context(prec=100, rounding=ROUND_HALF_EVEN)  # exact for any sum a tick makes
